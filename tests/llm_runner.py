@@ -1,0 +1,75 @@
+"""Generate greedily with a tiny model through ``vllm.LLM``, in this process, and print JSON.
+
+    python tests/llm_runner.py MODEL_DIR [--compile] [--tp 2] [--multiproc] [--max-tokens 8]
+
+The overlay is whatever the environment says (VLLM_OVERLAP, VLLM_OVERLAP_CONFIG): run it
+twice with different environments to compare on and off. The last stdout line is JSON with
+the token ids, the wall times and this process's vllm-overlap state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("--compile", action="store_true", help="vLLM torch.compile on")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--multiproc", action="store_true", help="engine core in its own process")
+    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--load-format", default="auto")
+    args = parser.parse_args()
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if not args.multiproc and args.tp == 1:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if args.tp > 1:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i) for i in range(args.tp)))
+
+    from tiny_models import prompts
+    from vllm import LLM, SamplingParams
+
+    t0 = time.perf_counter()
+    llm = LLM(
+        model=args.model,
+        tokenizer=args.model,
+        dtype="bfloat16",
+        enforce_eager=not args.compile,
+        tensor_parallel_size=args.tp,
+        distributed_executor_backend="mp" if args.tp > 1 else "uni",
+        gpu_memory_utilization=0.2,
+        max_model_len=256,
+        max_num_seqs=8,
+        seed=0,
+        load_format=args.load_format,
+    )
+    t_init = time.perf_counter() - t0
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    t1 = time.perf_counter()
+    outs = llm.generate(prompts(args.prompts), params, use_tqdm=False)
+    t_gen = time.perf_counter() - t1
+
+    from vllm_overlap import state
+    from vllm_overlap.plugin import summary_line
+
+    result = {
+        "token_ids": [list(o.outputs[0].token_ids) for o in outs],
+        "init_s": round(t_init, 3),
+        "generate_s": round(t_gen, 3),
+        "summary": summary_line(),
+        "outcomes": {f"{o.feature}:{o.target}": o.describe() for o in state.outcomes.values()},
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""The overlay's configuration: one YAML file validated by pydantic.
+
+Found through ``VLLM_OVERLAP_CONFIG`` (a path); the model defaults below otherwise
+(``configs/default.yaml`` writes them out). ``VLLM_OVERLAP=0`` turns every feature off.
+A bad file raises :class:`ConfigError`, one message naming the file, the key and the value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ENV_CONFIG = "VLLM_OVERLAP_CONFIG"
+ENV_SWITCH = "VLLM_OVERLAP"
+
+
+class ConfigError(SystemExit):
+    """A configuration that cannot be used.
+
+    A ``SystemExit`` so that vLLM start-up stops with this one message and exit status 1,
+    not a traceback through vLLM's plugin loader.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(f"vllm-overlap: {message}")
+        self.message = f"vllm-overlap: {message}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class FeatureConfig(_Strict):
+    """Switch and token range of one feature: overlap runs for min_tokens <= n <= max_tokens."""
+
+    enabled: bool = True
+    mode: Literal["dual_stream"] = "dual_stream"
+    min_tokens: int = Field(1, ge=0)
+    max_tokens: int = Field(1024, ge=0)
+
+    @model_validator(mode="after")
+    def _range(self):
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens ({self.min_tokens}) is greater than max_tokens ({self.max_tokens})"
+            )
+        return self
+
+    def overlaps(self, num_tokens: int) -> bool:
+        return self.min_tokens <= num_tokens <= self.max_tokens
+
+
+class GdnInProjConfig(FeatureConfig):
+    mode: Literal["dual_stream", "fused"] = "dual_stream"
+
+
+class FeaturesConfig(_Strict):
+    gdn_in_proj: GdnInProjConfig = GdnInProjConfig()
+    deepseek_indexer: FeatureConfig = FeatureConfig()
+    mla_q_b_proj: FeatureConfig = FeatureConfig()
+
+
+class OverlayConfig(_Strict):
+    strict: bool = False
+    features: FeaturesConfig = FeaturesConfig()
+
+    def feature(self, name: str) -> FeatureConfig:
+        return getattr(self.features, name)
+
+    def fingerprint(self) -> str:
+        """A short stable hash of the active settings (for compile-cache keys)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+FEATURE_NAMES: tuple[str, ...] = tuple(FeaturesConfig.model_fields)
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    config: OverlayConfig
+    source: str  # "built-in defaults", "VLLM_OVERLAP=0", or the file path
+
+
+def _all_off() -> OverlayConfig:
+    off = {name: {"enabled": False} for name in FEATURE_NAMES}
+    return OverlayConfig.model_validate({"features": off})
+
+
+def _format_key(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc) or "<top level>"
+
+
+def _describe(errors: list[dict]) -> str:
+    lines = []
+    for err in errors:
+        key = _format_key(tuple(err["loc"]))
+        value = err.get("input")
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown key {key!r} (value {value!r})")
+        elif err["type"] == "value_error":
+            lines.append(f"{key}: {msg.removeprefix('Value error, ')}")
+        else:
+            lines.append(f"{key} = {value!r}: {msg}")
+    return "; ".join(lines)
+
+
+def parse_config(text: str, source: str) -> OverlayConfig:
+    """Validate YAML text; ``source`` names it in errors."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config {source}: YAML syntax error{where}: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config {source}: top level must be a mapping, got {type(data).__name__} {data!r}"
+        )
+    try:
+        return OverlayConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"config {source}: {_describe(exc.errors())}") from None
+
+
+def load_config_file(path: str) -> OverlayConfig:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise ConfigError(
+            f"config {path} (from {ENV_CONFIG}): cannot read it: {exc.strerror or exc}"
+        ) from None
+    return parse_config(text, path)
+
+
+def load_config(environ: dict[str, str] | None = None) -> LoadedConfig:
+    """The active configuration for this process, from the environment."""
+    env = os.environ if environ is None else environ
+    switch = env.get(ENV_SWITCH, "").strip()
+    if switch not in ("", "0", "1"):
+        raise ConfigError(f"{ENV_SWITCH} = {switch!r}: must be 0 (off) or 1 (on)")
+    if switch == "0":
+        return LoadedConfig(_all_off(), f"{ENV_SWITCH}=0")
+    path = env.get(ENV_CONFIG, "").strip()
+    if path:
+        return LoadedConfig(load_config_file(path), path)
+    return LoadedConfig(OverlayConfig(), "built-in defaults")

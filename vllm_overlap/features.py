@@ -1,0 +1,55 @@
+"""What a feature is: its rewrites and the four facts every patch must state.
+
+Declarations only (no torch): ``register()`` reads them in every vLLM process, including
+the API server, where nothing heavy may be imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+from .rewrite import Anchor, Target
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """The anchors to replace in one target function (one code shape of a feature)."""
+
+    target: Target
+    anchors: tuple[Anchor, ...]
+
+
+@dataclass(frozen=True)
+class Feature:
+    name: str
+    summary: str  # one line: what runs beside what
+    why: str
+    how: str
+    upstream: str
+    remove_when: str
+    rewrites: tuple[Rewrite, ...]
+    runtime: str  # module the rewritten code calls, imported only when a rewrite applies
+
+    @property
+    def runtime_global(self) -> str:
+        """The name under which the rewritten code sees ``runtime``."""
+        return f"_vllm_overlap_{self.name}"
+
+    def modules(self) -> list[str]:
+        return sorted({r.target.module for r in self.rewrites})
+
+    def rewrites_in(self, module: str) -> list[Rewrite]:
+        return [r for r in self.rewrites if r.target.module == module]
+
+    def load_runtime(self) -> ModuleType:
+        return importlib.import_module(self.runtime)
+
+    def facts(self) -> dict[str, str]:
+        return {
+            "Why": self.why,
+            "How": self.how,
+            "Upstream": self.upstream,
+            "Remove when": self.remove_when,
+        }

@@ -1,0 +1,89 @@
+"""Runtime side of the features: custom ops in the ``vllm_overlap`` library namespace.
+
+Imported only when a patch is applied (the target module is being imported, so torch and
+vLLM are loaded already). Each op is registered once per process with vLLM's
+``direct_register_custom_op``; layers are passed as vLLM's ``LayerName`` opaque value
+(hoisted to a graph input, so one compiled graph serves every layer) where vLLM has it.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+LIBRARY_NAME = "vllm_overlap"
+_library: torch.library.Library | None = None
+_layers: "weakref.WeakValueDictionary[str, torch.nn.Module]" = weakref.WeakValueDictionary()
+
+try:  # vLLM >= 0.31 on torch >= 2.11: an opaque, hoisted value type
+    from vllm.utils.torch_utils import LayerNameType, _encode_layer_name, _resolve_layer_name
+except ImportError:  # older vLLM: a plain string (one graph per layer; nothing better exists)
+    LayerNameType = str  # type: ignore[misc]
+
+    def _encode_layer_name(layer_name: str) -> str:
+        return layer_name
+
+    def _resolve_layer_name(layer_name: str) -> str:
+        return layer_name
+
+
+encode_layer_name = _encode_layer_name
+
+
+def library() -> torch.library.Library:
+    global _library
+    if _library is None:
+        _library = torch.library.Library(LIBRARY_NAME, "FRAGMENT")
+    return _library
+
+
+def has_op(name: str) -> bool:
+    return hasattr(torch.ops, LIBRARY_NAME) and hasattr(getattr(torch.ops, LIBRARY_NAME), name)
+
+
+def register_op(name: str, func: Callable, fake: Callable) -> None:
+    """Register ``torch.ops.vllm_overlap.<name>`` once per process (idempotent)."""
+    if has_op(name):
+        return
+    from vllm.utils.torch_utils import direct_register_custom_op
+
+    direct_register_custom_op(name, func, mutates_args=[], fake_impl=fake, target_lib=library())
+
+
+def register_layer(name: str, layer: torch.nn.Module) -> None:
+    """Make ``layer`` findable by name outside a vLLM forward context (tests, benchmarks)."""
+    _layers[name] = layer
+
+
+def resolve_layer(layer_name: Any) -> Any:
+    """The module behind a ``LayerName`` (or str), from vLLM's forward context first."""
+    name = _resolve_layer_name(layer_name)
+    try:
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+
+        if is_forward_context_available():
+            layer = get_forward_context().no_compile_layers.get(name)
+            if layer is not None:
+                return layer
+    except ImportError:
+        pass
+    layer = _layers.get(name)
+    if layer is None:
+        raise KeyError(f"vllm-overlap: no layer named {name!r} in the forward context")
+    return layer
+
+
+def check_output(
+    out: torch.Tensor, like: torch.Tensor, width: int, what: str
+) -> torch.Tensor:
+    """The real op must return exactly what the fake kernel promised."""
+    expected = (*like.shape[:-1], width)
+    if tuple(out.shape) != expected or out.dtype != like.dtype:
+        raise RuntimeError(
+            f"vllm-overlap: {what} returned {tuple(out.shape)} {out.dtype}, the fake kernel "
+            f"promised {expected} {like.dtype}; turn this feature off and report it"
+        )
+    return out.contiguous()

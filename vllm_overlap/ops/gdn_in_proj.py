@@ -1,0 +1,81 @@
+"""Runtime of gdn_in_proj: ``torch.ops.vllm_overlap.gdn_in_proj`` and the call the rewrite makes.
+
+The rewritten forwards call :func:`in_proj` in place of::
+
+    mixed_qkvz, _ = self.in_proj_qkvz(hidden_states)
+    ba, _ = self.in_proj_ba(hidden_states)
+
+The op runs under torch.compile (Dynamo sees only the op); its fake kernel returns
+contiguous ``[*tokens, width]`` tensors of the input dtype, widths being the projections'
+per-rank ``output_size_per_partition`` set at layer init (never read from the weights, which
+quantisation may repack).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import state, streams
+from . import LayerNameType, check_output, encode_layer_name, register_op, resolve_layer
+
+OP_NAME = "gdn_in_proj"
+
+
+def _per_rank_width(proj: torch.nn.Module) -> int:
+    return proj.output_size_per_partition
+
+
+def _is_lora(proj: torch.nn.Module) -> bool:
+    return hasattr(proj, "base_layer")
+
+
+def in_proj(layer: torch.nn.Module, hidden_states: torch.Tensor):
+    """(in_proj_qkvz(h), in_proj_ba(h)) outputs, overlapped where the config allows."""
+    if _is_lora(layer.in_proj_qkvz) or _is_lora(layer.in_proj_ba):
+        # LoRA adds per-request punica kernels to the projections: not verified on two
+        # streams, so the upstream serial statements run unchanged.
+        mixed_qkvz, _ = layer.in_proj_qkvz(hidden_states)
+        ba, _ = layer.in_proj_ba(hidden_states)
+        return mixed_qkvz, ba
+    return torch.ops.vllm_overlap.gdn_in_proj(
+        hidden_states,
+        _per_rank_width(layer.in_proj_qkvz),
+        _per_rank_width(layer.in_proj_ba),
+        encode_layer_name(layer.prefix),
+    )
+
+
+def gdn_in_proj(
+    hidden_states: torch.Tensor,
+    qkvz_width: int,
+    ba_width: int,
+    layer_name: LayerNameType,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    layer = resolve_layer(layer_name)
+    mixed_qkvz, ba = streams.run_pair(
+        OP_NAME,
+        lambda: layer.in_proj_qkvz(hidden_states)[0],
+        lambda: layer.in_proj_ba(hidden_states)[0],
+        hidden_states.shape[0],
+        state.feature_config(OP_NAME),
+    )
+    return (
+        check_output(mixed_qkvz, hidden_states, qkvz_width, "in_proj_qkvz"),
+        check_output(ba, hidden_states, ba_width, "in_proj_ba"),
+    )
+
+
+def gdn_in_proj_fake(
+    hidden_states: torch.Tensor,
+    qkvz_width: int,
+    ba_width: int,
+    layer_name: LayerNameType,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    lead = hidden_states.shape[:-1]
+    return (
+        hidden_states.new_empty((*lead, qkvz_width)),
+        hidden_states.new_empty((*lead, ba_width)),
+    )
+
+
+register_op(OP_NAME, gdn_in_proj, gdn_in_proj_fake)

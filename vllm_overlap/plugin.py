@@ -1,0 +1,150 @@
+"""The vLLM general plugin: ``register()`` runs in every vLLM process.
+
+It reads the config, then installs a ``wrapt`` post-import hook per target module of each
+enabled feature; the rewrite happens when vLLM imports that module (in the process that builds
+the model), so ``register()`` itself imports no torch and initialises no CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import wrapt
+
+from . import __version__, state
+from .config import load_config
+from .features import Feature
+from .patches import FEATURES
+from .rewrite import RewriteSkipped, apply
+
+_lock = threading.RLock()
+_registered = False
+_announced = False
+
+
+class StrictError(SystemExit):
+    """strict: true, and an enabled feature could not be applied: start-up stops."""
+
+    def __init__(self, message: str):
+        super().__init__(f"vllm-overlap: {message}")
+        self.message = f"vllm-overlap: {message}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _logger() -> logging.Logger:
+    try:
+        from vllm.logger import init_logger
+    except ImportError:  # pragma: no cover - vLLM always present in real use
+        return logging.getLogger("vllm.vllm_overlap")
+    return init_logger("vllm.vllm_overlap")
+
+
+def register() -> None:
+    """Entry point of ``vllm.general_plugins``. Idempotent; raises ConfigError on a bad config."""
+    global _registered
+    with _lock:
+        if _registered:
+            return
+        loaded = load_config()
+        state.set_loaded(loaded)
+        for feature in FEATURES.values():
+            if not loaded.config.feature(feature.name).enabled:
+                for rewrite in feature.rewrites:
+                    state.record(state.Outcome(feature.name, str(rewrite.target), state.OFF))
+                continue
+            for rewrite in feature.rewrites:
+                state.record(state.Outcome(feature.name, str(rewrite.target), state.PENDING))
+        _registered = True
+        if not any(o.status == state.PENDING for o in state.outcomes.values()):
+            _announce()  # nothing will ever be imported for us: say so now
+            return
+        for module in sorted({m for f in FEATURES.values() for m in f.modules()}):
+            if any(_enabled(f) and module in f.modules() for f in FEATURES.values()):
+                wrapt.register_post_import_hook(_on_import, module)
+
+
+def _enabled(feature: Feature) -> bool:
+    return state.loaded().config.feature(feature.name).enabled
+
+
+def _on_import(module) -> None:
+    apply_module(module.__name__)
+
+
+def apply_module(module_name: str) -> list[state.Outcome]:
+    """Apply every enabled feature's rewrites that target ``module_name``."""
+    with _lock:
+        results = []
+        for feature in FEATURES.values():
+            if _enabled(feature):
+                results += apply_feature(feature, module_name)
+        _announce()
+        _enforce_strict(results)
+        return results
+
+
+def apply_feature(feature: Feature, module_name: str) -> list[state.Outcome]:
+    results = []
+    for rewrite in feature.rewrites_in(module_name):
+        target = str(rewrite.target)
+        try:
+            runtime = feature.load_runtime()
+            path = apply(
+                rewrite.target,
+                rewrite.anchors,
+                feature.name,
+                inject={feature.runtime_global: runtime},
+            )
+            outcome = state.Outcome(feature.name, target, state.APPLIED, path=path)
+        except RewriteSkipped as exc:
+            outcome = state.Outcome(feature.name, target, state.SKIPPED, str(exc))
+        state.record(outcome)
+        results.append(outcome)
+    return results
+
+
+def _enforce_strict(results: list[state.Outcome]) -> None:
+    if not state.loaded().config.strict:
+        return
+    skipped = [o for o in results if o.status == state.SKIPPED]
+    if skipped:
+        what = "; ".join(f"{o.feature} on {o.target}: {o.reason}" for o in skipped)
+        raise StrictError(f"strict: true and an enabled feature cannot be applied: {what}")
+
+
+def feature_summary(feature: Feature) -> str:
+    """One feature's state in a few words, e.g. ``applied (4/4 targets)``."""
+    outs = state.feature_outcomes(feature.name)
+    statuses = {o.status for o in outs}
+    if statuses == {state.OFF}:
+        return "off"
+    applied = [o for o in outs if o.status == state.APPLIED]
+    skipped = [o for o in outs if o.status == state.SKIPPED]
+    if not applied and not skipped:
+        return "not loaded (its model code was not imported in this process)"
+    parts = []
+    if applied:
+        parts.append(f"applied ({len(applied)}/{len(outs)} targets)")
+    for o in skipped:
+        parts.append(f"skipped {o.target.rsplit('.', 1)[-1]}: {o.reason}")
+    return "; ".join(parts)
+
+
+def summary_line() -> str:
+    loaded = state.loaded()
+    feats = ", ".join(f"{f.name} {feature_summary(f)}" for f in FEATURES.values())
+    return (
+        f"vllm-overlap {__version__} [pid {os.getpid()}] config {loaded.source}: {feats}"
+    )
+
+
+def _announce() -> None:
+    """Log the state line: once per process, then once more per later change."""
+    global _announced
+    line = summary_line()
+    _logger().info("%s", line if not _announced else line.replace(": ", " (update): ", 1))
+    _announced = True

@@ -1,0 +1,353 @@
+"""Anchored rewrites: replace exact upstream statements inside a live function.
+
+A rewrite names a target (module, ``Class.method`` or ``function``) and anchors: runs of
+statements compared as normalised AST (formatting and comments do not matter; ``$name`` in an
+anchor matches any identifier and binds it, so ``$qkvz, _ = self.in_proj_qkvz(hidden_states)``
+matches whatever the variable is called). Every anchor must be found exactly ``count`` times.
+The matched lines are replaced in the function's own source text, so everything else in the
+function, including upstream fixes made after this anchor was written, flows through unchanged.
+
+The rewritten function is written to a content-addressed file in a cache directory and
+compiled from there: tracebacks show its real lines, and vLLM's compile cache (which hashes the
+source files of the code Dynamo traced) keys on the rewritten code. Anything unexpected raises
+:class:`RewriteSkipped` with a reason and leaves the target untouched.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib
+import inspect
+import os
+import re
+import tempfile
+import textwrap
+from dataclasses import dataclass, field
+from typing import Any
+
+CAPTURE_PREFIX = "__vllm_overlap_capture_"
+_CAPTURE_RE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
+MARKER = "__vllm_overlap_rewrite__"
+
+
+class RewriteSkipped(Exception):
+    """The target was left untouched; ``str(exc)`` is the reason."""
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """Statements to find (``find``) and the statements that replace them (``replace``)."""
+
+    find: str
+    replace: str
+    count: int = 1
+
+    def first_line(self) -> str:
+        return textwrap.dedent(self.find).strip().splitlines()[0]
+
+
+@dataclass(frozen=True)
+class Target:
+    module: str
+    qualname: str  # "Class.method" or "function"
+
+    def __str__(self) -> str:
+        return f"{self.module}.{self.qualname}"
+
+
+# --------------------------------------------------------------------------- matching
+
+
+def _parse_anchor(text: str) -> list[ast.stmt]:
+    src = _CAPTURE_RE.sub(lambda m: CAPTURE_PREFIX + m.group(1), textwrap.dedent(text).strip())
+    return ast.parse(src).body
+
+
+def _match(pattern: Any, node: Any, captures: dict[str, str]) -> bool:
+    if isinstance(pattern, ast.Name) and pattern.id.startswith(CAPTURE_PREFIX):
+        if not isinstance(node, ast.Name):
+            return False
+        bound = captures.setdefault(pattern.id[len(CAPTURE_PREFIX) :], node.id)
+        return bound == node.id
+    if isinstance(pattern, ast.AST):
+        if type(pattern) is not type(node):
+            return False
+        return all(
+            _match(getattr(pattern, f, None), getattr(node, f, None), captures)
+            for f in pattern._fields
+            if f != "type_comment"
+        )
+    if isinstance(pattern, list):
+        return (
+            isinstance(node, list)
+            and len(pattern) == len(node)
+            and all(_match(p, n, captures) for p, n in zip(pattern, node))
+        )
+    return pattern == node
+
+
+def _statement_lists(root: ast.AST):
+    """Every list of statements under ``root`` (bodies, else-branches, handlers...)."""
+    for node in ast.walk(root):
+        for name in ("body", "orelse", "finalbody"):
+            value = getattr(node, name, None)
+            if isinstance(value, list) and value and isinstance(value[0], ast.stmt):
+                yield value
+
+
+@dataclass
+class _Match:
+    stmts: list[ast.stmt]
+    captures: dict[str, str]
+
+
+def find_anchor(func_node: ast.AST, anchor: Anchor) -> list[_Match]:
+    pattern = _parse_anchor(anchor.find)
+    found: list[_Match] = []
+    for stmts in _statement_lists(func_node):
+        i = 0
+        while i + len(pattern) <= len(stmts):
+            window = stmts[i : i + len(pattern)]
+            captures: dict[str, str] = {}
+            if _match(pattern, window, captures):
+                found.append(_Match(window, captures))
+                i += len(pattern)
+            else:
+                i += 1
+    return found
+
+
+# --------------------------------------------------------------------------- source rewrite
+
+
+def _function_node(source: str) -> ast.FunctionDef | ast.AsyncFunctionDef:
+    tree = ast.parse(source)
+    if len(tree.body) != 1 or not isinstance(tree.body[0], (ast.FunctionDef, ast.AsyncFunctionDef)):
+        raise RewriteSkipped("target source is not a single function definition")
+    return tree.body[0]
+
+
+def rewrite_source(source: str, anchors: list[Anchor] | tuple[Anchor, ...]) -> str:
+    """Return ``source`` (one function definition) with every anchor replaced.
+
+    Pure text in, text out: usable on sources that are never imported. Raises
+    :class:`RewriteSkipped` when an anchor is missing, ambiguous, or not on lines of its own.
+    """
+    source = textwrap.dedent(source)
+    func = _function_node(source)
+    if func.decorator_list:
+        names = ", ".join("@" + ast.unparse(d) for d in func.decorator_list)
+        raise RewriteSkipped(f"decorated with {names}: the decorator cannot be carried over")
+    lines = source.splitlines(keepends=True)
+    edits: list[tuple[int, int, str]] = []  # (first line index, last line index, new text)
+    for anchor in anchors:
+        matches = find_anchor(func, anchor)
+        if len(matches) != anchor.count:
+            what = "not found" if not matches else f"found {len(matches)} times"
+            raise RewriteSkipped(
+                f"anchor `{anchor.first_line()}` {what}, expected {anchor.count}"
+            )
+        for m in matches:
+            first, last = m.stmts[0], m.stmts[-1]
+            head = lines[first.lineno - 1]
+            indent = head[: len(head) - len(head.lstrip())]
+            tail = lines[last.end_lineno - 1][last.end_col_offset :].strip()
+            if first.col_offset != len(indent) or (tail and not tail.startswith("#")):
+                raise RewriteSkipped(
+                    f"anchor `{anchor.first_line()}` shares a line with other code"
+                )
+            text = _CAPTURE_RE.sub(
+                lambda c: _capture(c.group(1), m.captures, anchor),
+                textwrap.dedent(anchor.replace).strip("\n"),
+            )
+            new = "".join(indent + ln if ln.strip() else "\n" for ln in text.splitlines(True))
+            edits.append((first.lineno - 1, last.end_lineno - 1, new.rstrip("\n") + "\n"))
+    edits.sort()
+    for (_, end_a, _), (start_b, _, _) in zip(edits, edits[1:]):
+        if start_b <= end_a:
+            raise RewriteSkipped("two anchors overlap")
+    for start, end, new in reversed(edits):
+        lines[start : end + 1] = [new]
+    result = "".join(lines)
+    _function_node(result)  # must still parse as one function
+    return result
+
+
+def _capture(name: str, captures: dict[str, str], anchor: Anchor) -> str:
+    if name not in captures:
+        raise RewriteSkipped(f"replacement of `{anchor.first_line()}` uses unbound ${name}")
+    return captures[name]
+
+
+# --------------------------------------------------------------------------- live targets
+
+
+def cache_dir() -> str:
+    base = os.environ.get("VLLM_OVERLAP_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "vllm-overlap",
+        "rewritten",
+    )
+    return base
+
+
+def _write_source(name: str, text: str) -> str:
+    """Write ``text`` to a content-addressed file and return its path."""
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    for directory in (cache_dir(), os.path.join(tempfile.gettempdir(), "vllm-overlap-rewritten")):
+        path = os.path.join(directory, f"{name}.{digest}.py")
+        try:
+            if not os.path.exists(path):
+                os.makedirs(directory, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+                with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                    fh.write(text)
+                os.replace(tmp, path)  # atomic: concurrent workers write the same bytes
+            return path
+        except OSError:
+            continue
+    raise RewriteSkipped("no writable cache directory for the rewritten source")
+
+
+def resolve_owner(target: Target) -> tuple[Any, str]:
+    """(object that holds the function, attribute name); imports the module."""
+    module = importlib.import_module(target.module)
+    *path, attr = target.qualname.split(".")
+    owner: Any = module
+    for part in path:
+        owner = getattr(owner, part, None)
+        if owner is None:
+            raise RewriteSkipped(f"{target.module} has no {'.'.join(path)}")
+    if attr not in vars(owner):
+        raise RewriteSkipped(f"{target.qualname} is not defined in {target.module}")
+    return owner, attr
+
+
+def _unwrap_descriptor(raw: Any) -> tuple[Any, Any]:
+    if isinstance(raw, (staticmethod, classmethod)):
+        return raw.__func__, type(raw)
+    return raw, None
+
+
+@dataclass
+class Layer:
+    """One installed rewrite of a target (targets can carry rewrites of several features)."""
+
+    feature: str
+    previous: Any  # the raw attribute before this rewrite
+    function: Any
+    path: str
+    source: str
+
+
+@dataclass
+class _TargetState:
+    original: Any
+    original_source: str
+    layers: list[Layer] = field(default_factory=list)
+
+
+_STATE: dict[Target, _TargetState] = {}
+
+
+def current_source(target: Target) -> str:
+    """Source of the target as installed now (rewritten or upstream)."""
+    owner, attr = resolve_owner(target)
+    func, _ = _unwrap_descriptor(vars(owner)[attr])
+    return textwrap.dedent(inspect.getsource(func))
+
+
+def upstream_source(target: Target) -> str:
+    state = _STATE.get(target)
+    return state.original_source if state else current_source(target)
+
+
+def applied_features(target: Target) -> list[str]:
+    state = _STATE.get(target)
+    return [layer.feature for layer in state.layers] if state else []
+
+
+def apply(
+    target: Target,
+    anchors: list[Anchor] | tuple[Anchor, ...],
+    feature: str,
+    inject: dict[str, Any] | None = None,
+) -> str:
+    """Rewrite ``target`` in place; return the path of the rewritten source.
+
+    Applying the same feature twice is a no-op. Raises :class:`RewriteSkipped` (target
+    untouched) on anything unexpected.
+    """
+    state = _STATE.get(target)
+    if state:
+        for layer in state.layers:
+            if layer.feature == feature:
+                return layer.path
+    owner, attr = resolve_owner(target)
+    raw = vars(owner)[attr]
+    func, wrapper = _unwrap_descriptor(raw)
+    if not inspect.isfunction(func):
+        raise RewriteSkipped(f"{target.qualname} is a {type(func).__name__}, not a function")
+    if getattr(func, MARKER, None) is not None and state is None:
+        raise RewriteSkipped("rewritten by another copy of vllm-overlap")
+    if func.__code__.co_freevars:
+        names = ", ".join(func.__code__.co_freevars)
+        raise RewriteSkipped(f"closes over {names}: cannot be recompiled outside its scope")
+    try:
+        source = textwrap.dedent(inspect.getsource(func))
+    except (OSError, TypeError) as exc:
+        raise RewriteSkipped(f"source not available ({exc})") from None
+    if "." in target.qualname and re.search(r"\b__[A-Za-z0-9_]*[A-Za-z0-9](?<!__)\b", source):
+        raise RewriteSkipped("uses a private (name-mangled) attribute")
+    new_source = rewrite_source(source, anchors)
+
+    module_globals = func.__globals__
+    for name, value in (inject or {}).items():
+        if module_globals.get(name, value) is not value:
+            raise RewriteSkipped(f"global name {name} already used in {func.__module__}")
+    header = (
+        f"# {target} rewritten by vllm-overlap feature {feature}.\n"
+        f"# Upstream: {inspect.getsourcefile(func)}. Generated, content-addressed: safe to delete.\n"
+    )
+    text = header + new_source
+    path = _write_source(f"{target}", text)
+    namespace: dict[str, Any] = {}
+    try:
+        code = compile(text, path, "exec")
+        for name, value in (inject or {}).items():
+            module_globals[name] = value
+        exec(code, module_globals, namespace)
+    except Exception as exc:  # pragma: no cover - rewrite_source already parsed it
+        raise RewriteSkipped(f"rewritten source does not compile: {exc}") from None
+    new_func = namespace[func.__name__]
+    new_func.__qualname__ = func.__qualname__
+    new_func.__module__ = func.__module__
+    new_func.__doc__ = func.__doc__
+    new_func.__dict__.update({k: v for k, v in func.__dict__.items() if k != MARKER})
+    setattr(new_func, MARKER, feature)
+    if state is None:
+        state = _STATE[target] = _TargetState(original=raw, original_source=source)
+    state.layers.append(Layer(feature, raw, new_func, path, new_source))
+    setattr(owner, attr, wrapper(new_func) if wrapper else new_func)
+    return path
+
+
+def revert(target: Target, feature: str | None = None) -> bool:
+    """Undo the rewrites of ``feature`` on ``target`` (all of them when None).
+
+    Later rewrites stacked on top of ``feature`` are undone too. True if anything changed.
+    """
+    state = _STATE.get(target)
+    if not state:
+        return False
+    names = [layer.feature for layer in state.layers]
+    if feature is not None and feature not in names:
+        return False
+    keep = names.index(feature) if feature is not None else 0
+    owner, attr = resolve_owner(target)
+    setattr(owner, attr, state.layers[keep].previous)
+    del state.layers[keep:]
+    if not state.layers:
+        del _STATE[target]
+    return True

@@ -1,0 +1,123 @@
+"""Fork/join of two independent callables on the current stream and vLLM's aux stream.
+
+``run_pair(site, fn0, fn1, num_tokens, feature)`` returns ``(fn0(), fn1())``. It runs them
+concurrently (fn0 on the current stream, fn1 on the aux stream) only when all hold:
+
+- vLLM has an aux stream (``vllm.utils.torch_utils.aux_stream()``: CUDA / ROCm only);
+- ``feature.min_tokens <= num_tokens <= feature.max_tokens``;
+- no breakable CUDA-graph capture is active (vLLM's ``maybe_execute_in_parallel`` checks);
+- the caller is not a dual-batch-overlap micro-batch thread (those have streams of their own).
+
+Otherwise it calls fn0 then fn1 on the current stream: the same computation, serially.
+
+Ordering: the aux stream waits for the current stream before fn1 reads its inputs; the
+current stream waits for the aux stream before returning, so every consumer runs after the
+join. Outputs made on the aux stream are ``record_stream``-ed on the current stream outside
+graph capture, so the caching allocator cannot hand their memory out early. Events are made
+lazily per call site and per thread (never shared by two threads), with ``enable_timing=False``,
+and only where vLLM made the aux stream (the same platform check).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .config import FeatureConfig
+
+_events: dict[tuple[str, int], tuple[Any, Any]] = {}
+_events_lock = threading.Lock()
+
+
+def get_aux_stream():
+    """vLLM's one global aux stream, or None (CPU, or a vLLM without it)."""
+    try:
+        from vllm.utils.torch_utils import aux_stream
+    except ImportError:
+        return None
+    return aux_stream()
+
+
+def in_micro_batch_thread() -> bool:
+    """True inside a dual-batch-overlap (``--enable-dbo``) micro-batch thread."""
+    try:
+        from vllm.v1.worker.ubatching import dbo_enabled
+    except ImportError:
+        return False
+    return dbo_enabled()
+
+
+def _parallel_impl() -> Callable[..., tuple[Any, Any]]:
+    try:
+        from vllm.utils.multi_stream_utils import maybe_execute_in_parallel
+    except ImportError:  # older vLLM: the same fork/join, minus its capture check
+        return _execute_in_parallel
+    return maybe_execute_in_parallel
+
+
+def _execute_in_parallel(fn0, fn1, event0, event1, aux_stream=None):
+    if aux_stream is None:
+        return fn0(), fn1()
+    event0.record()
+    result0 = fn0()
+    with torch.cuda.stream(aux_stream):
+        event0.wait()
+        result1 = fn1()
+        event1.record()
+    event1.wait()
+    return result0, result1
+
+
+def site_events(site: str) -> tuple[Any, Any]:
+    """The (fork, join) event pair of a call site for the calling thread."""
+    key = (site, threading.get_ident())
+    pair = _events.get(key)
+    if pair is None:
+        with _events_lock:
+            pair = _events.get(key)
+            if pair is None:
+                pair = (
+                    torch.cuda.Event(enable_timing=False),
+                    torch.cuda.Event(enable_timing=False),
+                )
+                _events[key] = pair
+    return pair
+
+
+def serial_reason(num_tokens: int, feature: FeatureConfig, aux: Any) -> str | None:
+    """Why this call runs serially (None: it may overlap)."""
+    if aux is None:
+        return "no aux stream"
+    if not feature.overlaps(num_tokens):
+        return f"{num_tokens} tokens outside [{feature.min_tokens}, {feature.max_tokens}]"
+    if in_micro_batch_thread():
+        return "dual-batch-overlap micro-batch thread"
+    return None
+
+
+def _protect(result: Any, stream: Any) -> None:
+    if isinstance(result, torch.Tensor):
+        result.record_stream(stream)
+    elif isinstance(result, (tuple, list)):
+        for item in result:
+            _protect(item, stream)
+
+
+def run_pair(
+    site: str,
+    fn0: Callable[[], Any],
+    fn1: Callable[[], Any],
+    num_tokens: int,
+    feature: FeatureConfig,
+) -> tuple[Any, Any]:
+    aux = get_aux_stream()
+    if serial_reason(num_tokens, feature, aux) is not None:
+        return fn0(), fn1()
+    event0, event1 = site_events(site)
+    result0, result1 = _parallel_impl()(fn0, fn1, event0, event1, aux)
+    if not torch.cuda.is_current_stream_capturing():
+        _protect(result1, torch.cuda.current_stream())
+    return result0, result1
