@@ -29,6 +29,8 @@ from typing import Any
 CAPTURE_PREFIX = "__vllm_overlap_capture_"
 _CAPTURE_RE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
 MARKER = "__vllm_overlap_rewrite__"
+# Decorators whose effect apply() carries over by re-wrapping; any other one refuses the target.
+CARRIED_DECORATORS = ("staticmethod", "classmethod")
 
 
 class RewriteSkipped(Exception):
@@ -136,8 +138,9 @@ def rewrite_source(source: str, anchors: list[Anchor] | tuple[Anchor, ...]) -> s
     """
     source = textwrap.dedent(source)
     func = _function_node(source)
-    if func.decorator_list:
-        names = ", ".join("@" + ast.unparse(d) for d in func.decorator_list)
+    foreign = [d for d in func.decorator_list if ast.unparse(d) not in CARRIED_DECORATORS]
+    if foreign:
+        names = ", ".join("@" + ast.unparse(d) for d in foreign)
         raise RewriteSkipped(f"decorated with {names}: the decorator cannot be carried over")
     lines = source.splitlines(keepends=True)
     edits: list[tuple[int, int, str]] = []  # (first line index, last line index, new text)
@@ -291,16 +294,16 @@ def apply(
         raise RewriteSkipped(f"{target.qualname} is a {type(func).__name__}, not a function")
     if getattr(func, MARKER, None) is not None and state is None:
         raise RewriteSkipped("rewritten by another copy of vllm-overlap")
-    if func.__code__.co_freevars:
-        names = ", ".join(func.__code__.co_freevars)
-        raise RewriteSkipped(f"closes over {names}: cannot be recompiled outside its scope")
     try:
         source = textwrap.dedent(inspect.getsource(func))
     except (OSError, TypeError) as exc:
         raise RewriteSkipped(f"source not available ({exc})") from None
+    new_source = rewrite_source(source, anchors)  # refuses foreign decorators first
+    if func.__code__.co_freevars:
+        names = ", ".join(func.__code__.co_freevars)
+        raise RewriteSkipped(f"closes over {names}: cannot be recompiled outside its scope")
     if "." in target.qualname and re.search(r"\b__[A-Za-z0-9_]*[A-Za-z0-9](?<!__)\b", source):
         raise RewriteSkipped("uses a private (name-mangled) attribute")
-    new_source = rewrite_source(source, anchors)
 
     module_globals = func.__globals__
     for name, value in (inject or {}).items():
@@ -320,7 +323,7 @@ def apply(
         exec(code, module_globals, namespace)
     except Exception as exc:  # pragma: no cover - rewrite_source already parsed it
         raise RewriteSkipped(f"rewritten source does not compile: {exc}") from None
-    new_func = namespace[func.__name__]
+    new_func, _ = _unwrap_descriptor(namespace[func.__name__])
     new_func.__qualname__ = func.__qualname__
     new_func.__module__ = func.__module__
     new_func.__doc__ = func.__doc__

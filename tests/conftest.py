@@ -1,0 +1,207 @@
+"""Shared fixtures: a clean overlay environment, a tiny vLLM context, real GDN layers."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+sys.path.insert(0, TESTS)
+
+# The suite must not depend on the caller's overlay settings, nor touch a model hub.
+for _var in ("VLLM_OVERLAP", "VLLM_OVERLAP_CONFIG"):
+    os.environ.pop(_var, None)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+GDN_MODULE = "vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn"
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords and not has_cuda:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory):
+    """Tiny Qwen3-Next checkpoints, built offline once per session, by GDN layer count."""
+    from tiny_models import build
+
+    root = tmp_path_factory.mktemp("models")
+    cache: dict[int, str] = {}
+
+    def get(gdn_layers: int = 2) -> str:
+        if gdn_layers not in cache:
+            cache[gdn_layers] = build("qwen3-next", str(root / f"qwen3-next-{gdn_layers}"), gdn_layers)
+        return cache[gdn_layers]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def vllm_context(model_dirs):
+    """A current VllmConfig and a one-rank (gloo) model-parallel group, for building layers."""
+    from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+
+    vllm_config = VllmConfig(model_config=ModelConfig(model=model_dirs(2), dtype="bfloat16"))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    with set_current_vllm_config(vllm_config):
+        init_distributed_environment(
+            world_size=1,
+            rank=0,
+            distributed_init_method=f"tcp://127.0.0.1:{port}",
+            local_rank=0,
+            backend="gloo",
+        )
+        initialize_model_parallel(1, 1)
+        yield vllm_config
+
+
+@pytest.fixture(scope="session")
+def overlay_applied():
+    """The plugin registered with built-in defaults and the GDN module rewritten."""
+    import importlib
+
+    import vllm_overlap
+    from vllm_overlap import state
+
+    vllm_overlap.register()
+    importlib.import_module(GDN_MODULE)
+    assert state.loaded().source == "built-in defaults"
+    return state
+
+
+_LAYER_IDS = iter(range(10**9))  # vLLM refuses two layers of one name in a config
+
+
+@pytest.fixture
+def gdn_layer(vllm_context, overlay_applied):
+    """Factory of real QwenGatedDeltaNetAttention layers with seeded random weights."""
+    import torch
+    from vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn import (
+        QwenGatedDeltaNetAttention,
+    )
+
+    from tiny_models import qwen3_next_config
+    from vllm_overlap.ops import register_layer
+
+    def make(interleaved: bool = True, dtype=torch.bfloat16, seed: int = 0):
+        from vllm.config import set_current_vllm_config
+
+        prefix = f"test.layers.{next(_LAYER_IDS)}.linear_attn"
+        with set_current_vllm_config(vllm_context):
+            layer = QwenGatedDeltaNetAttention(
+                qwen3_next_config(2), vllm_context, prefix=prefix, gqa_interleaved_layout=interleaved
+            )
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for param in layer.parameters():
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+        layer = layer.to(dtype)
+        for module in layer.modules():  # what vLLM's loader does after loading weights
+            quant_method = getattr(module, "quant_method", None)
+            if quant_method is not None:
+                quant_method.process_weights_after_loading(module)
+        register_layer(prefix, layer)
+        return layer
+
+    return make
+
+
+class KernelStandins:
+    """Plain-torch stand-ins for the GDN core kernels that cannot run on the CPU.
+
+    Each writes a deterministic function of all its inputs into the outputs, so the
+    comparison sees every projection; ``calls`` counts each stand-in's uses.
+    """
+
+    def __init__(self):
+        self.calls: Counter = Counter()
+
+    def _from_raw(self, qkvz, ba, out, z=None):
+        import torch
+
+        tokens, heads, head_dim = out.shape
+        value = qkvz[:, : heads * head_dim].float().view(tokens, heads, head_dim)
+        gate = torch.sigmoid(ba[:, :heads].float())[..., None] + ba[:, -heads:].float()[..., None]
+        out.copy_((value * gate).to(out.dtype))
+        if z is not None:
+            z.copy_(qkvz[:, -heads * head_dim :].reshape(z.shape))
+
+    def qwen_gdn_attention_core(self, *args, layer_name=None, use_aiter=False):
+        import torch
+
+        if use_aiter:
+            self.calls["qwen_gdn_attention_core(aiter)"] += 1
+            qkvz, ba, z, out = args
+            self._from_raw(qkvz, ba, out, z)
+            return
+        self.calls["qwen_gdn_attention_core"] += 1
+        mixed_qkv, b, a, out = args[:4]
+        tokens, heads, head_dim = out.shape
+        value = mixed_qkv[:, -heads * head_dim :].float().view(tokens, heads, head_dim)
+        gate = torch.sigmoid(b.float())[..., None] + a.float()[..., None]
+        out.copy_((value * gate).to(out.dtype))
+
+    def cpu_gdn_attention_core(self, mixed_qkv, b, a, out, layer_name):
+        self.calls["cpu_gdn_attention_core"] += 1
+        self.qwen_gdn_attention_core(mixed_qkv, b.contiguous(), a.contiguous(), out)
+        self.calls["qwen_gdn_attention_core"] -= 1
+
+    def gdn_attention_core_xpu(self, out, z, qkvz, ba, prefix):
+        self.calls["gdn_attention_core_xpu"] += 1
+        self._from_raw(qkvz, ba, out, z)
+
+
+@pytest.fixture
+def kernel_standins(monkeypatch):
+    import torch
+
+    from vllm.model_executor.layers.mamba.ops.cpu.gdn_attention import (
+        register_cpu_gdn_attention_ops,
+    )
+
+    register_cpu_gdn_attention_ops()  # layer init registers it; must happen before patching
+    standins = KernelStandins()
+    for name in ("qwen_gdn_attention_core", "cpu_gdn_attention_core", "gdn_attention_core_xpu"):
+        monkeypatch.setattr(torch.ops.vllm, name, getattr(standins, name), raising=False)
+    return standins
+
+
+def run_llm(model: str, *flags: str, env: dict | None = None, timeout: int = 600) -> dict:
+    """Run tests/llm_runner.py in a fresh process; return its JSON and combined log."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    proc = subprocess.run(
+        [sys.executable, os.path.join(TESTS, "llm_runner.py"), model, *flags],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    log = proc.stdout + proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise AssertionError(f"vLLM run failed (rc {proc.returncode}):\n{log[-6000:]}")
+    result = json.loads(lines[-1])
+    result["log"] = log
+    return result

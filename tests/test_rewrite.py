@@ -1,0 +1,271 @@
+"""The anchored-rewrite engine on small synthetic modules."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+import textwrap
+import traceback
+
+import pytest
+
+from vllm_overlap import rewrite
+from vllm_overlap.rewrite import Anchor, RewriteSkipped, Target, rewrite_source
+
+SOURCE = '''
+import functools
+
+
+def helper(x):
+    return x + 1
+
+
+def deco(fn):
+    @functools.wraps(fn)
+    def inner(*a, **k):
+        return fn(*a, **k)
+    return inner
+
+
+class Layer:
+    scale = 3
+
+    def forward(self, x):
+        # upstream comment kept
+        a = self.left(x)
+        b = self.right(x)
+        return helper(a) * b
+
+    def left(self, x):
+        return x * 2
+
+    def right(self, x):
+        return x + self.scale
+
+    def twice(self, x):
+        a = self.left(x)
+        b = self.right(x)
+        c = self.left(x)
+        d = self.right(x)
+        return a + b + c + d
+
+    @deco
+    def decorated(self, x):
+        a = self.left(x)
+        b = self.right(x)
+        return a * b
+
+    @staticmethod
+    def static(x):
+        a = x * 2
+        b = x + 3
+        return a * b
+
+    def fails(self, x):
+        a = self.left(x)
+        b = self.right(x)
+        raise ValueError(a + b)
+
+    def private(self, x):
+        a = self.left(x)
+        b = self.right(x)
+        return self.__hidden + a + b
+
+    def shared_line(self, x):
+        a = self.left(x)
+        b = self.right(x); c = 1
+        return a * b * c
+'''
+
+PAIR = Anchor(
+    find="""
+        $a = self.left(x)
+        $b = self.right(x)
+    """,
+    replace="""
+        $a, $b = _test_runtime.pair(self, x)
+    """,
+)
+
+
+class _Runtime:
+    calls = 0
+
+    @classmethod
+    def pair(cls, layer, x):
+        cls.calls += 1
+        return layer.left(x), layer.right(x)
+
+
+@pytest.fixture
+def synthetic(tmp_path, monkeypatch):
+    """A fresh importable module named synthetic_mod_<n> holding SOURCE."""
+    name = f"synthetic_mod_{len(sys.modules)}"
+    (tmp_path / f"{name}.py").write_text(SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("VLLM_OVERLAP_CACHE_DIR", str(tmp_path / "cache"))
+    module = importlib.import_module(name)
+    yield module
+    for target in [t for t in rewrite._STATE if t.module == name]:
+        rewrite.revert(target)
+    sys.modules.pop(name, None)
+
+
+def _apply(module, method, anchors=(PAIR,), feature="f"):
+    return rewrite.apply(
+        Target(module.__name__, f"Layer.{method}"), anchors, feature, {"_test_runtime": _Runtime}
+    )
+
+
+def test_match_rewrites_and_keeps_the_rest(synthetic):
+    before = synthetic.Layer().forward(5)
+    _Runtime.calls = 0
+    path = _apply(synthetic, "forward")
+    assert synthetic.Layer().forward(5) == before and _Runtime.calls == 1
+    src = inspect.getsource(synthetic.Layer.forward)
+    assert "a, b = _test_runtime.pair(self, x)" in src
+    assert "# upstream comment kept" in src and "return helper(a) * b" in src
+    assert open(path).read().endswith(src)  # the real file is what runs
+    assert synthetic.Layer.forward.__qualname__ == "Layer.forward"
+
+
+def test_rewritten_file_is_content_addressed_and_shows_in_tracebacks(synthetic):
+    path = _apply(synthetic, "fails")
+    digest = path.rsplit(".", 2)[-2]
+    import hashlib
+
+    assert hashlib.sha256(open(path).read().encode()).hexdigest().startswith(digest)
+    try:
+        synthetic.Layer().fails(1)
+    except ValueError:
+        frames = traceback.extract_tb(sys.exc_info()[2])
+    assert frames[-1].filename == path and "raise ValueError(a + b)" in frames[-1].line
+
+
+def test_no_match_leaves_target_untouched(synthetic):
+    original = synthetic.Layer.__dict__["left"]
+    with pytest.raises(RewriteSkipped, match=r"anchor `\$a = self.left\(x\)` not found, expected 1"):
+        _apply(synthetic, "left")
+    assert synthetic.Layer.__dict__["left"] is original
+
+
+def test_ambiguous_match_is_refused(synthetic):
+    original = synthetic.Layer.__dict__["twice"]
+    with pytest.raises(RewriteSkipped, match="found 2 times, expected 1"):
+        _apply(synthetic, "twice")
+    assert synthetic.Layer.__dict__["twice"] is original
+
+
+def test_declared_count_allows_repeats(synthetic):
+    before = synthetic.Layer().twice(4)
+    _Runtime.calls = 0
+    _apply(synthetic, "twice", (Anchor(PAIR.find, PAIR.replace, count=2),))
+    assert synthetic.Layer().twice(4) == before and _Runtime.calls == 2
+
+
+def test_captures_must_bind_consistently():
+    src = "def f(self, x):\n    a = self.left(x)\n    b = self.right(a)\n"
+    anchor = Anchor("$a = self.left(x)\n$b = self.right($a)", "$a, $b = g()")
+    assert "a, b = g()" in rewrite_source(src, [anchor])
+    src_bad = "def f(self, x):\n    a = self.left(x)\n    b = self.right(c)\n"
+    with pytest.raises(RewriteSkipped, match="not found"):
+        rewrite_source(src_bad, [anchor])
+
+
+def test_formatting_does_not_matter_but_code_does():
+    src = "def f(self, x):\n    a = self.left(\n        x,\n    )  # note\n    b = self.right(x)\n"
+    assert "a, b = _test_runtime.pair(self, x)" in rewrite_source(src, [PAIR])
+    with pytest.raises(RewriteSkipped):
+        rewrite_source("def f(self, x):\n    a = self.left(y)\n    b = self.right(x)\n", [PAIR])
+
+
+def test_anchor_sharing_a_line_is_refused(synthetic):
+    with pytest.raises(RewriteSkipped, match="shares a line with other code"):
+        _apply(synthetic, "shared_line")
+
+
+def test_decorated_target_is_refused(synthetic):
+    original = synthetic.Layer.__dict__["decorated"]
+    with pytest.raises(RewriteSkipped, match="decorated with @deco"):
+        _apply(synthetic, "decorated")
+    assert synthetic.Layer.__dict__["decorated"] is original
+
+
+def test_staticmethod_is_carried(synthetic):
+    anchor = Anchor("a = x * 2\nb = x + 3", "a, b = _test_runtime.pair(Layer(), x)")
+    before = synthetic.Layer.static(5)
+    _apply(synthetic, "static", (anchor,))
+    assert isinstance(synthetic.Layer.__dict__["static"], staticmethod)
+    assert synthetic.Layer.static(5) == before
+
+
+def test_private_names_are_refused(synthetic):
+    with pytest.raises(RewriteSkipped, match="name-mangled"):
+        _apply(synthetic, "private")
+
+
+def test_missing_target_is_a_reason(synthetic):
+    with pytest.raises(RewriteSkipped, match="Layer.nope is not defined"):
+        rewrite.apply(Target(synthetic.__name__, "Layer.nope"), (PAIR,), "f")
+
+
+def test_double_apply_is_a_no_op(synthetic):
+    first = _apply(synthetic, "forward")
+    installed = synthetic.Layer.__dict__["forward"]
+    assert _apply(synthetic, "forward") == first
+    assert synthetic.Layer.__dict__["forward"] is installed
+    assert rewrite.applied_features(Target(synthetic.__name__, "Layer.forward")) == ["f"]
+
+
+def test_revert_restores_the_original(synthetic):
+    original = synthetic.Layer.__dict__["forward"]
+    _apply(synthetic, "forward")
+    target = Target(synthetic.__name__, "Layer.forward")
+    assert rewrite.revert(target) is True
+    assert synthetic.Layer.__dict__["forward"] is original
+    assert rewrite.revert(target) is False
+    assert rewrite.applied_features(target) == []
+
+
+def test_two_features_stack_and_revert_in_order(synthetic):
+    original = synthetic.Layer.__dict__["forward"]
+    _apply(synthetic, "forward", feature="first")
+    second = Anchor("return helper(a) * b", "return helper(a) * b * 1")
+    _apply(synthetic, "forward", (second,), feature="second")
+    target = Target(synthetic.__name__, "Layer.forward")
+    assert rewrite.applied_features(target) == ["first", "second"]
+    assert "* b * 1" in inspect.getsource(synthetic.Layer.forward)
+    assert rewrite.upstream_source(target) == textwrap.dedent(inspect.getsource(original))
+    rewrite.revert(target, "second")
+    assert rewrite.applied_features(target) == ["first"]
+    rewrite.revert(target, "first")
+    assert synthetic.Layer.__dict__["forward"] is original
+
+
+def test_injected_name_clash_is_refused(synthetic):
+    synthetic._test_runtime = object()
+    with pytest.raises(RewriteSkipped, match="global name _test_runtime already used"):
+        _apply(synthetic, "forward")
+
+
+def test_closure_is_refused(tmp_path):
+    def outer():
+        y = 2
+
+        def inner(x):
+            a = x * y
+            return a
+
+        return inner
+
+    fn = outer()
+    holder = type("Holder", (), {"inner": fn})
+    mod = type(sys)("synthetic_closure")
+    mod.Holder = holder
+    sys.modules["synthetic_closure"] = mod
+    try:
+        with pytest.raises(RewriteSkipped, match="closes over y"):
+            rewrite.apply(Target("synthetic_closure", "Holder.inner"), (Anchor("a = x * y", "a = y * x"),), "f")
+    finally:
+        del sys.modules["synthetic_closure"]

@@ -1,0 +1,125 @@
+"""The stream primitive: serial fallbacks on the CPU; the real fork/join on a GPU (cuda)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from vllm_overlap import streams
+from vllm_overlap.config import FeatureConfig
+
+FEATURE = FeatureConfig(min_tokens=4, max_tokens=16)
+
+
+def _pair(order):
+    return (lambda: order.append("fn0") or "r0"), (lambda: order.append("fn1") or "r1")
+
+
+def test_no_aux_stream_runs_serially_in_order(monkeypatch):
+    assert streams.get_aux_stream() is None  # the CPU has none
+    monkeypatch.setattr(streams, "_parallel_impl", lambda: pytest.fail("must not fork"))
+    order = []
+    assert streams.run_pair("site", *_pair(order), 8, FEATURE) == ("r0", "r1")
+    assert order == ["fn0", "fn1"]
+    assert streams.serial_reason(8, FEATURE, None) == "no aux stream"
+
+
+class _FakeEvent:
+    def __init__(self, enable_timing=False):
+        assert enable_timing is False
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Pretend an aux stream exists; record what run_pair hands to the fork/join helper."""
+    forks = []
+
+    def parallel(fn0, fn1, event0, event1, aux):
+        forks.append((event0, event1, aux, threading.get_ident()))
+        return fn0(), fn1()
+
+    monkeypatch.setattr(streams, "get_aux_stream", lambda: "aux")
+    monkeypatch.setattr(streams, "_parallel_impl", lambda: parallel)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(streams, "_events", {})
+    return forks
+
+
+@pytest.mark.parametrize("num_tokens, forks", [(3, 0), (4, 1), (16, 1), (17, 0)])
+def test_token_range_gates_the_fork_at_both_bounds(fake_gpu, num_tokens, forks):
+    order = []
+    assert streams.run_pair("site", *_pair(order), num_tokens, FEATURE) == ("r0", "r1")
+    assert order == ["fn0", "fn1"]
+    assert len(fake_gpu) == forks
+
+
+def test_micro_batch_threads_run_serially(fake_gpu, monkeypatch):
+    monkeypatch.setattr(streams, "in_micro_batch_thread", lambda: True)
+    streams.run_pair("site", *_pair([]), 8, FEATURE)
+    assert fake_gpu == []
+    assert streams.serial_reason(8, FEATURE, "aux") == "dual-batch-overlap micro-batch thread"
+
+
+def test_events_are_per_site_and_per_thread_and_reused(fake_gpu):
+    streams.run_pair("a", *_pair([]), 8, FEATURE)
+    streams.run_pair("a", *_pair([]), 8, FEATURE)
+    streams.run_pair("b", *_pair([]), 8, FEATURE)
+    other = threading.Thread(target=lambda: streams.run_pair("a", *_pair([]), 8, FEATURE))
+    other.start()
+    other.join()
+    a1, a2, b, a_other = fake_gpu
+    assert a1[:2] == a2[:2]  # lazily made once per site, then reused
+    assert {id(e) for e in a1[:2]}.isdisjoint(id(e) for e in b[:2])
+    assert {id(e) for e in a1[:2]}.isdisjoint(id(e) for e in a_other[:2])
+    assert a_other[3] != a1[3]
+
+
+def test_vllm_helpers_are_the_ones_used():
+    from vllm.utils.multi_stream_utils import maybe_execute_in_parallel
+
+    assert streams._parallel_impl() is maybe_execute_in_parallel
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+cuda = pytest.mark.cuda
+
+
+@pytest.fixture
+def gpu_aux(monkeypatch):
+    monkeypatch.setattr(streams, "get_aux_stream", lambda: _AUX)
+    return _AUX
+
+
+_AUX = torch.cuda.Stream() if torch.cuda.is_available() else None
+
+
+@cuda
+def test_gpu_fork_join_equals_serial(gpu_aux):
+    a = torch.randn(64, 4096, device="cuda", dtype=torch.bfloat16)
+    w0 = torch.randn(4096, 8192, device="cuda", dtype=torch.bfloat16)
+    w1 = torch.randn(4096, 64, device="cuda", dtype=torch.bfloat16)
+    feature = FeatureConfig(min_tokens=1, max_tokens=1024)
+    r0, r1 = streams.run_pair("gpu", lambda: a @ w0, lambda: a @ w1, 64, feature)
+    torch.cuda.synchronize()
+    assert torch.equal(r0, a @ w0) and torch.equal(r1, a @ w1)
+
+
+@cuda
+def test_gpu_region_captures_and_replays_in_a_cuda_graph(gpu_aux):
+    a = torch.randn(8, 2048, device="cuda", dtype=torch.bfloat16)
+    w0 = torch.randn(2048, 4096, device="cuda", dtype=torch.bfloat16)
+    w1 = torch.randn(2048, 32, device="cuda", dtype=torch.bfloat16)
+    feature = FeatureConfig(min_tokens=1, max_tokens=1024)
+    streams.run_pair("graph", lambda: a @ w0, lambda: a @ w1, 8, feature)  # warm up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        r0, r1 = streams.run_pair("graph", lambda: a @ w0, lambda: a @ w1, 8, feature)
+    a.copy_(torch.randn_like(a))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(r0, a @ w0) and torch.equal(r1, a @ w1)
