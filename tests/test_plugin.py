@@ -141,3 +141,31 @@ def test_every_feature_states_its_four_facts(name):
     facts = FEATURES[name].facts()
     assert set(facts) == {"Why", "How", "Upstream", "Remove when"}
     assert all(len(v.strip()) > 20 for v in facts.values()), facts
+
+
+def test_unimplemented_mode_is_skipped_not_silently_replaced(tmp_path):
+    cfg = tmp_path / "fused.yaml"
+    cfg.write_text("features: {gdn_in_proj: {mode: fused}}\n")
+    proc = run_py(
+        f"""
+        import vllm_overlap
+        vllm_overlap.register()
+        import {GDN}
+        from vllm_overlap import state
+        print({{o.describe() for o in state.outcomes.values()}})
+        """,
+        env={"VLLM_OVERLAP_CONFIG": str(cfg)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert '{"skipped: mode \'fused\' is not implemented in this version"}' in proc.stdout
+
+
+def test_readme_states_each_features_facts():
+    from vllm_overlap.patches import FEATURES
+
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    for feature in FEATURES.values():
+        assert f"### {feature.name}" in readme
+        for name, text in feature.facts().items():
+            if name != "How":  # How is explained in prose there
+                assert f"**{name}:** {text}" in readme, (feature.name, name)

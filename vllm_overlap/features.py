@@ -31,6 +31,7 @@ class Feature:
     remove_when: str
     rewrites: tuple[Rewrite, ...]
     runtime: str  # module the rewritten code calls, imported only when a rewrite applies
+    modes: tuple[str, ...] = ("dual_stream",)  # the config modes this version implements
 
     @property
     def runtime_global(self) -> str:

@@ -89,9 +89,12 @@ def apply_module(module_name: str) -> list[state.Outcome]:
 
 def apply_feature(feature: Feature, module_name: str) -> list[state.Outcome]:
     results = []
+    mode = state.loaded().config.feature(feature.name).mode
     for rewrite in feature.rewrites_in(module_name):
         target = str(rewrite.target)
         try:
+            if mode not in feature.modes:
+                raise RewriteSkipped(f"mode {mode!r} is not implemented in this version")
             runtime = feature.load_runtime()
             path = apply(
                 rewrite.target,

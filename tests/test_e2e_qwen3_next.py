@@ -1,0 +1,95 @@
+"""End to end through vllm.LLM on the CPU with a tiny Qwen3-Next: overlay on vs off.
+
+Slow (each run starts a vLLM engine in a fresh process); `.ci/run` runs them.
+The CPU has no aux stream, so these prove the rewritten model is the same computation, that
+the plugin loads and applies in every process that builds the model, and what compile sees.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from conftest import run_llm
+
+pytestmark = pytest.mark.slow
+
+OFF = {"VLLM_OVERLAP": "0"}
+ON = {"VLLM_OVERLAP": "1"}
+APPLIED = re.compile(r"vllm-overlap 0\.1\.0 \[pid (\d+)\] config built-in defaults: gdn_in_proj applied \(4/4 targets\)")
+
+
+def _applied_pids(log: str) -> set[str]:
+    return set(APPLIED.findall(log))
+
+
+def test_eager_on_off_identical(model_dirs):
+    on = run_llm(model_dirs(2), env=ON)
+    off = run_llm(model_dirs(2), env=OFF)
+    assert on["token_ids"] == off["token_ids"]
+    assert len(on["token_ids"]) == 4 and all(len(t) == 8 for t in on["token_ids"])
+    assert "gdn_in_proj applied (4/4 targets)" in on["summary"]
+    assert "gdn_in_proj off" in off["summary"] and not _applied_pids(off["log"])
+    print(f"\neager on/off identical; generate {on['generate_s']}s / {off['generate_s']}s")
+
+
+@pytest.fixture(scope="module")
+def compiled_runs(model_dirs, tmp_path_factory):
+    runs = {}
+    for layers in (2, 4):
+        for name, env in (("on", ON), ("off", OFF)):
+            cache = tmp_path_factory.mktemp(f"vllm-cache-{name}-{layers}")
+            runs[name, layers] = run_llm(
+                model_dirs(layers), "--compile", env={**env, "VLLM_CACHE_ROOT": str(cache)}
+            )
+    return runs
+
+
+@pytest.mark.parametrize("layers", [2, 4])
+def test_compiled_on_off_identical(compiled_runs, layers):
+    on, off = compiled_runs["on", layers], compiled_runs["off", layers]
+    assert on["token_ids"] == off["token_ids"]
+    assert "gdn_in_proj applied (4/4 targets)" in on["summary"]
+    assert on["graph_breaks"] == 0 and on["dynamo_unique_graphs"] >= 1
+
+
+def test_compiled_graphs_do_not_grow_with_gdn_layers(compiled_runs):
+    two, four = compiled_runs["on", 2], compiled_runs["on", 4]
+    assert two["dynamo_unique_graphs"] == four["dynamo_unique_graphs"]
+    assert two["inductor_artefacts"] and two["inductor_artefacts"] == four["inductor_artefacts"]
+    rows = [
+        f"{name} {layers} GDN layers: graphs {r['dynamo_unique_graphs']}, breaks {r['graph_breaks']}, "
+        f"inductor artefacts {r['inductor_artefacts']}, cold start-up {r['init_s']}s"
+        for (name, layers), r in sorted(compiled_runs.items())
+    ]
+    ratio = compiled_runs["on", 2]["init_s"] / compiled_runs["off", 2]["init_s"]
+    print("\n" + "\n".join(rows) + f"\ncold compile start-up on/off (2 layers): {ratio:.3f}")
+
+
+def test_default_multiprocess_engine_loads_and_applies_in_engine_core(model_dirs):
+    """vLLM's default: the model lives in the engine-core process, not ours."""
+    run = run_llm(model_dirs(2), "--multiproc", env=ON)
+    pids = _applied_pids(run["log"])
+    main_pid = re.search(r"\[pid (\d+)\]", run["summary"]).group(1)
+    assert pids and main_pid not in pids, run["log"][-3000:]
+    assert "gdn_in_proj not loaded" in run["summary"]  # the front-end never imports model code
+
+
+def test_tensor_parallel_2_on_off_identical_and_every_worker_applies(model_dirs):
+    on = run_llm(model_dirs(2), "--tp", "2", env=ON)
+    off = run_llm(model_dirs(2), "--tp", "2", env=OFF)
+    assert on["token_ids"] == off["token_ids"]
+    workers = set(re.findall(r"\(Worker_TP(\d) pid=(\d+)\)[^\n]*gdn_in_proj applied \(4/4 targets\)", on["log"]))
+    assert {rank for rank, _ in workers} == {"0", "1"}, on["log"][-3000:]
+    assert not _applied_pids(off["log"])
+
+
+def test_bad_config_stops_vllm_start_up_with_one_message(model_dirs, tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("features:\n  gdn_in_proj: {enabled: true, max_tokens: lots}\n")
+    with pytest.raises(AssertionError) as info:
+        run_llm(model_dirs(2), env={"VLLM_OVERLAP_CONFIG": str(cfg)})
+    log = str(info.value)
+    assert f"vllm-overlap: config {cfg}: features.gdn_in_proj.max_tokens = 'lots'" in log
+    assert "rc 1" in log and "Traceback" not in log
