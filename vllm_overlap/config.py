@@ -20,19 +20,23 @@ ENV_CONFIG = "VLLM_OVERLAP_CONFIG"
 ENV_SWITCH = "VLLM_OVERLAP"
 
 
-class ConfigError(SystemExit):
-    """A configuration that cannot be used.
+class OverlayStop(SystemExit):
+    """Stops vLLM start-up with one message and exit status 1.
 
-    A ``SystemExit`` so that vLLM start-up stops with this one message and exit status 1,
-    not a traceback through vLLM's plugin loader.
+    A ``SystemExit``, not an ``Exception``, so that the user sees this line rather than a
+    traceback through vLLM's plugin loader.
     """
 
     def __init__(self, message: str):
-        super().__init__(f"vllm-overlap: {message}")
         self.message = f"vllm-overlap: {message}"
+        super().__init__(self.message)
 
     def __str__(self) -> str:
         return self.message
+
+
+class ConfigError(OverlayStop):
+    """A configuration that cannot be used."""
 
 
 class _Strict(BaseModel):

@@ -14,7 +14,7 @@ import threading
 import wrapt
 
 from . import __version__, state
-from .config import load_config
+from .config import OverlayStop, load_config
 from .features import Feature
 from .patches import FEATURES
 from .rewrite import RewriteSkipped, apply
@@ -24,15 +24,8 @@ _registered = False
 _announced = False
 
 
-class StrictError(SystemExit):
+class StrictError(OverlayStop):
     """strict: true, and an enabled feature could not be applied: start-up stops."""
-
-    def __init__(self, message: str):
-        super().__init__(f"vllm-overlap: {message}")
-        self.message = f"vllm-overlap: {message}"
-
-    def __str__(self) -> str:
-        return self.message
 
 
 def _logger() -> logging.Logger:
