@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib
-import inspect
 import json
 import sys
-import textwrap
 
 from . import __version__
 
@@ -128,58 +125,29 @@ def cmd_doctor(args) -> int:
     return 0 if report["ok"] else 1
 
 
-def module_diff(module_name: str, features: list[str] | None = None) -> str:
-    """Unified diff of ``module_name``'s file: upstream vs with the applied rewrites.
-
-    Only the rewrites of ``features`` (all applied ones when None) are shown.
-    """
-    from .rewrite import _STATE
-
-    module = importlib.import_module(module_name)
-    path = inspect.getsourcefile(module)
-    with open(path, encoding="utf-8") as fh:
-        old = fh.read().splitlines(keepends=True)
-    new = list(old)
-    edits = []
-    for target, st in _STATE.items():
-        if target.module != module_name:
-            continue
-        layers = [lay for lay in st.layers if features is None or lay.feature in features]
-        if not layers:
-            continue
-        func = st.original.__func__ if hasattr(st.original, "__func__") else st.original
-        lines, start = inspect.getsourcelines(func)
-        indent = lines[0][: len(lines[0]) - len(lines[0].lstrip())]
-        body = textwrap.indent(layers[-1].source, indent, lambda ln: ln.strip() != "")
-        edits.append((start - 1, start - 1 + len(lines), body.splitlines(keepends=True)))
-    for start, end, text in sorted(edits, reverse=True):
-        new[start:end] = text
-    rel = module_name.replace(".", "/") + ".py"
-    return "".join(difflib.unified_diff(old, new, f"a/{rel}", f"b/{rel}"))
-
-
-def feature_diff(feature_name: str) -> str:
-    from .patches import FEATURES
-
-    feature = FEATURES[feature_name]
-    return "".join(module_diff(m, [feature_name]) for m in feature.modules())
-
-
 def cmd_diff(args) -> int:
     from .patches import FEATURES
+    from .sources import feature_diff, read_installed
 
     names = [args.feature] if args.feature else list(FEATURES)
+    unknown = [n for n in names if n not in FEATURES]
+    if unknown:
+        print(f"unknown feature {unknown[0]!r}; known: {', '.join(FEATURES)}", file=sys.stderr)
+        return 2
     for name in names:
-        if name not in FEATURES:
-            print(f"unknown feature {name!r}; known: {', '.join(FEATURES)}", file=sys.stderr)
-            return 2
-    report = collect()
-    applied = {r["feature"] for r in report["rows"] if r["result"] == "applied"}
-    for name in names:
-        if name not in applied:
-            print(f"# {name}: nothing applied to the installed vLLM", file=sys.stderr)
-            continue
-        sys.stdout.write(feature_diff(name))
+        diff, results = feature_diff(FEATURES[name], read_installed)
+        for target, result in results.items():
+            if result != "applies":
+                print(f"# {name}: {target} skipped: {result}", file=sys.stderr)
+        sys.stdout.write(diff)
+    return 0
+
+
+def cmd_compat(args) -> int:
+    from .compat import matrix, matrix_table
+
+    rows = matrix(args.releases, args.wheel_dir)
+    print(matrix_table(rows, markdown=args.markdown))
     return 0
 
 
@@ -192,6 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("diff", help="unified diff of the rewrites against the installed vLLM")
     p.add_argument("feature", nargs="?")
     p.set_defaults(func=cmd_diff)
+    p = sub.add_parser(
+        "compat", help="which rewrites apply to vLLM releases (downloads their wheels, no install)"
+    )
+    p.add_argument("releases", nargs="*", default=["0.30.0", "0.31.0", "0.32.0", "0.33.0"])
+    p.add_argument("--wheel-dir", default=None, help="where wheels are kept (default: the cache)")
+    p.add_argument("--markdown", action="store_true")
+    p.set_defaults(func=cmd_compat)
     args = parser.parse_args(argv)
     from .config import ConfigError
 

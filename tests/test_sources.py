@@ -1,0 +1,86 @@
+"""Source-level rewrites: patches/ diffs, diff = what runs, and the release matrix."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import textwrap
+import zipfile
+
+import pytest
+
+from vllm_overlap import rewrite
+from vllm_overlap.compat import matrix, matrix_table
+from vllm_overlap.patch_files import installed_vllm, render
+from vllm_overlap.patches import FEATURES
+from vllm_overlap.sources import find_function, read_installed, rewrite_module_text
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("name", list(FEATURES))
+def test_patches_dir_matches_the_installed_vllm(name):
+    path = os.path.join(ROOT, "patches", f"{name}.diff")
+    committed = open(path, encoding="utf-8").read()
+    if installed_vllm() not in committed.splitlines()[0]:
+        pytest.skip(f"{path} was made against another vLLM than {installed_vllm()}")
+    assert render(FEATURES[name]) == committed, (
+        f"{path} drifted from the installed vLLM: regenerate with "
+        "`python -m vllm_overlap.patch_files patches` and review the change"
+    )
+
+
+def test_diff_shows_exactly_the_code_that_runs(overlay_applied):
+    import ast
+
+    feature = FEATURES["gdn_in_proj"]
+    for module in feature.modules():
+        new_text, results = rewrite_module_text(read_installed(module), feature.rewrites_in(module))
+        tree = ast.parse(new_text)
+        lines = new_text.splitlines(keepends=True)
+        for rw in feature.rewrites_in(module):
+            assert results[rw.target.qualname] == "applies"
+            node = find_function(tree, rw.target.qualname)
+            from_diff = textwrap.dedent("".join(lines[node.lineno - 1 : node.end_lineno]))
+            running = rewrite._STATE[rw.target].layers[-1].source
+            assert from_diff == running
+            assert running in inspect.getsource(getattr(getattr(__import__(module, fromlist=["x"]), "QwenGatedDeltaNetAttention"), rw.target.qualname.split(".")[1]))
+
+
+def _fake_wheel(tmp_path, release, body):
+    """A wheel holding only the GDN module, with ``body`` as the forward_cuda body."""
+    directory = tmp_path / "wheels"
+    directory.mkdir(exist_ok=True)
+    path = directory / f"vllm-{release}-cp38-abi3-manylinux_2_28_x86_64.whl"
+    source = (
+        "class QwenGatedDeltaNetAttention:\n"
+        "    def forward_cuda(self, hidden_states):\n" + textwrap.indent(textwrap.dedent(body), " " * 8)
+    )
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("vllm/model_executor/layers/mamba/gdn/qwen_gdn_linear_attn.py", source)
+    return str(directory)
+
+
+def test_compat_matrix_from_wheels_without_importing_them(tmp_path):
+    good = """
+        mixed_qkvz, _ = self.in_proj_qkvz(hidden_states)
+        ba, _ = self.in_proj_ba(hidden_states)
+        return mixed_qkvz, ba
+    """
+    moved = """
+        ba, _ = self.in_proj_ba(hidden_states)
+        mixed_qkvz, _ = self.in_proj_qkvz(hidden_states)
+        return mixed_qkvz, ba
+    """
+    _fake_wheel(tmp_path, "9.0.0", good)
+    directory = _fake_wheel(tmp_path, "9.1.0", moved)
+    rows = matrix(["9.0.0", "9.1.0"], directory)
+    cell = {(r["release"], r["target"]): r["result"] for r in rows}
+    assert cell["9.0.0", "QwenGatedDeltaNetAttention.forward_cuda"] == "applies"
+    assert cell["9.1.0", "QwenGatedDeltaNetAttention.forward_cuda"].startswith("skipped: anchor")
+    assert cell["9.0.0", "QwenGatedDeltaNetAttention.forward_cpu"] == (
+        "skipped: QwenGatedDeltaNetAttention.forward_cpu is not defined in "
+        "vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn"
+    )
+    table = matrix_table(rows, markdown=True)
+    assert table.splitlines()[0] == "| feature | target | 9.0.0 | 9.1.0 |"
