@@ -93,3 +93,19 @@ def test_bad_config_stops_vllm_start_up_with_one_message(model_dirs, tmp_path):
     log = str(info.value)
     assert f"vllm-overlap: config {cfg}: features.gdn_in_proj.max_tokens = 'lots'" in log
     assert "rc 1" in log and "Traceback" not in log
+
+
+def test_compile_cache_is_not_shared_across_an_overlay_toggle(model_dirs, tmp_path):
+    """One cache root, three compiled runs: on, off, on. The on-runs use one cache
+    directory, the off-run another, and every run generates the same tokens."""
+    cache = {"VLLM_CACHE_ROOT": str(tmp_path / "shared-cache")}
+    runs = [run_llm(model_dirs(2), "--compile", env={**env, **cache}) for env in (ON, OFF, ON)]
+    assert runs[0]["token_ids"] == runs[1]["token_ids"] == runs[2]["token_ids"]
+
+    def cache_dirs(run):
+        return set(re.findall(r"torch_aot_compile/([0-9a-f]{16,})/", run["log"]))
+
+    on1, off, on2 = (cache_dirs(r) for r in runs)
+    assert len(on1) == 1 and on1 == on2, (on1, on2)
+    assert off and off.isdisjoint(on1), (off, on1)
+    print(f"\ncompile cache dirs: on {sorted(on1)[0][:12]}, off {sorted(off)[0][:12]}, on again {sorted(on2)[0][:12]}")

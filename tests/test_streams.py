@@ -123,3 +123,75 @@ def test_gpu_region_captures_and_replays_in_a_cuda_graph(gpu_aux):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(r0, a @ w0) and torch.equal(r1, a @ w1)
+
+
+class _Recorder:
+    """Stand-in for vLLM's fork/join helper: logs what each thread did, in order."""
+
+    def __init__(self):
+        self.log = []
+        self.lock = threading.Lock()
+
+    def note(self, *entry):
+        with self.lock:
+            self.log.append((threading.get_ident(), *entry))
+
+    def __call__(self, fn0, fn1, event0, event1, aux):
+        self.note("fork", id(event0), id(event1))
+        r0 = fn0()
+        r1 = fn1()
+        self.note("join", id(event0), id(event1))
+        return r0, r1
+
+
+@pytest.mark.parametrize("micro_batches", [False, True], ids=["plain-threads", "dbo-threads"])
+def test_two_threads_never_share_events_and_keep_their_order(fake_gpu, monkeypatch, micro_batches):
+    recorder = _Recorder()
+    monkeypatch.setattr(streams, "_parallel_impl", lambda: recorder)
+    monkeypatch.setattr(streams, "in_micro_batch_thread", lambda: micro_batches)
+    barrier = threading.Barrier(2)
+
+    def worker(tag):
+        barrier.wait()
+        for i in range(200):
+            streams.run_pair(
+                "gdn_in_proj",
+                lambda: recorder.note("fn0", tag, i),
+                lambda: recorder.note("fn1", tag, i),
+                8,
+                FEATURE,
+            )
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    by_thread = {}
+    for entry in recorder.log:
+        by_thread.setdefault(entry[0], []).append(entry[1:])
+    assert len(by_thread) == 2
+    events = []
+    for seq in by_thread.values():
+        kinds = [e[0] for e in seq]
+        if micro_batches:
+            assert kinds == ["fn0", "fn1"] * 200  # serial: no fork at all
+        else:
+            assert kinds == ["fork", "fn0", "fn1", "join"] * 200
+            events.append({x for e in seq if e[0] in ("fork", "join") for x in e[1:]})
+        calls = [e[2] for e in seq if e[0] in ("fn0", "fn1")]
+        assert calls == [i for i in range(200) for _ in (0, 1)]
+    if not micro_batches:
+        assert len(events[0]) == 2 and events[0].isdisjoint(events[1])
+
+
+def test_doctor_reports_the_micro_batch_policy():
+    from vllm_overlap.cli import doctor_report
+
+    report = {
+        "vllm-overlap": "x", "vllm": "v", "torch": "t", "platform": "p", "config": "c",
+        "config_fingerprint": "f", "strict": False, "dual_batch_overlap": streams.DBO_POLICY,
+        "rows": [{"feature": "f", "target": "t", "enabled": True, "anchors": "1/1", "result": "applied"}],
+        "ok": True,
+    }
+    assert f"DBO:      {streams.DBO_POLICY}" in doctor_report(report)

@@ -85,8 +85,11 @@ def collect() -> dict:
                 }
             )
     ok = all(r["result"] == state.APPLIED for r in rows if r["enabled"])
+    from .streams import DBO_POLICY
+
     return {
         **_versions(),
+        "dual_batch_overlap": DBO_POLICY,
         "config": loaded.source,
         "config_fingerprint": loaded.config.fingerprint(),
         "strict": loaded.config.strict,
@@ -111,6 +114,7 @@ def doctor_report(report: dict) -> str:
         f"platform: {report['platform']}",
         f"config:   {report['config']} (fingerprint {report['config_fingerprint']}, "
         f"strict: {str(report['strict']).lower()})",
+        f"DBO:      {report['dual_batch_overlap']}",
         "",
     ]
     rows = [dict(r, enabled="yes" if r["enabled"] else "no") for r in report["rows"]]

@@ -13,7 +13,7 @@ import threading
 
 import wrapt
 
-from . import __version__, state
+from . import __version__, cache_key, state
 from .config import OverlayStop, load_config
 from .features import Feature
 from .patches import FEATURES
@@ -52,6 +52,7 @@ def register() -> None:
             for rewrite in feature.rewrites:
                 state.record(state.Outcome(feature.name, str(rewrite.target), state.PENDING))
         _registered = True
+        cache_key.install(loaded.config)
         if not any(o.status == state.PENDING for o in state.outcomes.values()):
             _announce()  # nothing will ever be imported for us: say so now
             return

@@ -28,6 +28,11 @@ import torch
 
 from .config import FeatureConfig
 
+# What happens inside vLLM's dual-batch-overlap (--enable-dbo) micro-batch threads. Each
+# micro-batch runs on compute/comm streams of its own; one global aux stream shared by both
+# would tie them together, so the primitive does not fork there (doctor prints this).
+DBO_POLICY = "serial inside dual-batch-overlap micro-batch threads (no shared aux stream or events)"
+
 _events: dict[tuple[str, int], tuple[Any, Any]] = {}
 _events_lock = threading.Lock()
 
