@@ -76,6 +76,7 @@ def main() -> None:
         "init_s": round(t_init, 3),
         "generate_s": round(t_gen, 3),
         "summary": summary_line(),
+        "post_load": state.post_load_reports,
         "outcomes": {f"{o.feature}:{o.target}": o.describe() for o in state.outcomes.values()},
     }
     print(json.dumps(result))

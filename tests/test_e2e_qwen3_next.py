@@ -109,3 +109,24 @@ def test_compile_cache_is_not_shared_across_an_overlay_toggle(model_dirs, tmp_pa
     assert len(on1) == 1 and on1 == on2, (on1, on2)
     assert off and off.isdisjoint(on1), (off, on1)
     print(f"\ncompile cache dirs: on {sorted(on1)[0][:12]}, off {sorted(off)[0][:12]}, on again {sorted(on2)[0][:12]}")
+
+
+FUSED_LINE = re.compile(
+    r"(?:\((\w+) pid=\d+\) )?[^\n]*vllm-overlap gdn_in_proj fused (\d+)/(\d+) GDN layers "
+    r"\(projection parameter bytes (\d+) before, (\d+) after\)"
+)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_fused_mode_on_off_identical(model_dirs, tmp_path, tp):
+    cfg = tmp_path / "fused.yaml"
+    cfg.write_text("features: {gdn_in_proj: {mode: fused}}\n")
+    flags = ("--tp", str(tp))
+    fused = run_llm(model_dirs(2), *flags, env={"VLLM_OVERLAP_CONFIG": str(cfg)})
+    off = run_llm(model_dirs(2), *flags, env=OFF)
+    assert fused["token_ids"] == off["token_ids"]
+    lines = FUSED_LINE.findall(fused["log"])
+    assert len(lines) == tp, fused["log"][-3000:]
+    for _, done, total, before, after in lines:
+        assert done == total == "2" and before == after and int(before) > 0
+    print(f"\nfused TP={tp}: " + "; ".join(f"{w or 'main'} {d}/{t} layers, bytes {b} -> {a}" for w, d, t, b, a in lines))

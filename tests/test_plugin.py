@@ -145,10 +145,14 @@ def test_every_feature_states_its_four_facts(name):
 
 
 def test_unimplemented_mode_is_skipped_not_silently_replaced(tmp_path):
+    """A mode the config accepts but a feature does not implement is a reason, not a no-op."""
     cfg = tmp_path / "fused.yaml"
     cfg.write_text("features: {gdn_in_proj: {mode: fused}}\n")
     proc = run_py(
         f"""
+        import dataclasses
+        from vllm_overlap.patches import FEATURES
+        FEATURES["gdn_in_proj"] = dataclasses.replace(FEATURES["gdn_in_proj"], mode_rewrites=())
         import vllm_overlap
         vllm_overlap.register()
         import {GDN}

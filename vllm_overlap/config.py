@@ -65,6 +65,9 @@ class FeatureConfig(_Strict):
 
 class GdnInProjConfig(FeatureConfig):
     mode: Literal["dual_stream", "fused"] = "dual_stream"
+    # mode fused: what a layer that cannot be fused (quantised, mixed dtypes or sharding,
+    # LoRA) runs instead: the upstream serial statements, or the dual-stream op.
+    fused_fallback: Literal["serial", "dual_stream"] = "serial"
 
 
 class FeaturesConfig(_Strict):

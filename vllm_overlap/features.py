@@ -31,18 +31,30 @@ class Feature:
     remove_when: str
     rewrites: tuple[Rewrite, ...]
     runtime: str  # module the rewritten code calls, imported only when a rewrite applies
-    modes: tuple[str, ...] = ("dual_stream",)  # the config modes this version implements
+    # Replacement anchors per config mode, for modes other than dual_stream (same targets).
+    mode_rewrites: tuple[tuple[str, tuple[Rewrite, ...]], ...] = ()
+    # Run after the model's weights are loaded, before vLLM post-processes them:
+    # "module:function" called with (model, feature_config) in modes listed in post_load_modes.
+    post_load: str = ""
+    post_load_modes: tuple[str, ...] = ()
 
     @property
     def runtime_global(self) -> str:
         """The name under which the rewritten code sees ``runtime``."""
         return f"_vllm_overlap_{self.name}"
 
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return ("dual_stream", *(mode for mode, _ in self.mode_rewrites))
+
+    def rewrites_for(self, mode: str = "dual_stream") -> tuple[Rewrite, ...]:
+        return dict(self.mode_rewrites).get(mode, self.rewrites)
+
     def modules(self) -> list[str]:
         return sorted({r.target.module for r in self.rewrites})
 
-    def rewrites_in(self, module: str) -> list[Rewrite]:
-        return [r for r in self.rewrites if r.target.module == module]
+    def rewrites_in(self, module: str, mode: str = "dual_stream") -> list[Rewrite]:
+        return [r for r in self.rewrites_for(mode) if r.target.module == module]
 
     def load_runtime(self) -> ModuleType:
         return importlib.import_module(self.runtime)

@@ -7,6 +7,7 @@ the model), so ``register()`` itself imports no torch and initialises no CUDA.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import threading
@@ -56,9 +57,36 @@ def register() -> None:
         if not any(o.status == state.PENDING for o in state.outcomes.values()):
             _announce()  # nothing will ever be imported for us: say so now
             return
+        _install_post_load_hooks()
         for module in sorted({m for f in FEATURES.values() for m in f.modules()}):
             if any(_enabled(f) and module in f.modules() for f in FEATURES.values()):
                 wrapt.register_post_import_hook(_on_import, module)
+
+
+LOADER_MODULE = "vllm.model_executor.model_loader.base_loader"
+
+
+def _install_post_load_hooks() -> None:
+    """Run each enabled feature's post-load step before vLLM post-processes the weights."""
+    steps = []
+    for feature in FEATURES.values():
+        cfg = state.loaded().config.feature(feature.name)
+        if cfg.enabled and feature.post_load and cfg.mode in feature.post_load_modes:
+            steps.append(feature.post_load)
+    if not steps:
+        return
+
+    def wrapper(wrapped, instance, args, kwargs):
+        model = args[0] if args else kwargs["model"]
+        for step in steps:
+            module_name, func = step.split(":")
+            getattr(importlib.import_module(module_name), func)(model)
+        return wrapped(*args, **kwargs)
+
+    def hook(module) -> None:
+        wrapt.wrap_function_wrapper(module, "process_weights_after_loading", wrapper)
+
+    wrapt.register_post_import_hook(hook, LOADER_MODULE)
 
 
 def _enabled(feature: Feature) -> bool:
@@ -84,7 +112,7 @@ def apply_module(module_name: str) -> list[state.Outcome]:
 def apply_feature(feature: Feature, module_name: str) -> list[state.Outcome]:
     results = []
     mode = state.loaded().config.feature(feature.name).mode
-    for rewrite in feature.rewrites_in(module_name):
+    for rewrite in feature.rewrites_in(module_name, mode):
         target = str(rewrite.target)
         try:
             if mode not in feature.modes:

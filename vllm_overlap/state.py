@@ -23,6 +23,7 @@ class Outcome:
 
 _loaded: LoadedConfig | None = None
 outcomes: dict[tuple[str, str], Outcome] = {}
+post_load_reports: dict[str, dict] = {}  # feature -> what its post-load step did
 
 
 def set_loaded(loaded: LoadedConfig) -> None:

@@ -45,6 +45,25 @@ def in_proj(layer: torch.nn.Module, hidden_states: torch.Tensor):
     )
 
 
+def fused_in_proj(layer: torch.nn.Module, hidden_states: torch.Tensor):
+    """mode fused: one GEMM over the concatenated weights, then a split.
+
+    Outputs are made contiguous (a no-op for one token, where the split halves already are)
+    so every variant's kernels see the layout they get upstream. A layer the post-load step
+    did not fuse runs the configured fallback.
+    """
+    fused = getattr(layer, "vllm_overlap_in_proj_qkvz_ba", None)
+    if fused is None:
+        if state.feature_config(OP_NAME).fused_fallback == "dual_stream":
+            return in_proj(layer, hidden_states)
+        mixed_qkvz, _ = layer.in_proj_qkvz(hidden_states)
+        ba, _ = layer.in_proj_ba(hidden_states)
+        return mixed_qkvz, ba
+    out, _ = fused(hidden_states)
+    mixed_qkvz, ba = out.split(layer._vllm_overlap_widths, dim=-1)
+    return mixed_qkvz.contiguous(), ba.contiguous()
+
+
 def gdn_in_proj(
     hidden_states: torch.Tensor,
     qkvz_width: int,

@@ -21,6 +21,14 @@ IN_PROJ_PAIR = Anchor(
     """,
 )
 
+# mode fused: one GEMM over the concatenated weights (made once after loading), then a split.
+IN_PROJ_PAIR_FUSED = Anchor(
+    find=IN_PROJ_PAIR.find,
+    replace="""
+        $qkvz, $ba = _vllm_overlap_gdn_in_proj.fused_in_proj(self, hidden_states)
+    """,
+)
+
 FEATURE = Feature(
     name="gdn_in_proj",
     summary="in_proj_qkvz on the current stream beside in_proj_ba on the aux stream",
@@ -30,11 +38,15 @@ FEATURE = Feature(
         "measured +2 to +8 % decode tokens/s from running them together."
     ),
     how=(
-        "The two statements become one call of torch.ops.vllm_overlap.gdn_in_proj (opaque to "
+        "mode dual_stream: the two statements become one call of "
+        "torch.ops.vllm_overlap.gdn_in_proj (opaque to "
         "torch.compile, exact fake kernel from the per-rank output sizes, layer passed as "
         "LayerName), which forks in_proj_ba onto vLLM's aux stream within the configured "
         "token range and runs both serially elsewhere (CPU, outside the range, breakable "
-        "capture, DBO micro-batch threads). LoRA-wrapped projections keep the serial path."
+        "capture, DBO micro-batch threads). LoRA-wrapped projections keep the serial path. "
+        "mode fused: after loading, each layer's two weights are concatenated once into one "
+        "projection (the originals released) and the statements become one GEMM and a split; "
+        "layers that cannot be fused run the configured fallback."
     ),
     upstream=(
         "vllm-project/vllm#36795 (dual-stream, reverted in #38152: a str layer name compiled "
@@ -47,4 +59,12 @@ FEATURE = Feature(
     ),
     rewrites=tuple(Rewrite(Target(MODULE, f"{CLASS}.{v}"), (IN_PROJ_PAIR,)) for v in VARIANTS),
     runtime="vllm_overlap.ops.gdn_in_proj",
+    mode_rewrites=(
+        (
+            "fused",
+            tuple(Rewrite(Target(MODULE, f"{CLASS}.{v}"), (IN_PROJ_PAIR_FUSED,)) for v in VARIANTS),
+        ),
+    ),
+    post_load="vllm_overlap.ops.gdn_fuse:fuse_model",
+    post_load_modes=("fused",),
 )

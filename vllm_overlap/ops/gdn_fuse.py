@@ -1,0 +1,115 @@
+"""gdn_in_proj mode ``fused``: one GEMM over ``in_proj_qkvz`` and ``in_proj_ba`` (vLLM #41457).
+
+:func:`fuse_model` runs once, after the checkpoint is loaded and before vLLM post-processes
+the weights (so the platform's GEMM preparation, e.g. the CPU's oneDNN packing, applies to
+the fused projection). Each eligible GDN layer gets one ``MergedColumnParallelLinear`` whose
+per-rank weight is ``cat([qkvz_shard, ba_shard])``; the two original projections are removed
+from the layer, so no extra parameter memory is kept. A layer is eligible only when both
+projections are unquantised, of one dtype, without bias, not LoRA-wrapped and sharded alike.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import torch
+
+from .. import state
+
+FUSED = "vllm_overlap_in_proj_qkvz_ba"  # the fused projection's submodule name on the layer
+
+
+def why_not_fusable(layer: torch.nn.Module) -> str | None:
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    projections = {"in_proj_qkvz": layer.in_proj_qkvz, "in_proj_ba": layer.in_proj_ba}
+    for name, proj in projections.items():
+        if hasattr(proj, "base_layer"):
+            return f"{name} is LoRA-wrapped"
+        if not isinstance(getattr(proj, "quant_method", None), UnquantizedLinearMethod):
+            return f"{name} is quantised ({type(getattr(proj, 'quant_method', None)).__name__})"
+        if getattr(proj, "bias", None) is not None:
+            return f"{name} has a bias"
+    qkvz, ba = projections.values()
+    if qkvz.weight.dtype != ba.weight.dtype:
+        return f"dtypes differ ({qkvz.weight.dtype} vs {ba.weight.dtype})"
+    if (qkvz.tp_size, qkvz.tp_rank) != (ba.tp_size, ba.tp_rank):
+        return "sharded differently (in_proj_ba is replicated)"
+    if qkvz.input_size != ba.input_size:
+        return "input sizes differ"
+    return None
+
+
+def fuse_layer(layer: torch.nn.Module) -> tuple[int, int]:
+    """Replace the layer's two projections by one; return parameter bytes (before, after)."""
+    from vllm.model_executor.layers.linear import MergedColumnParallelLinear
+
+    qkvz, ba = layer.in_proj_qkvz, layer.in_proj_ba
+    before = sum(p.numel() * p.element_size() for p in (*qkvz.parameters(), *ba.parameters()))
+    fused = MergedColumnParallelLinear(
+        input_size=qkvz.input_size,
+        output_sizes=[*qkvz.output_sizes, *ba.output_sizes],
+        bias=False,
+        quant_config=None,
+        params_dtype=qkvz.weight.dtype,
+        disable_tp=qkvz.tp_size == 1 and ba.tp_size == 1 and getattr(ba, "disable_tp", False),
+        prefix=f"{layer.prefix}.{FUSED}",
+    )
+    if fused.output_size_per_partition != (
+        qkvz.output_size_per_partition + ba.output_size_per_partition
+    ):
+        raise RuntimeError("fused projection has the wrong per-rank width")  # pragma: no cover
+    fused.weight.data = torch.cat([qkvz.weight.data, ba.weight.data], dim=0)
+    layer.add_module(FUSED, fused)
+    layer._vllm_overlap_widths = (qkvz.output_size_per_partition, ba.output_size_per_partition)
+    del layer._modules["in_proj_qkvz"], layer._modules["in_proj_ba"]
+    after = sum(p.numel() * p.element_size() for p in fused.parameters())
+    return before, after
+
+
+def fuse_model(model: torch.nn.Module) -> dict:
+    """Fuse every eligible GDN layer of ``model``; log and return what happened."""
+    from vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn import (
+        QwenGatedDeltaNetAttention,
+    )
+
+    config = state.feature_config("gdn_in_proj")
+    layers = [m for m in model.modules() if isinstance(m, QwenGatedDeltaNetAttention)]
+    outcomes = state.feature_outcomes("gdn_in_proj")
+    every_variant = bool(outcomes) and all(o.status == state.APPLIED for o in outcomes)
+    skipped: Counter = Counter()
+    report = {"layers": len(layers), "fused": 0, "bytes_before": 0, "bytes_after": 0}
+    for layer in layers:
+        if FUSED in layer._modules:
+            report["fused"] += 1
+            continue
+        reason = why_not_fusable(layer) if every_variant else "not every forward was rewritten"
+        if reason:
+            skipped[reason] += 1
+            continue
+        before, after = fuse_layer(layer)
+        report["fused"] += 1
+        report["bytes_before"] += before
+        report["bytes_after"] += after
+    report["skipped"] = dict(skipped)
+    report["fallback"] = config.fused_fallback
+    state.post_load_reports["gdn_in_proj"] = report
+    if layers:
+        why = "; ".join(f"{n} layers: {r}" for r, n in skipped.items())
+        _logger().info(
+            "vllm-overlap gdn_in_proj fused %d/%d GDN layers (projection parameter bytes "
+            "%d before, %d after)%s",
+            report["fused"],
+            report["layers"],
+            report["bytes_before"],
+            report["bytes_after"],
+            f"; not fused, running {config.fused_fallback}: {why}" if why else "",
+        )
+    return report
+
+
+def _logger() -> logging.Logger:
+    from vllm.logger import init_logger
+
+    return init_logger("vllm.vllm_overlap")
