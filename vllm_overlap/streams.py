@@ -37,30 +37,50 @@ _events: dict[tuple[str, int], tuple[Any, Any]] = {}
 _events_lock = threading.Lock()
 
 
+_UNSET = object()
+_aux: Any = _UNSET  # vLLM's aux stream (or None), looked up once: it never changes in a process
+_dbo_enabled: Callable[[], bool] | None = None
+_parallel: Callable[..., tuple[Any, Any]] | None = None
+
+
 def get_aux_stream():
     """vLLM's one global aux stream, or None (CPU, or a vLLM without it)."""
-    try:
-        from vllm.utils.torch_utils import aux_stream
-    except ImportError:
-        return None
-    return aux_stream()
+    global _aux
+    if _aux is _UNSET:
+        try:
+            from vllm.utils.torch_utils import aux_stream
+        except ImportError:
+            _aux = None
+        else:
+            _aux = aux_stream()
+    return _aux
 
 
 def in_micro_batch_thread() -> bool:
     """True inside a dual-batch-overlap (``--enable-dbo``) micro-batch thread."""
-    try:
-        from vllm.v1.worker.ubatching import dbo_enabled
-    except ImportError:
-        return False
-    return dbo_enabled()
+    global _dbo_enabled
+    if _dbo_enabled is None:
+        try:
+            from vllm.v1.worker.ubatching import dbo_enabled
+        except ImportError:
+
+            def dbo_enabled() -> bool:
+                return False
+
+        _dbo_enabled = dbo_enabled
+    return _dbo_enabled()
 
 
 def _parallel_impl() -> Callable[..., tuple[Any, Any]]:
-    try:
-        from vllm.utils.multi_stream_utils import maybe_execute_in_parallel
-    except ImportError:  # older vLLM: the same fork/join, minus its capture check
-        return _execute_in_parallel
-    return maybe_execute_in_parallel
+    global _parallel
+    if _parallel is None:
+        try:
+            from vllm.utils.multi_stream_utils import maybe_execute_in_parallel
+        except ImportError:  # older vLLM: the same fork/join, minus its capture check
+            _parallel = _execute_in_parallel
+        else:
+            _parallel = maybe_execute_in_parallel
+    return _parallel
 
 
 def _execute_in_parallel(fn0, fn1, event0, event1, aux_stream=None):

@@ -58,18 +58,21 @@ def register_layer(name: str, layer: torch.nn.Module) -> None:
     _layers[name] = layer
 
 
+try:
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+except ImportError:  # pragma: no cover - every supported vLLM has it
+
+    def is_forward_context_available() -> bool:
+        return False
+
+
 def resolve_layer(layer_name: Any) -> Any:
     """The module behind a ``LayerName`` (or str), from vLLM's forward context first."""
     name = _resolve_layer_name(layer_name)
-    try:
-        from vllm.forward_context import get_forward_context, is_forward_context_available
-
-        if is_forward_context_available():
-            layer = get_forward_context().no_compile_layers.get(name)
-            if layer is not None:
-                return layer
-    except ImportError:
-        pass
+    if is_forward_context_available():
+        layer = get_forward_context().no_compile_layers.get(name)
+        if layer is not None:
+            return layer
     layer = _layers.get(name)
     if layer is None:
         raise KeyError(f"vllm-overlap: no layer named {name!r} in the forward context")
