@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -56,23 +55,9 @@ def model_dirs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def vllm_context(model_dirs):
     """A current VllmConfig and a one-rank (gloo) model-parallel group, for building layers."""
-    from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
-    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+    from vllm_overlap.layer_bench import standalone_vllm
 
-    vllm_config = VllmConfig(model_config=ModelConfig(model=model_dirs(2), dtype="bfloat16"))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    with set_current_vllm_config(vllm_config):
-        init_distributed_environment(
-            world_size=1,
-            rank=0,
-            distributed_init_method=f"tcp://127.0.0.1:{port}",
-            local_rank=0,
-            backend="gloo",
-        )
-        initialize_model_parallel(1, 1)
+    with standalone_vllm(model_dirs(2)) as vllm_config:
         yield vllm_config
 
 
@@ -90,39 +75,18 @@ def overlay_applied():
     return state
 
 
-_LAYER_IDS = iter(range(10**9))  # vLLM refuses two layers of one name in a config
-
-
 @pytest.fixture
 def gdn_layer(vllm_context, overlay_applied):
     """Factory of real QwenGatedDeltaNetAttention layers with seeded random weights."""
     import torch
-    from vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn import (
-        QwenGatedDeltaNetAttention,
-    )
 
     from tiny_models import qwen3_next_config
-    from vllm_overlap.ops import register_layer
+    from vllm_overlap.layer_bench import build_gdn_layer
 
     def make(interleaved: bool = True, dtype=torch.bfloat16, seed: int = 0):
-        from vllm.config import set_current_vllm_config
-
-        prefix = f"test.layers.{next(_LAYER_IDS)}.linear_attn"
-        with set_current_vllm_config(vllm_context):
-            layer = QwenGatedDeltaNetAttention(
-                qwen3_next_config(2), vllm_context, prefix=prefix, gqa_interleaved_layout=interleaved
-            )
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for param in layer.parameters():
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
-        layer = layer.to(dtype)
-        for module in layer.modules():  # what vLLM's loader does after loading weights
-            quant_method = getattr(module, "quant_method", None)
-            if quant_method is not None:
-                quant_method.process_weights_after_loading(module)
-        register_layer(prefix, layer)
-        return layer
+        return build_gdn_layer(
+            vllm_context, qwen3_next_config(2), interleaved=interleaved, dtype=dtype, seed=seed
+        )
 
     return make
 

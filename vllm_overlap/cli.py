@@ -155,6 +155,12 @@ def cmd_compat(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from .calibrate import main as calibrate
+
+    return calibrate(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vllm-overlap", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -171,6 +177,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wheel-dir", default=None, help="where wheels are kept (default: the cache)")
     p.add_argument("--markdown", action="store_true")
     p.set_defaults(func=cmd_compat)
+    p = sub.add_parser(
+        "calibrate", help="measure on this GPU and write a config with per-feature token ranges"
+    )
+    p.add_argument("--model", required=True, help="HF id or path of the model to be served")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel size it will be served at")
+    p.add_argument("--out", default="vllm-overlap.yaml", help="config file to write")
+    p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--margin", type=float, default=0.02, help="required speed-up (fraction)")
+    p.set_defaults(func=cmd_calibrate)
     args = parser.parse_args(argv)
     from .config import ConfigError
 

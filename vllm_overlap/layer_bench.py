@@ -1,0 +1,201 @@
+"""Build a feature's real vLLM layer outside the engine and time its region, overlay on vs off.
+
+Used by ``benchmarks/layers.py``, ``vllm-overlap calibrate`` and the tests. On a GPU each
+region is captured in a CUDA graph and timed with device events over replays; on the CPU it
+is timed with ``perf_counter`` (the overlay runs its serial path there: the ratio is its
+overhead, and "off" is timed twice to show the run-to-run noise).
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+from . import state
+from .config import LoadedConfig, OverlayConfig
+
+TOKEN_COUNTS = (1, 2, 4, 8, 16, 64, 256, 1024, 4096)
+_layer_ids = itertools.count()  # vLLM refuses two layers of one name in a config
+
+
+@contextmanager
+def standalone_vllm(model: str, dtype: str = "bfloat16") -> Iterator:
+    """A current VllmConfig for ``model`` and a one-rank model-parallel group."""
+    from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+    from vllm.distributed.parallel_state import model_parallel_is_initialized
+
+    vllm_config = VllmConfig(model_config=ModelConfig(model=model, dtype=dtype))
+    with set_current_vllm_config(vllm_config):
+        if not torch.distributed.is_initialized():
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            sock.close()
+            init_distributed_environment(
+                world_size=1,
+                rank=0,
+                distributed_init_method=f"tcp://127.0.0.1:{port}",
+                local_rank=0,
+                backend="nccl" if torch.cuda.is_available() else "gloo",
+            )
+        if not model_parallel_is_initialized():
+            initialize_model_parallel(1, 1)
+        yield vllm_config
+
+
+def build_gdn_layer(
+    vllm_config,
+    hf_config=None,
+    *,
+    interleaved: bool | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+):
+    """A real QwenGatedDeltaNetAttention with seeded random weights, post-processed like
+    vLLM's loader does, and findable by the overlay's ops under its prefix."""
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn import (
+        QwenGatedDeltaNetAttention,
+    )
+
+    from .ops import register_layer
+
+    hf_config = hf_config or vllm_config.model_config.hf_text_config
+    if interleaved is None:  # Qwen3-Next stores qkvz interleaved; Qwen3.5 does not
+        interleaved = getattr(hf_config, "model_type", "") == "qwen3_next"
+    prefix = f"overlay.layers.{next(_layer_ids)}.linear_attn"
+    with set_current_vllm_config(vllm_config):
+        layer = QwenGatedDeltaNetAttention(
+            hf_config, vllm_config, prefix=prefix, gqa_interleaved_layout=interleaved
+        )
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in layer.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+    layer = layer.to(device=device, dtype=dtype)
+    for module in layer.modules():  # what vLLM's loader does after loading weights
+        quant_method = getattr(module, "quant_method", None)
+        if quant_method is not None:
+            quant_method.process_weights_after_loading(module)
+    register_layer(prefix, layer)
+    return layer
+
+
+@contextmanager
+def overlap_everywhere(feature: str) -> Iterator:
+    """Let ``feature`` overlap at every token count while measuring (restored after)."""
+    before = state.loaded()
+    wide = OverlayConfig().model_dump()
+    wide["features"][feature].update(min_tokens=0, max_tokens=10**9)
+    state.set_loaded(LoadedConfig(OverlayConfig.model_validate(wide), "benchmark"))
+    try:
+        yield
+    finally:
+        state.set_loaded(before)
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, reps: int) -> float:
+    if device.type == "cuda":
+        return _cuda_graph_median(fn, reps)
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _cuda_graph_median(fn: Callable[[], object], reps: int) -> float:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def bench_gdn_in_proj(layer, token_counts=TOKEN_COUNTS, reps: int = 50) -> list[dict]:
+    """Per token count: the region overlay off (twice on the CPU) and on, each branch alone."""
+    from .ops.gdn_in_proj import in_proj
+
+    device = next(layer.parameters()).device
+    dtype = next(layer.parameters()).dtype
+    rows = []
+    with overlap_everywhere("gdn_in_proj"), torch.inference_mode():
+        for n in token_counts:
+            h = torch.randn(n, layer.hidden_size, dtype=dtype, device=device)
+
+            def off():
+                return layer.in_proj_qkvz(h)[0], layer.in_proj_ba(h)[0]
+
+            def on():
+                return in_proj(layer, h)
+
+            t_qkvz = median_seconds(lambda: layer.in_proj_qkvz(h)[0], device, reps)
+            t_ba = median_seconds(lambda: layer.in_proj_ba(h)[0], device, reps)
+            t_off = median_seconds(off, device, reps)
+            t_on = median_seconds(on, device, reps)
+            t_off2 = median_seconds(off, device, reps)
+            rows.append(
+                {
+                    "tokens": n,
+                    "off_us": t_off * 1e6,
+                    "on_us": t_on * 1e6,
+                    "on/off": t_on / t_off,
+                    "noise": abs(t_off2 / t_off - 1.0),
+                    "serial_sum_us": (t_qkvz + t_ba) * 1e6,
+                    "critical_path_us": max(t_qkvz, t_ba) * 1e6,
+                    "bound": max(t_qkvz, t_ba) / (t_qkvz + t_ba),
+                }
+            )
+    return rows
+
+
+def scaled_for_tp(hf_config, tp: int):
+    """The per-rank GDN shapes of tensor parallel ``tp``, on one device: heads divided by tp."""
+    import copy
+
+    cfg = copy.deepcopy(hf_config)
+    for name in ("linear_num_key_heads", "linear_num_value_heads"):
+        value = getattr(cfg, name)
+        if value % tp:
+            raise ValueError(f"{name}={value} is not divisible by tensor parallel size {tp}")
+        setattr(cfg, name, value // tp)
+    return cfg
+
+
+def measure_gdn_in_proj(
+    model: str, tp: int = 1, token_counts=TOKEN_COUNTS, reps: int = 50, device: str = "cpu"
+) -> tuple[list[dict], str]:
+    """Build ``model``'s GDN layer at its per-rank TP shapes and benchmark its region."""
+    from .ops import gdn_in_proj  # noqa: F401  registers the op
+
+    with standalone_vllm(model) as vllm_config:
+        hf = scaled_for_tp(vllm_config.model_config.hf_text_config, tp)
+        layer = build_gdn_layer(vllm_config, hf, dtype=torch.bfloat16, device=device)
+        rows = bench_gdn_in_proj(layer, token_counts, reps)
+    where = torch.cuda.get_device_name() if device == "cuda" else "CPU (serial path)"
+    return rows, where
