@@ -28,6 +28,9 @@ def run(model: str, overlay: bool, compiled: bool, cache_root: str) -> dict:
     env = dict(os.environ, VLLM_CACHE_ROOT=cache_root)
     env.pop("VLLM_OVERLAP_CONFIG", None)
     env["VLLM_OVERLAP"] = "1" if overlay else "0"
+    # No second stream here: make the overlay take its op path (serially), so the demo runs
+    # the code a GPU runs, minus the fork. Without it the CPU simply runs upstream statements.
+    env["VLLM_OVERLAP_TEST_OP_PATH"] = "1"
     cmd = [sys.executable, os.path.join(ROOT, "tests", "llm_runner.py"), model]
     if compiled:
         cmd.append("--compile")

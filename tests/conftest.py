@@ -18,6 +18,9 @@ sys.path.insert(0, TESTS)
 for _var in ("VLLM_OVERLAP", "VLLM_OVERLAP_CONFIG"):
     os.environ.pop(_var, None)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# This CPU has no second stream, where the rewritten code would just run the upstream
+# statements; the switch makes it take the overlay's op path (serially) so tests exercise it.
+os.environ["VLLM_OVERLAP_TEST_OP_PATH"] = "1"
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 GDN_MODULE = "vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn"

@@ -16,7 +16,10 @@ from conftest import run_llm
 pytestmark = pytest.mark.slow
 
 OFF = {"VLLM_OVERLAP": "0"}
-ON = {"VLLM_OVERLAP": "1"}
+# The CPU has no second stream: with the switch the overlay takes its op path (serially);
+# without it the rewritten code runs the upstream statements (checked once, below).
+ON = {"VLLM_OVERLAP": "1", "VLLM_OVERLAP_TEST_OP_PATH": "1"}
+ON_DEFAULT = {"VLLM_OVERLAP": "1", "VLLM_OVERLAP_TEST_OP_PATH": "0"}
 APPLIED = re.compile(r"vllm-overlap 0\.1\.0 \[pid (\d+)\] config built-in defaults: gdn_in_proj applied \(4/4 targets\)")
 
 
@@ -26,8 +29,10 @@ def _applied_pids(log: str) -> set[str]:
 
 def test_eager_on_off_identical(model_dirs):
     on = run_llm(model_dirs(2), env=ON)
+    on_default = run_llm(model_dirs(2), env=ON_DEFAULT)
     off = run_llm(model_dirs(2), env=OFF)
-    assert on["token_ids"] == off["token_ids"]
+    assert on["token_ids"] == off["token_ids"] == on_default["token_ids"]
+    assert "gdn_in_proj applied (4/4 targets)" in on_default["summary"]
     assert len(on["token_ids"]) == 4 and all(len(t) == 8 for t in on["token_ids"])
     assert "gdn_in_proj applied (4/4 targets)" in on["summary"]
     assert "gdn_in_proj off" in off["summary"] and not _applied_pids(off["log"])

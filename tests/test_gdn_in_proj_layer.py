@@ -94,3 +94,21 @@ def test_lora_wrapped_projection_keeps_the_serial_statements(gdn_layer, count_fo
     qkvz, ba = ops.in_proj(layer, hidden)
     assert count_forks == []
     assert torch.equal(qkvz, expected[0]) and torch.equal(ba, expected[1])
+
+
+def test_without_a_second_stream_the_rewritten_code_is_the_upstream_statements(
+    gdn_layer, kernel_standins, count_forks, monkeypatch
+):
+    """The CPU default (no VLLM_OVERLAP_TEST_OP_PATH): nothing to overlap, nothing paid."""
+    import importlib
+
+    import vllm_overlap.ops as ops_pkg
+
+    monkeypatch.setattr(ops_pkg, "_OVERLAP_POSSIBLE", False)
+    module = importlib.import_module(MODULE)
+    target = rewrite.Target(MODULE, f"{CLASS}.forward_cpu")
+    layer = gdn_layer()
+    hidden = torch.randn(4, layer.hidden_size, dtype=torch.bfloat16)
+    expected = rewrite._STATE[target].original(layer, hidden)
+    actual = getattr(module, CLASS).forward_cpu(layer, hidden)
+    assert count_forks == [] and torch.equal(actual, expected)

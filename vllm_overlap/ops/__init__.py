@@ -8,6 +8,7 @@ vLLM are loaded already). Each op is registered once per process with vLLM's
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +32,27 @@ except ImportError:  # older vLLM: a plain string (one graph per layer; nothing 
 
 
 encode_layer_name = _encode_layer_name
+
+# Set to 1 to run the overlap ops where there is no second stream (the CPU), serially: how the
+# tests exercise the op path inside vLLM on machines without a GPU. Read once, at import.
+ENV_TEST_OP_PATH = "VLLM_OVERLAP_TEST_OP_PATH"
+_OVERLAP_POSSIBLE: bool | None = None
+
+
+def overlap_possible() -> bool:
+    """Whether this platform has a second stream (vLLM's own check for its aux stream).
+
+    A module constant after the first call, so Dynamo treats it as one (it never traces
+    stream creation); without a second stream the rewritten code runs the upstream
+    statements and costs nothing."""
+    global _OVERLAP_POSSIBLE
+    if _OVERLAP_POSSIBLE is None:
+        from vllm.platforms import current_platform
+
+        _OVERLAP_POSSIBLE = current_platform.is_cuda_alike() or (
+            os.environ.get(ENV_TEST_OP_PATH, "") == "1"
+        )
+    return _OVERLAP_POSSIBLE
 
 
 def library() -> torch.library.Library:

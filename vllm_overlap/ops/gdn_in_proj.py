@@ -16,7 +16,14 @@ from __future__ import annotations
 import torch
 
 from .. import state, streams
-from . import LayerNameType, check_output, encode_layer_name, register_op, resolve_layer
+from . import (
+    LayerNameType,
+    check_output,
+    encode_layer_name,
+    overlap_possible,
+    register_op,
+    resolve_layer,
+)
 
 OP_NAME = "gdn_in_proj"
 
@@ -33,9 +40,10 @@ def _is_lora(proj: torch.nn.Module) -> bool:
 
 def in_proj(layer: torch.nn.Module, hidden_states: torch.Tensor):
     """(in_proj_qkvz(h), in_proj_ba(h)) outputs, overlapped where the config allows."""
-    if _is_lora(layer.in_proj_qkvz) or _is_lora(layer.in_proj_ba):
-        # LoRA adds per-request punica kernels to the projections: not verified on two
-        # streams, so the upstream serial statements run unchanged.
+    if not overlap_possible() or _is_lora(layer.in_proj_qkvz) or _is_lora(layer.in_proj_ba):
+        # No second stream on this platform (nothing to overlap, so nothing to pay), or
+        # LoRA, whose per-request punica kernels are not verified on two streams: the
+        # upstream serial statements run unchanged.
         mixed_qkvz, _ = layer.in_proj_qkvz(hidden_states)
         ba, _ = layer.in_proj_ba(hidden_states)
         return mixed_qkvz, ba
@@ -111,3 +119,4 @@ def gdn_in_proj_fake(
 
 
 register_op(OP_NAME, gdn_in_proj, gdn_in_proj_fake)
+overlap_possible()  # decided now, at patch time: a constant by the time Dynamo traces in_proj
