@@ -6,8 +6,10 @@
 On a GPU every region is captured in a CUDA graph and timed with device events over replays:
 ``on/off`` below 1 is a speed-up, and ``bound`` (critical path / serial sum of the two
 branches, each timed alone) is the best ratio perfect overlap could reach. On the CPU there is
-no aux stream, so ``on/off`` is the overlay's overhead, to be read against ``noise`` (the
-overlay-off region's spread over interleaved rounds). Prints the table last and saves a PNG and JSON in --out.
+no aux stream, so the rewritten code runs the upstream statements: ``on/off`` is the overlay's
+overhead as deployed, to be read against ``noise`` (the overlay-off region's spread over
+interleaved rounds); ``op_path/off`` is the op path a GPU takes, run serially: the Python cost
+an eager (``--enforce-eager``) run pays per call. Prints the table last and saves a PNG and JSON in --out.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def table(rows: list[dict], gpu: bool) -> str:
     from vllm_overlap.cli import format_table
 
     cols = ["tokens", "off_us", "on_us", "on/off"]
-    cols += ["serial_sum_us", "critical_path_us", "bound"] if gpu else ["noise"]
+    cols += ["serial_sum_us", "critical_path_us", "bound"] if gpu else ["noise", "op_path/off"]
     shown = [
         {c: (f"{r[c]:.3f}" if isinstance(r[c], float) else r[c]) for c in cols} for r in rows
     ]

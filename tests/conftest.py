@@ -114,25 +114,26 @@ class KernelStandins:
         if z is not None:
             z.copy_(qkvz[:, -heads * head_dim :].reshape(z.shape))
 
-    def qwen_gdn_attention_core(self, *args, layer_name=None, use_aiter=False):
+    def _from_mixed(self, mixed_qkv, b, a, out):
         import torch
 
+        tokens, heads, head_dim = out.shape
+        value = mixed_qkv[:, -heads * head_dim :].float().view(tokens, heads, head_dim)
+        gate = torch.sigmoid(b.float())[..., None] + a.float()[..., None]
+        out.copy_((value * gate).to(out.dtype))
+
+    def qwen_gdn_attention_core(self, *args, layer_name=None, use_aiter=False):
         if use_aiter:
             self.calls["qwen_gdn_attention_core(aiter)"] += 1
             qkvz, ba, z, out = args
             self._from_raw(qkvz, ba, out, z)
             return
         self.calls["qwen_gdn_attention_core"] += 1
-        mixed_qkv, b, a, out = args[:4]
-        tokens, heads, head_dim = out.shape
-        value = mixed_qkv[:, -heads * head_dim :].float().view(tokens, heads, head_dim)
-        gate = torch.sigmoid(b.float())[..., None] + a.float()[..., None]
-        out.copy_((value * gate).to(out.dtype))
+        self._from_mixed(*args[:4])
 
     def cpu_gdn_attention_core(self, mixed_qkv, b, a, out, layer_name):
         self.calls["cpu_gdn_attention_core"] += 1
-        self.qwen_gdn_attention_core(mixed_qkv, b.contiguous(), a.contiguous(), out)
-        self.calls["qwen_gdn_attention_core"] -= 1
+        self._from_mixed(mixed_qkv, b, a, out)
 
     def gdn_attention_core_xpu(self, out, z, qkvz, ba, prefix):
         self.calls["gdn_attention_core_xpu"] += 1

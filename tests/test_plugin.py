@@ -174,3 +174,20 @@ def test_readme_states_each_features_facts():
         for name, text in feature.facts().items():
             if name != "How":  # How is explained in prose there
                 assert f"**{name}:** {text}" in readme, (feature.name, name)
+
+
+def test_a_runtime_that_fails_to_import_is_a_skip_not_a_broken_vllm_import():
+    proc = run_py(
+        f"""
+        import dataclasses
+        from vllm_overlap.patches import FEATURES
+        FEATURES["gdn_in_proj"] = dataclasses.replace(FEATURES["gdn_in_proj"], runtime="vllm_overlap.no_such_runtime")
+        import vllm_overlap
+        vllm_overlap.register()
+        import {GDN}
+        from vllm_overlap import state
+        print({{o.describe() for o in state.outcomes.values()}})
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped: runtime vllm_overlap.no_such_runtime failed to load: ModuleNotFoundError" in proc.stdout

@@ -102,6 +102,19 @@ def overlap_everywhere(feature: str) -> Iterator:
         state.set_loaded(before)
 
 
+@contextmanager
+def forced_op_path() -> Iterator:
+    """Take the overlay's op path even without a second stream (as VLLM_OVERLAP_TEST_OP_PATH=1)."""
+    from . import ops
+
+    before = ops._OVERLAP_POSSIBLE
+    ops._OVERLAP_POSSIBLE = True
+    try:
+        yield
+    finally:
+        ops._OVERLAP_POSSIBLE = before
+
+
 def median_seconds(fn: Callable[[], object], device: torch.device, reps: int) -> float:
     if device.type == "cuda":
         return _cuda_graph_median(fn, reps)
@@ -161,17 +174,22 @@ def bench_gdn_in_proj(layer, token_counts=TOKEN_COUNTS, reps: int = 50, rounds: 
 
             t_qkvz = median_seconds(lambda: layer.in_proj_qkvz(h)[0], device, reps)
             t_ba = median_seconds(lambda: layer.in_proj_ba(h)[0], device, reps)
-            offs, ons = [], []
+            offs, ons, op_paths = [], [], []
             for _ in range(rounds):
                 offs.append(median_seconds(off, device, per_round))
                 ons.append(median_seconds(on, device, per_round))
+                if device.type == "cpu":  # the op path a GPU runs, serially (eager overhead)
+                    with forced_op_path():
+                        op_paths.append(median_seconds(on, device, per_round))
             t_off, t_on = statistics.median(offs), statistics.median(ons)
+            extra = {"op_path/off": statistics.median(op_paths) / t_off} if op_paths else {}
             rows.append(
                 {
                     "tokens": n,
                     "off_us": t_off * 1e6,
                     "on_us": t_on * 1e6,
                     "on/off": t_on / t_off,
+                    **extra,
                     "noise": (max(offs) - min(offs)) / t_off,
                     "serial_sum_us": (t_qkvz + t_ba) * 1e6,
                     "critical_path_us": max(t_qkvz, t_ba) * 1e6,

@@ -117,7 +117,7 @@ def apply_feature(feature: Feature, module_name: str) -> list[state.Outcome]:
         try:
             if mode not in feature.modes:
                 raise RewriteSkipped(f"mode {mode!r} is not implemented in this version")
-            runtime = feature.load_runtime()
+            runtime = _load_runtime(feature)
             path = apply(
                 rewrite.target,
                 rewrite.anchors,
@@ -130,6 +130,17 @@ def apply_feature(feature: Feature, module_name: str) -> list[state.Outcome]:
         state.record(outcome)
         results.append(outcome)
     return results
+
+
+def _load_runtime(feature: Feature):
+    """The feature's runtime module; any failure to import it is a reason to skip, never an
+    exception escaping into vLLM's own import of the target module."""
+    try:
+        return feature.load_runtime()
+    except Exception as exc:
+        raise RewriteSkipped(
+            f"runtime {feature.runtime} failed to load: {type(exc).__name__}: {exc}"
+        ) from None
 
 
 def _enforce_strict(results: list[state.Outcome]) -> None:
