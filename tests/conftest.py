@@ -155,6 +155,14 @@ def kernel_standins(monkeypatch):
     return standins
 
 
+def clean_env(extra: dict | None = None) -> dict:
+    """This environment without any VLLM_OVERLAP* setting, plus ``extra``: what a subprocess
+    that must decide its own overlay settings gets."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_OVERLAP")}
+    env.update(extra or {})
+    return env
+
+
 def run_llm(model: str, *flags: str, env: dict | None = None, timeout: int = 600) -> dict:
     """Run tests/llm_runner.py in a fresh process; return its JSON and combined log."""
     full_env = dict(os.environ)

@@ -12,15 +12,16 @@ import sys
 
 import pytest
 
+from conftest import clean_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def run_script(*args, timeout=900):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_OVERLAP")}
     proc = subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=clean_env(), cwd=ROOT
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc.stdout

@@ -5,18 +5,20 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
-import os
 import subprocess
 import sys
 
+from conftest import clean_env
 from test_plugin import BREAK_GDN, run_py
 
 
 def vllm_overlap_cli(*args, env=None):
-    full = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_OVERLAP")}
-    full.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "vllm_overlap.cli", *args], env=full, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "vllm_overlap.cli", *args],
+        env=clean_env(env),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 

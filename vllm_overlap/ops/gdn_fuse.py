@@ -10,12 +10,13 @@ projections are unquantised, of one dtype, without bias, not LoRA-wrapped and sh
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 
 import torch
 
 from .. import state
+from ..plugin import logger
+from .gdn_in_proj import is_lora
 
 FUSED = "vllm_overlap_in_proj_qkvz_ba"  # the fused projection's submodule name on the layer
 
@@ -25,7 +26,7 @@ def why_not_fusable(layer: torch.nn.Module) -> str | None:
 
     projections = {"in_proj_qkvz": layer.in_proj_qkvz, "in_proj_ba": layer.in_proj_ba}
     for name, proj in projections.items():
-        if hasattr(proj, "base_layer"):
+        if is_lora(proj):
             return f"{name} is LoRA-wrapped"
         if not isinstance(getattr(proj, "quant_method", None), UnquantizedLinearMethod):
             return f"{name} is quantised ({type(getattr(proj, 'quant_method', None)).__name__})"
@@ -53,7 +54,7 @@ def fuse_layer(layer: torch.nn.Module) -> tuple[int, int]:
         bias=False,
         quant_config=None,
         params_dtype=qkvz.weight.dtype,
-        disable_tp=qkvz.tp_size == 1 and ba.tp_size == 1 and getattr(ba, "disable_tp", False),
+        disable_tp=qkvz.tp_size == 1,  # eligible layers shard alike; size 1 = replicated
         prefix=f"{layer.prefix}.{FUSED}",
     )
     if fused.output_size_per_partition != (
@@ -97,7 +98,7 @@ def fuse_model(model: torch.nn.Module) -> dict:
     state.post_load_reports["gdn_in_proj"] = report
     if layers:
         why = "; ".join(f"{n} layers: {r}" for r, n in skipped.items())
-        _logger().info(
+        logger().info(
             "vllm-overlap gdn_in_proj fused %d/%d GDN layers (projection parameter bytes "
             "%d before, %d after)%s",
             report["fused"],
@@ -107,9 +108,3 @@ def fuse_model(model: torch.nn.Module) -> dict:
             f"; not fused, running {config.fused_fallback}: {why}" if why else "",
         )
     return report
-
-
-def _logger() -> logging.Logger:
-    from vllm.logger import init_logger
-
-    return init_logger("vllm.vllm_overlap")

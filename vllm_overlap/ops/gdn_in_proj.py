@@ -32,7 +32,7 @@ def _per_rank_width(proj: torch.nn.Module) -> int:
     return proj.output_size_per_partition
 
 
-def _is_lora(proj: torch.nn.Module) -> bool:
+def is_lora(proj: torch.nn.Module) -> bool:
     # vLLM's LoRA layers wrap the original as the `base_layer` submodule. (A dict lookup:
     # hasattr on an nn.Module raises and catches an AttributeError, microseconds per call.)
     return "base_layer" in proj._modules
@@ -40,13 +40,10 @@ def _is_lora(proj: torch.nn.Module) -> bool:
 
 def in_proj(layer: torch.nn.Module, hidden_states: torch.Tensor):
     """(in_proj_qkvz(h), in_proj_ba(h)) outputs, overlapped where the config allows."""
-    if not overlap_possible() or _is_lora(layer.in_proj_qkvz) or _is_lora(layer.in_proj_ba):
+    if not overlap_possible() or is_lora(layer.in_proj_qkvz) or is_lora(layer.in_proj_ba):
         # No second stream on this platform (nothing to overlap, so nothing to pay), or
-        # LoRA, whose per-request punica kernels are not verified on two streams: the
-        # upstream serial statements run unchanged.
-        mixed_qkvz, _ = layer.in_proj_qkvz(hidden_states)
-        ba, _ = layer.in_proj_ba(hidden_states)
-        return mixed_qkvz, ba
+        # LoRA, whose per-request punica kernels are not verified on two streams.
+        return upstream(layer, hidden_states)
     if torch.compiler.is_compiling():  # Dynamo must see one opaque op, not streams
         return torch.ops.vllm_overlap.gdn_in_proj(
             hidden_states,
@@ -57,6 +54,13 @@ def in_proj(layer: torch.nn.Module, hidden_states: torch.Tensor):
     # Eager: the op's body without the dispatcher round trip and without the output check,
     # which guards the fake kernel's promise to compiled graphs (about 10 us each a call).
     return _overlapped(layer, hidden_states)
+
+
+def upstream(layer, hidden_states):
+    """The two statements the rewrite replaced, unchanged."""
+    mixed_qkvz, _ = layer.in_proj_qkvz(hidden_states)
+    ba, _ = layer.in_proj_ba(hidden_states)
+    return mixed_qkvz, ba
 
 
 def _overlapped(layer, hidden_states):
@@ -87,9 +91,7 @@ def fused_in_proj(layer: torch.nn.Module, hidden_states: torch.Tensor):
     if fused is None:
         if state.feature_config(OP_NAME).fused_fallback == "dual_stream":
             return in_proj(layer, hidden_states)
-        mixed_qkvz, _ = layer.in_proj_qkvz(hidden_states)
-        ba, _ = layer.in_proj_ba(hidden_states)
-        return mixed_qkvz, ba
+        return upstream(layer, hidden_states)
     out, _ = fused(hidden_states)
     mixed_qkvz, ba = out.split(layer._vllm_overlap_widths, dim=-1)
     return mixed_qkvz.contiguous(), ba.contiguous()
