@@ -56,6 +56,14 @@ def model_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def deepseek_v3_dir(tmp_path_factory):
+    """A tiny DeepSeek-V3 checkpoint (MLA, no indexer), built offline once per session."""
+    from tiny_models import build
+
+    return build("deepseek-v3", str(tmp_path_factory.mktemp("models") / "deepseek-v3"))
+
+
+@pytest.fixture(scope="session")
 def vllm_context(model_dirs):
     """A current VllmConfig and a one-rank (gloo) model-parallel group, for building layers."""
     from vllm_overlap.layer_bench import standalone_vllm

@@ -93,6 +93,7 @@ def deepseek_v3_config():
         qk_rope_head_dim=64,
         qk_nope_head_dim=64,
         v_head_dim=64,
+        topk_method="noaux_tc",  # DeepSeek-V3's router: vLLM then loads e_score_correction_bias
         max_position_embeddings=512,
         rope_scaling=None,
         dtype="bfloat16",

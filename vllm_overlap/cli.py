@@ -42,7 +42,24 @@ def _anchor_counts(rewrite) -> str:
     return ", ".join(f"{len(find_anchor(node, a))}/{a.count}" for a in rewrite.anchors)
 
 
-def collect() -> dict:
+def model_rows(model: str) -> dict:
+    """Per feature, whether the model at ``model`` (a local directory or cached hub id) has
+    the layers it overlaps, read from its Hugging Face config alone."""
+    from transformers import AutoConfig
+
+    from .patches import FEATURES
+
+    hf_config = AutoConfig.from_pretrained(model)
+    rows = []
+    for feature in FEATURES.values():
+        reason = feature.model_check(hf_config) if feature.model_check else None
+        rows.append(
+            {"feature": feature.name, "this model": f"skipped: {reason}" if reason else "uses it"}
+        )
+    return {"path": model, "model_type": getattr(hf_config, "model_type", "?"), "rows": rows}
+
+
+def collect(model: str | None = None) -> dict:
     """Load the config, apply every enabled feature in this process, and report."""
     from . import plugin, state
     from .patches import FEATURES
@@ -91,6 +108,7 @@ def collect() -> dict:
         "strict": loaded.config.strict,
         "rows": rows,
         "ok": ok,
+        **({"model": model_rows(model)} if model else {}),
     }
 
 
@@ -116,11 +134,16 @@ def doctor_report(report: dict) -> str:
     rows = [dict(r, enabled="yes" if r["enabled"] else "no") for r in report["rows"]]
     table = format_table(rows, ["feature", "target", "enabled", "anchors", "result"])
     verdict = "all enabled features applied" if report["ok"] else "NOT all enabled features applied"
-    return "\n".join(head) + table + f"\n\n{verdict}"
+    text = "\n".join(head) + table + f"\n\n{verdict}"
+    if "model" in report:
+        model = report["model"]
+        text += f"\n\nmodel:    {model['path']} ({model['model_type']})\n"
+        text += format_table(model["rows"], ["feature", "this model"])
+    return text
 
 
 def cmd_doctor(args) -> int:
-    report = collect()
+    report = collect(args.model)
     print(json.dumps(report, indent=2) if args.json else doctor_report(report))
     return 0 if report["ok"] else 1
 
@@ -162,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("doctor", help="what applies to the installed vLLM, and why not")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--model", default=None, help="also say which features this model (path or HF id) uses"
+    )
     p.set_defaults(func=cmd_doctor)
     p = sub.add_parser("diff", help="unified diff of the rewrites against the installed vLLM")
     p.add_argument("feature", nargs="?")

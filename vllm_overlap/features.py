@@ -7,8 +7,10 @@ the API server, where nothing heavy may be imported.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 from .rewrite import Anchor, Target
 
@@ -37,6 +39,9 @@ class Feature:
     # "module:function" called with the model, in the modes listed in post_load_modes.
     post_load: str = ""
     post_load_modes: tuple[str, ...] = ()
+    # Whether a model can use the feature, from its Hugging Face config alone (attribute
+    # reads, no imports): None if it can, else the reason. ``vllm-overlap doctor --model``.
+    model_check: Callable[[Any], str | None] | None = None
 
     @property
     def runtime_global(self) -> str:
@@ -66,3 +71,9 @@ class Feature:
             "Upstream": self.upstream,
             "Remove when": self.remove_when,
         }
+
+
+def text_config(hf_config: Any) -> Any:
+    """The language model's config of a (possibly multimodal) Hugging Face config."""
+    get = getattr(hf_config, "get_text_config", None)
+    return get() if callable(get) else hf_config

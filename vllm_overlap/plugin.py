@@ -72,7 +72,8 @@ def _install_post_load_hooks() -> None:
     for feature in FEATURES.values():
         cfg = state.loaded().config.feature(feature.name)
         if cfg.enabled and feature.post_load and cfg.mode in feature.post_load_modes:
-            steps.append(feature.post_load)
+            if feature.post_load not in steps:  # features may share one step
+                steps.append(feature.post_load)
     if not steps:
         return
 

@@ -101,6 +101,18 @@ def resolve_layer(layer_name: Any) -> Any:
     return layer
 
 
+def is_lora(proj: torch.nn.Module) -> bool:
+    """Whether vLLM's LoRA wraps this projection (per-request punica kernels, which the
+    overlay does not run on two streams). vLLM's LoRA layers keep the original as the
+    ``base_layer`` submodule; a dict lookup, since hasattr on an nn.Module raises and
+    catches an AttributeError (microseconds per call)."""
+    return "base_layer" in proj._modules
+
+
+def any_lora(*projections: torch.nn.Module) -> bool:
+    return any(is_lora(p) for p in projections)
+
+
 def check_output(
     out: torch.Tensor, like: torch.Tensor, width: int, what: str
 ) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 
 from .. import state
 from ..plugin import logger
-from .gdn_in_proj import is_lora
+from . import is_lora
 
 FUSED = "vllm_overlap_in_proj_qkvz_ba"  # the fused projection's submodule name on the layer
 

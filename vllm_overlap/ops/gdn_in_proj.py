@@ -20,6 +20,7 @@ from . import (
     LayerNameType,
     check_output,
     encode_layer_name,
+    any_lora,
     overlap_possible,
     register_op,
     resolve_layer,
@@ -32,15 +33,9 @@ def _per_rank_width(proj: torch.nn.Module) -> int:
     return proj.output_size_per_partition
 
 
-def is_lora(proj: torch.nn.Module) -> bool:
-    # vLLM's LoRA layers wrap the original as the `base_layer` submodule. (A dict lookup:
-    # hasattr on an nn.Module raises and catches an AttributeError, microseconds per call.)
-    return "base_layer" in proj._modules
-
-
 def in_proj(layer: torch.nn.Module, hidden_states: torch.Tensor):
     """(in_proj_qkvz(h), in_proj_ba(h)) outputs, overlapped where the config allows."""
-    if not overlap_possible() or is_lora(layer.in_proj_qkvz) or is_lora(layer.in_proj_ba):
+    if not overlap_possible() or any_lora(layer.in_proj_qkvz, layer.in_proj_ba):
         # No second stream on this platform (nothing to overlap, so nothing to pay), or
         # LoRA, whose per-request punica kernels are not verified on two streams.
         return upstream(layer, hidden_states)

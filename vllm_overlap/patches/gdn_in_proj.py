@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..features import Feature, Rewrite
+from ..features import Feature, Rewrite, text_config
 from ..rewrite import Anchor, Target
 
 MODULE = "vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn"
@@ -28,6 +28,15 @@ IN_PROJ_PAIR_FUSED = Anchor(
         $qkvz, $ba = _vllm_overlap_gdn_in_proj.fused_in_proj(self, hidden_states)
     """,
 )
+
+
+
+def needs_gdn(hf_config) -> str | None:
+    layer_types = getattr(text_config(hf_config), "layer_types", None) or ()
+    if "linear_attention" not in layer_types:
+        return "no Gated DeltaNet layers (no linear_attention in its layer_types)"
+    return None
+
 
 FEATURE = Feature(
     name="gdn_in_proj",
@@ -67,4 +76,5 @@ FEATURE = Feature(
     ),
     post_load="vllm_overlap.ops.gdn_fuse:fuse_model",
     post_load_modes=("fused",),
+    model_check=needs_gdn,
 )

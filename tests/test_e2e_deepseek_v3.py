@@ -1,0 +1,78 @@
+"""End to end through vllm.LLM on the CPU with a tiny DeepSeek-V3 (MLA, no indexer).
+
+DeepSeek-V3.2 itself cannot run on the CPU ("Sparse Attention is not supported on CPU"), so
+this is the DeepSeek model that can: it runs the legacy MLA wrapper that mla_q_b_proj
+rewrites, and its layers have no indexer. Overlay on and off must give the same tokens, the
+rewrite must be applied, and the only reason anything stays serial must be "no indexer".
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import clean_env, run_llm
+
+pytestmark = pytest.mark.slow
+
+OFF = {"VLLM_OVERLAP": "0"}
+ON = {"VLLM_OVERLAP": "1", "VLLM_OVERLAP_TEST_OP_PATH": "1"}
+ON_DEFAULT = {"VLLM_OVERLAP": "1", "VLLM_OVERLAP_TEST_OP_PATH": "0"}
+NO_INDEXER = "no indexer"
+
+
+def _check_on_run(run: dict) -> None:
+    outcomes = run["outcomes"]
+    assert outcomes["mla_q_b_proj:vllm.model_executor.layers.mla.MultiHeadLatentAttentionWrapper.forward"] == "applied"
+    assert outcomes["deepseek_indexer:vllm.model_executor.models.deepseek_v2.Indexer.forward"] == "applied"
+    assert not [o for o in outcomes.values() if o.startswith("skipped")], outcomes
+    for feature in ("deepseek_indexer", "mla_q_b_proj"):
+        report = run["post_load"][feature]
+        # tiny_models.deepseek_v3_config: 2 decoder layers, each with MLA attention
+        assert report["mla_layers"] == 2 and report["with_indexer"] == 0
+        assert report["serial"] == {NO_INDEXER: 2}, report
+    assert "0 of 2 MLA layers have an indexer to overlap with; 2 run upstream's statements: no indexer" in run["log"]
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_on_off_identical(deepseek_v3_dir, tmp_path, compiled):
+    flags = ["--compile"] if compiled else []
+    runs = {}
+    for name, env in (("on", ON), ("on_default", ON_DEFAULT), ("off", OFF)):
+        if compiled and name == "on_default":
+            continue
+        cache = tmp_path / f"cache-{name}"
+        runs[name] = run_llm(deepseek_v3_dir, *flags, env={**env, "VLLM_CACHE_ROOT": str(cache)})
+    tokens = runs["off"]["token_ids"]
+    assert len(tokens) == 4 and all(len(t) == 8 for t in tokens)
+    for name, run in runs.items():
+        assert run["token_ids"] == tokens, name
+    _check_on_run(runs["on"])
+    assert "mla_q_b_proj off" in runs["off"]["summary"]
+    assert "deepseek_indexer off" in runs["off"]["summary"]
+    if compiled:
+        assert runs["on"]["graph_breaks"] == 0
+        assert runs["on"]["dynamo_unique_graphs"] == runs["off"]["dynamo_unique_graphs"]
+    print(f"\n{'compiled' if compiled else 'eager'} DeepSeek-V3 on/off identical: {tokens}")
+
+
+def test_doctor_says_the_model_has_no_indexer(deepseek_v3_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm_overlap.cli", "doctor", "--json", "--model", deepseek_v3_dir],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    code = {(r["feature"], r["target"]): r["result"] for r in report["rows"]}
+    assert code["mla_q_b_proj", "MultiHeadLatentAttentionWrapper.forward"] == "applied"
+    assert code["deepseek_indexer", "Indexer.forward"] == "applied"
+    model = {r["feature"]: r["this model"] for r in report["model"]["rows"]}
+    assert report["model"]["model_type"] == "deepseek_v3"
+    for feature in ("deepseek_indexer", "mla_q_b_proj"):
+        assert model[feature].startswith(f"skipped: {NO_INDEXER}:"), model[feature]

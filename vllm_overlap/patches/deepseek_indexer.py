@@ -1,0 +1,131 @@
+"""deepseek_indexer: DeepSeek-V3.2's indexer k/w projection beside the layer's q path."""
+
+from __future__ import annotations
+
+from ..features import Feature, Rewrite, text_config
+from ..rewrite import Anchor, Target
+
+V32_MODULE = "vllm.models.deepseek_v32.attention"
+V32_ROCM_MODULE = "vllm.models.deepseek_v32.amd.rocm"
+LEGACY_MODULE = "vllm.model_executor.models.deepseek_v2"
+
+# V3.2 CUDA path (and its ROCm subclass): the A-projection, its split, and the indexer's
+# k/w GEMM further down. The rewrite computes both in one call and keeps upstream's split
+# and slicing; the condition is kept verbatim so index_k / index_weights mean what they did.
+V32_A_PROJ = Anchor(
+    find="""
+        qkv_lora = self.fused_qkv_a_proj(hidden_states)[0]
+        q_c, kv_c, k_pe = qkv_lora.split(
+            [self.q_lora_rank, self.kv_lora_rank, self.qk_rope_head_dim], dim=-1
+        )
+
+        if self.indexer is not None and not self.skip_topk:
+            kw = self.indexer.wk_weights_proj(hidden_states)[0]
+            index_k = kw[:, : self.indexer.head_dim]
+            index_weights = kw[:, self.indexer.head_dim :]
+        else:
+            index_k = None
+            index_weights = None
+    """,
+    replace="""
+        qkv_lora, kw = _vllm_overlap_deepseek_indexer.a_proj(self, hidden_states)
+        q_c, kv_c, k_pe = qkv_lora.split(
+            [self.q_lora_rank, self.kv_lora_rank, self.qk_rope_head_dim], dim=-1
+        )
+
+        if self.indexer is not None and not self.skip_topk:
+            index_k = kw[:, : self.indexer.head_dim]
+            index_weights = kw[:, self.indexer.head_dim :]
+        else:
+            index_k = None
+            index_weights = None
+    """,
+)
+
+# Legacy path: the q projection at the top of Indexer.forward ...
+LEGACY_Q = Anchor(
+    find="""
+        q, _ = self.wq_b(qr)
+        q = q.view(-1, self.n_head, self.head_dim)
+    """,
+    replace="""
+        q, _vllm_overlap_kw, _vllm_overlap_k = _vllm_overlap_deepseek_indexer.q_and_k(
+            self, hidden_states, qr
+        )
+        q = q.view(-1, self.n_head, self.head_dim)
+    """,
+)
+# ... and, in each of its three branches (ROCm in-place RoPE, fused indexer-q, generic),
+# the same k/w GEMM, split and k_norm: computed once above, beside the q projection.
+LEGACY_K = Anchor(
+    find="""
+        $kw, _ = self.wk_weights_proj(hidden_states)
+        $k = $kw[:, : self.head_dim]
+        $weights = $kw[:, self.head_dim :]
+
+        $k = self.k_norm($k)
+    """,
+    replace="""
+        $kw = _vllm_overlap_kw
+        $weights = $kw[:, self.head_dim :]
+
+        $k = _vllm_overlap_k
+    """,
+    count=3,
+)
+
+
+
+def needs_indexer(hf_config) -> str | None:
+    """vLLM builds the indexer exactly when the config has ``index_topk`` (its ``is_v32``)."""
+    config = text_config(hf_config)
+    if not hasattr(config, "kv_lora_rank"):
+        return "not an MLA model (its config has no kv_lora_rank)"
+    if not hasattr(config, "index_topk"):
+        return (
+            "no indexer: its config has no index_topk (MLA without DeepSeek Sparse "
+            "Attention, e.g. DeepSeek-V3/R1)"
+        )
+    return None
+
+
+FEATURE = Feature(
+    name="deepseek_indexer",
+    summary="the indexer's wk_weights_proj (+ k_norm) on the aux stream beside the q path",
+    why=(
+        "The lightning indexer's fused k/w projection (hidden -> head_dim + n_head, 7168 -> "
+        "192 on V3.2) is a thin GEMM that leaves most SMs idle, and vLLM runs it after the "
+        "layer's q path on one stream although it reads only the layer input; upstream "
+        "measured the indexer path at ~32 us per layer at decode, all serial."
+    ),
+    how=(
+        "V3.2 CUDA path (DeepseekV32Attention.forward, ROCm subclass too; no Dynamo, "
+        "breakable CUDA graphs): fused_qkv_a_proj(h) on the current stream beside "
+        "indexer.wk_weights_proj(h) on vLLM's aux stream, a plain call of the stream "
+        "primitive that forks and joins inside the call (serial during breakable capture). "
+        "Legacy path (Indexer.forward, compiled): wq_b(qr) beside wk_weights_proj(h) + "
+        "k_norm as torch.ops.vllm_overlap.deepseek_indexer (LayerName, exact fake kernel, "
+        "contiguous outputs, weights sliced outside the op), hoisted out of the three "
+        "branches that each computed it. Serial outside the token range, without an aux "
+        "stream, in DBO micro-batch threads, for LoRA-wrapped projections and in layers "
+        "without an active indexer."
+    ),
+    upstream=(
+        "vllm-project/vllm#39299 (k+w path beside q path, open), #39943 (fork/join ops in "
+        "mla.py, open), #35968 (weights_proj beside wk + k_norm, closed unmerged; its "
+        "projections were fused by #38684)."
+    ),
+    remove_when=(
+        "vLLM runs the indexer's wk_weights_proj on a second stream itself (#39943 or a "
+        "successor lands: maybe_execute_in_parallel or an indexer fork op in these forwards)."
+    ),
+    rewrites=(
+        Rewrite(Target(V32_MODULE, "DeepseekV32Attention.forward"), (V32_A_PROJ,)),
+        Rewrite(Target(V32_ROCM_MODULE, "DeepseekV32MLAAttention.forward"), (V32_A_PROJ,)),
+        Rewrite(Target(LEGACY_MODULE, "Indexer.forward"), (LEGACY_Q, LEGACY_K)),
+    ),
+    runtime="vllm_overlap.ops.deepseek_indexer",
+    post_load="vllm_overlap.ops.deepseek_layers:post_load",
+    post_load_modes=("dual_stream",),
+    model_check=needs_indexer,
+)

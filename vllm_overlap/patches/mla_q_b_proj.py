@@ -1,0 +1,99 @@
+"""mla_q_b_proj: the MLA q path (q_b_proj, W_UK_T bmm or RoPE) beside the indexer's q path."""
+
+from __future__ import annotations
+
+from ..features import Feature, Rewrite
+from ..rewrite import Anchor, Target
+from .deepseek_indexer import V32_MODULE, needs_indexer
+
+LEGACY_MODULE = "vllm.model_executor.layers.mla"
+
+# V3.2 CUDA path: the q path and the indexer's q projection, back to back upstream.
+V32_Q_PATHS = Anchor(
+    find="""
+        q = self.q_b_proj(q_c)[0].view(-1, self.num_local_heads, self.qk_head_dim)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        if prepare_mqa_query:
+            ql_nope = torch.bmm(q_nope.transpose(0, 1), self.W_UK_T).transpose(0, 1)
+        else:
+            ql_nope = q_nope
+
+        if self.indexer is not None and not self.skip_topk:
+            index_q = self.indexer.wq_b(q_c)[0]
+            index_q = index_q.view(-1, self.indexer.n_head, self.indexer.head_dim)
+        else:
+            index_q = None
+    """,
+    replace="""
+        (q, q_nope, q_pe, ql_nope), index_q = (
+            _vllm_overlap_mla_q_b_proj.q_b_proj_beside_index_q(self, q_c, prepare_mqa_query)
+        )
+    """,
+)
+
+# Legacy path: q projection, its view, the MLA RoPE, then the indexer call.
+LEGACY_Q_AND_INDEXER = Anchor(
+    find="""
+        q = q_proj_layer(q_proj_input)[0]
+        heads = self.num_heads
+        if self.dcp_q_replicate:
+            heads *= q_proj_layer.group_size
+        q = q.view(-1, heads, self.qk_head_dim)
+
+        if self.rotary_emb is not None:
+            q[..., self.qk_nope_head_dim :], k_pe = self.rotary_emb(
+                positions, q[..., self.qk_nope_head_dim :], k_pe
+            )
+
+        if self.indexer and self.is_sparse and not self.skip_topk:
+            self.indexer(hidden_states, q_c, positions, self.indexer_rope_emb)
+    """,
+    replace="""
+        q, heads, k_pe = _vllm_overlap_mla_q_b_proj.q_proj_beside_indexer(
+            self, q_proj_layer, q_proj_input, positions, k_pe, hidden_states, q_c
+        )
+    """,
+)
+
+FEATURE = Feature(
+    name="mla_q_b_proj",
+    summary="the MLA q path (q_b_proj + W_UK_T bmm / RoPE) on the aux stream beside the "
+    "indexer's q path",
+    why=(
+        "In DeepSeek-V3.2 attention the MLA q_b_proj and the indexer's wq_b both read q_c "
+        "and nothing else of each other, yet vLLM runs them back to back on one stream; "
+        "upstream measured q_b_proj + MLA RoPE at ~17 us per layer at decode, hideable "
+        "behind the indexer's q path."
+    ),
+    how=(
+        "V3.2 CUDA path (DeepseekV32Attention.forward; no Dynamo, breakable CUDA graphs): "
+        "q_b_proj, its split and the W_UK_T bmm on vLLM's aux stream beside indexer.wq_b "
+        "on the current stream, a plain call of the stream primitive that forks and joins "
+        "inside the call (serial during breakable capture). Legacy path "
+        "(MultiHeadLatentAttentionWrapper.forward): the q projection and MLA RoPE on the aux "
+        "stream beside the whole self.indexer(...) call, in eager mode only: the indexer "
+        "holds vllm::sparse_attn_indexer, a CUDA-graph splitting op, so under torch.compile "
+        "a fork would span an eager break and the region runs upstream's statements. "
+        "Serial outside the token range, without an aux stream, in DBO micro-batch "
+        "threads, for LoRA and in layers without an active indexer (DeepSeek-V3/R1)."
+    ),
+    upstream=(
+        "vllm-project/vllm#39299 (independent q and indexer cones, open); SGLang "
+        "sgl-project/sglang#16637 and #17688 (DSv32 dual-stream decode, merged)."
+    ),
+    remove_when=(
+        "vLLM overlaps q_b_proj with the indexer's q path itself (maybe_execute_in_parallel "
+        "or a fork op around these statements), or fuses q_b_proj and wq_b into one GEMM."
+    ),
+    rewrites=(
+        Rewrite(Target(V32_MODULE, "DeepseekV32Attention.forward"), (V32_Q_PATHS,)),
+        Rewrite(
+            Target(LEGACY_MODULE, "MultiHeadLatentAttentionWrapper.forward"),
+            (LEGACY_Q_AND_INDEXER,),
+        ),
+    ),
+    runtime="vllm_overlap.ops.mla_q_b_proj",
+    post_load="vllm_overlap.ops.deepseek_layers:post_load",
+    post_load_modes=("dual_stream",),
+    model_check=needs_indexer,
+)
