@@ -1,10 +1,12 @@
-"""The CPU demo: a tiny Qwen3-Next served through vLLM with the overlay, on and off.
+"""The CPU demo: tiny Qwen3-Next and DeepSeek-V3 served through vLLM with the overlay, on and off.
 
     bash .ci/run demo            (or: python benchmarks/cpu_demo.py [--eager-only])
 
-Builds the model offline, prints ``vllm-overlap doctor`` for the installed vLLM, then generates
+Builds the models offline, prints ``vllm-overlap doctor`` for the installed vLLM, then generates
 greedily with the built-in default config and with ``VLLM_OVERLAP=0``, eager and compiled, each
 in a fresh process with a cold compile cache, and prints whether the token ids are identical.
+DeepSeek-V3 is MLA without an indexer (DeepSeek-V3.2 does not run on the CPU): it shows the
+DeepSeek rewrites applied and its layers left serial for that reason.
 On the CPU there is no aux stream, so the overlay runs its serial path: this shows that it is
 correct and costs nothing there, not that it is faster (that needs a GPU: benchmarks/).
 """
@@ -50,8 +52,12 @@ def main() -> None:
     cache = os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vllm-overlap"
     )
-    model = build("qwen3-next", os.path.join(cache, "tiny-models", "qwen3-next-2"))
-    print(f"tiny Qwen3-Next (2 GDN layers + 1 attention layer, random bf16 weights): {model}\n")
+    models = {
+        "Qwen3-Next": build("qwen3-next", os.path.join(cache, "tiny-models", "qwen3-next-2")),
+        "DeepSeek-V3": build("deepseek-v3", os.path.join(cache, "tiny-models", "deepseek-v3")),
+    }
+    print(f"tiny Qwen3-Next (2 GDN layers + 1 attention layer, random bf16 weights): {models['Qwen3-Next']}")
+    print(f"tiny DeepSeek-V3 (2 MLA layers, no indexer, random bf16 weights): {models['DeepSeek-V3']}\n")
 
     env = {k: v for k, v in os.environ.items() if k != "VLLM_OVERLAP_CONFIG"}
     doctor = subprocess.run(
@@ -66,7 +72,7 @@ def main() -> None:
 
     rows = []
     modes = [False] if args.eager_only else [False, True]
-    for compiled in modes:
+    for (name, model), compiled in [(m, c) for m in models.items() for c in modes]:
         results = {}
         for overlay in (True, False):
             with tempfile.TemporaryDirectory(prefix="vllm-overlap-demo-") as cache_root:
@@ -74,6 +80,7 @@ def main() -> None:
         on, off = results[True], results[False]
         rows.append(
             {
+                "model": name,
                 "mode": "torch.compile" if compiled else "eager",
                 "start-up on/off s": f"{on['init_s']:.1f} / {off['init_s']:.1f}",
                 "generate on/off s": f"{on['generate_s']:.2f} / {off['generate_s']:.2f}",
@@ -81,7 +88,9 @@ def main() -> None:
                 "identical token ids": "yes" if on["token_ids"] == off["token_ids"] else "NO",
             }
         )
-        print(f"[{rows[-1]['mode']}] overlay on:  {on['summary']}")
+        print(f"[{name}, {rows[-1]['mode']}] overlay on:  {on['summary']}")
+        for feature, report in on["post_load"].items():
+            print(f"[{name}, {rows[-1]['mode']}]   after load, {feature}: {json.dumps(report)}")
 
     from vllm_overlap.cli import format_table
 

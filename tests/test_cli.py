@@ -40,7 +40,10 @@ def test_doctor_table_and_off(tmp_path):
     proc = vllm_overlap_cli("doctor", env={"VLLM_OVERLAP": "0"})
     assert proc.returncode == 0, proc.stderr
     assert "config:   VLLM_OVERLAP=0" in proc.stdout
-    assert "gdn_in_proj  QwenGatedDeltaNetAttention.forward_cuda  no       -        off" in proc.stdout
+    rows = [line.split() for line in proc.stdout.splitlines()]
+    assert ["gdn_in_proj", "QwenGatedDeltaNetAttention.forward_cuda", "no", "-", "off"] in rows
+    assert ["mla_q_b_proj", "MultiHeadLatentAttentionWrapper.forward", "no", "-", "off"] in rows
+    assert "all enabled features applied" in proc.stdout
 
 
 def test_doctor_exits_non_zero_when_an_enabled_feature_is_skipped():

@@ -53,8 +53,15 @@ def test_register_is_cheap_and_idempotent():
         """
     )
     assert proc.returncode == 0, proc.stderr
-    # one hook for the cache key (vLLM's config module), one per target module
-    assert f"heavy [] hooks ['vllm.config.vllm', '{GDN}']" in proc.stdout
+    from vllm_overlap.patches import FEATURES
+    from vllm_overlap.plugin import LOADER_MODULE
+
+    targets = sorted({m for f in FEATURES.values() for m in f.modules()})
+    assert GDN in targets and "vllm.model_executor.layers.mla" in targets
+    # one hook for the cache key (vLLM's config module), one for the post-load steps (the
+    # DeepSeek features register their layers there), one per target module
+    hooks = ["vllm.config.vllm", LOADER_MODULE, *targets]
+    assert f"heavy [] hooks {hooks}" in proc.stdout
 
 
 def test_hook_applies_on_import_and_logs_one_line():
@@ -65,7 +72,7 @@ def test_hook_applies_on_import_and_logs_one_line():
         import {GDN} as m
         vllm_overlap.register()
         from vllm_overlap import state
-        print(sorted({{o.status for o in state.outcomes.values()}}))
+        print(sorted({{o.status for o in state.feature_outcomes("gdn_in_proj")}}))
         """
     )
     assert proc.returncode == 0, proc.stderr
@@ -135,7 +142,7 @@ def test_bad_config_stops_register_with_one_message(tmp_path):
     )
 
 
-@pytest.mark.parametrize("name", ["gdn_in_proj"])
+@pytest.mark.parametrize("name", ["gdn_in_proj", "deepseek_indexer", "mla_q_b_proj"])
 def test_every_feature_states_its_four_facts(name):
     from vllm_overlap.patches import FEATURES
 
@@ -157,7 +164,7 @@ def test_unimplemented_mode_is_skipped_not_silently_replaced(tmp_path):
         vllm_overlap.register()
         import {GDN}
         from vllm_overlap import state
-        print({{o.describe() for o in state.outcomes.values()}})
+        print({{o.describe() for o in state.feature_outcomes("gdn_in_proj")}})
         """,
         env={"VLLM_OVERLAP_CONFIG": str(cfg)},
     )

@@ -150,6 +150,26 @@ def test_no_match_leaves_target_untouched(synthetic):
     assert synthetic.Layer.__dict__["left"] is original
 
 
+NEWER = Anchor(find="a = self.left_v2(x)\nb = self.right(x)", replace="a, b = 0, 0")
+
+
+def test_an_older_releases_anchor_set_applies_when_the_newest_does_not(synthetic):
+    before = synthetic.Layer().forward(5)
+    _Runtime.calls = 0
+    target = Target(synthetic.__name__, "Layer.forward")
+    rewrite.apply(target, (NEWER,), "f", {"_test_runtime": _Runtime}, older=((PAIR,),))
+    assert synthetic.Layer().forward(5) == before and _Runtime.calls == 1
+    assert "a, b = _test_runtime.pair(self, x)" in inspect.getsource(synthetic.Layer.forward)
+
+
+def test_when_no_anchor_set_matches_the_newest_sets_reason_is_given(synthetic):
+    original = synthetic.Layer.__dict__["left"]
+    target = Target(synthetic.__name__, "Layer.left")
+    with pytest.raises(RewriteSkipped, match=r"anchor `a = self.left_v2\(x\)` not found"):
+        rewrite.apply(target, (NEWER,), "f", {"_test_runtime": _Runtime}, older=((PAIR,),))
+    assert synthetic.Layer.__dict__["left"] is original
+
+
 def test_ambiguous_match_is_refused(synthetic):
     original = synthetic.Layer.__dict__["twice"]
     with pytest.raises(RewriteSkipped, match="found 2 times, expected 1"):

@@ -39,7 +39,11 @@ def _anchor_counts(rewrite) -> str:
         node = _function_node(upstream_source(rewrite.target))
     except (RewriteSkipped, OSError, TypeError, ImportError, AttributeError, KeyError) as exc:
         return f"- ({type(exc).__name__})"
-    return ", ".join(f"{len(find_anchor(node, a))}/{a.count}" for a in rewrite.anchors)
+    counts = [[len(find_anchor(node, a)) for a in anchors] for anchors in rewrite.anchor_sets]
+    for i, (found, anchors) in enumerate(zip(counts, rewrite.anchor_sets)):
+        if i and found == [a.count for a in anchors]:  # an older release's statements
+            return ", ".join(f"{n}/{a.count}" for n, a in zip(found, anchors)) + " (older)"
+    return ", ".join(f"{n}/{a.count}" for n, a in zip(counts[0], rewrite.anchors))
 
 
 def model_rows(model: str) -> dict:

@@ -21,6 +21,13 @@ class Rewrite:
 
     target: Target
     anchors: tuple[Anchor, ...]
+    # The same statements as older vLLM releases wrote them: anchor sets tried in turn when
+    # ``anchors`` (the newest release's) do not match.
+    older: tuple[tuple[Anchor, ...], ...] = ()
+
+    @property
+    def anchor_sets(self) -> tuple[tuple[Anchor, ...], ...]:
+        return (self.anchors, *self.older)
 
 
 @dataclass(frozen=True)

@@ -124,6 +124,7 @@ def apply_feature(feature: Feature, module_name: str) -> list[state.Outcome]:
                 rewrite.anchors,
                 feature.name,
                 inject={feature.runtime_global: runtime},
+                older=rewrite.older,
             )
             outcome = state.Outcome(feature.name, target, state.APPLIED, path=path)
         except RewriteSkipped as exc:

@@ -177,6 +177,18 @@ def rewrite_source(source: str, anchors: list[Anchor] | tuple[Anchor, ...]) -> s
     return result
 
 
+def rewrite_first(source: str, anchor_sets) -> str:
+    """``rewrite_source`` with the first anchor set that matches (the current release's
+    statements first, then those of older releases); the first set's reason if none does."""
+    first_error: RewriteSkipped | None = None
+    for anchors in anchor_sets:
+        try:
+            return rewrite_source(source, anchors)
+        except RewriteSkipped as exc:
+            first_error = first_error or exc
+    raise first_error if first_error else RewriteSkipped("no anchors")
+
+
 def _capture(name: str, captures: dict[str, str], anchor: Anchor) -> str:
     if name not in captures:
         raise RewriteSkipped(f"replacement of `{anchor.first_line()}` uses unbound ${name}")
@@ -276,10 +288,12 @@ def apply(
     anchors: list[Anchor] | tuple[Anchor, ...],
     feature: str,
     inject: dict[str, Any] | None = None,
+    older: tuple = (),
 ) -> str:
     """Rewrite ``target`` in place; return the path of the rewritten source.
 
-    Applying the same feature twice is a no-op. Raises :class:`RewriteSkipped` (target
+    ``older``: anchor sets tried in turn when ``anchors`` do not match (the same statements
+    as older vLLM releases wrote them). Applying the same feature twice is a no-op. Raises :class:`RewriteSkipped` (target
     untouched) on anything unexpected.
     """
     state = _STATE.get(target)
@@ -298,7 +312,7 @@ def apply(
         source = textwrap.dedent(inspect.getsource(func))
     except (OSError, TypeError) as exc:
         raise RewriteSkipped(f"source not available ({exc})") from None
-    new_source = rewrite_source(source, anchors)  # refuses foreign decorators first
+    new_source = rewrite_first(source, (anchors, *older))  # refuses foreign decorators first
     if func.__code__.co_freevars:
         names = ", ".join(func.__code__.co_freevars)
         raise RewriteSkipped(f"closes over {names}: cannot be recompiled outside its scope")

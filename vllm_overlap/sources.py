@@ -14,7 +14,7 @@ import importlib.util
 import textwrap
 
 from .features import Feature, Rewrite
-from .rewrite import RewriteSkipped, rewrite_source
+from .rewrite import RewriteSkipped, rewrite_first
 
 APPLIES = "applies"
 
@@ -53,7 +53,7 @@ def rewrite_module_text(text: str, rewrites: list[Rewrite]) -> tuple[str, dict[s
         start = (node.decorator_list[0].lineno if node.decorator_list else node.lineno) - 1
         segment = "".join(lines[start : node.end_lineno])
         try:
-            new = rewrite_source(segment, rewrite.anchors)
+            new = rewrite_first(segment, rewrite.anchor_sets)
         except RewriteSkipped as exc:
             results[qualname] = str(exc)
             continue

@@ -41,11 +41,11 @@ def mla_layers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, bool]]:
     from .deepseek_indexer import has_active_indexer as v32_active
     from .mla_q_b_proj import has_active_indexer as wrapper_active
 
-    shapes = [
-        (cls, check)
-        for cls, check in ((_loaded_class(*V32_CLASS), v32_active), (_loaded_class(*WRAPPER_CLASS), wrapper_active))
-        if cls is not None
-    ]
+    candidates = (
+        (_loaded_class(*V32_CLASS), v32_active),
+        (_loaded_class(*WRAPPER_CLASS), wrapper_active),
+    )
+    shapes = [(cls, check) for cls, check in candidates if cls is not None]
     found = []
     for module in model.modules():
         for cls, check in shapes:
@@ -75,16 +75,17 @@ def post_load(model: torch.nn.Module) -> dict:
         "serial": {NO_INDEXER: len(layers) - active} if len(layers) > active else {},
         "registered_indexers": register_indexers(model),
     }
+    if not layers:  # not a DeepSeek model: nothing to say
+        return report
     for name in FEATURES:
         if state.feature_config(name).enabled:
             state.post_load_reports[name] = report
-    if layers:
-        logger().info(
-            "vllm-overlap deepseek: %d of %d MLA layers have an indexer to overlap with%s",
-            active,
-            len(layers),
-            f"; {len(layers) - active} run upstream's statements: {NO_INDEXER}"
-            if len(layers) > active
-            else "",
-        )
+    logger().info(
+        "vllm-overlap deepseek: %d of %d MLA layers have an indexer to overlap with%s",
+        active,
+        len(layers),
+        f"; {len(layers) - active} run upstream's statements: {NO_INDEXER}"
+        if len(layers) > active
+        else "",
+    )
     return report

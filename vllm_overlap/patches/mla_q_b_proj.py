@@ -31,6 +31,26 @@ V32_Q_PATHS = Anchor(
     """,
 )
 
+# vLLM 0.30 / 0.31: the same, with the W_UK_T bmm unconditional (no prepare_mqa_query yet).
+V32_Q_PATHS_BMM_ALWAYS = Anchor(
+    find="""
+        q = self.q_b_proj(q_c)[0].view(-1, self.num_local_heads, self.qk_head_dim)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        ql_nope = torch.bmm(q_nope.transpose(0, 1), self.W_UK_T).transpose(0, 1)
+
+        if self.indexer is not None and not self.skip_topk:
+            index_q = self.indexer.wq_b(q_c)[0]
+            index_q = index_q.view(-1, self.indexer.n_head, self.indexer.head_dim)
+        else:
+            index_q = None
+    """,
+    replace="""
+        (q, q_nope, q_pe, ql_nope), index_q = (
+            _vllm_overlap_mla_q_b_proj.q_b_proj_beside_index_q(self, q_c, True)
+        )
+    """,
+)
+
 # Legacy path: q projection, its view, the MLA RoPE, then the indexer call.
 LEGACY_Q_AND_INDEXER = Anchor(
     find="""
@@ -86,7 +106,11 @@ FEATURE = Feature(
         "or a fork op around these statements), or fuses q_b_proj and wq_b into one GEMM."
     ),
     rewrites=(
-        Rewrite(Target(V32_MODULE, "DeepseekV32Attention.forward"), (V32_Q_PATHS,)),
+        Rewrite(
+            Target(V32_MODULE, "DeepseekV32Attention.forward"),
+            (V32_Q_PATHS,),
+            older=((V32_Q_PATHS_BMM_ALWAYS,),),
+        ),
         Rewrite(
             Target(LEGACY_MODULE, "MultiHeadLatentAttentionWrapper.forward"),
             (LEGACY_Q_AND_INDEXER,),
