@@ -78,3 +78,30 @@ def test_diff_is_a_patch_of_the_installed_file():
         start = int(hunk.split(",")[0])
         body = [ln for ln in hunk.splitlines()[1:] if not ln.startswith("+")]
         assert [ln[1:] for ln in body] == lines[start - 1 : start - 1 + len(body)]
+
+
+def test_doctor_model_says_which_features_a_qwen3_next_uses(model_dirs):
+    proc = vllm_overlap_cli("doctor", "--json", "--model", model_dirs(2))
+    assert proc.returncode == 0, proc.stderr
+    model = json.loads(proc.stdout)["model"]
+    assert model["model_type"] == "qwen3_next"
+    rows = {r["feature"]: r["this model"] for r in model["rows"]}
+    assert rows == {
+        "gdn_in_proj": "uses it",
+        "deepseek_indexer": "skipped: not an MLA model (its config has no kv_lora_rank)",
+        "mla_q_b_proj": "skipped: not an MLA model (its config has no kv_lora_rank)",
+    }
+
+
+def test_model_checks_on_deepseek_configs():
+    from deepseek_layers import deepseek_v3_config, deepseek_v32_config
+
+    from vllm_overlap.patches import FEATURES
+
+    for name in ("deepseek_indexer", "mla_q_b_proj"):
+        check = FEATURES[name].model_check
+        assert check(deepseek_v32_config()) is None
+        assert check(deepseek_v3_config()).startswith("no indexer: its config has no index_topk")
+    assert FEATURES["gdn_in_proj"].model_check(deepseek_v32_config()).startswith(
+        "no Gated DeltaNet layers"
+    )
