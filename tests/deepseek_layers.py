@@ -120,12 +120,15 @@ def _projection(inputs: int, width: int) -> torch.Tensor:
 
 def _mix(tokens: int, width: int, *tensors: torch.Tensor | None) -> torch.Tensor:
     """A float32 ``[tokens, width]``: per token, fixed random combinations of every element of
-    every tensor (token-major tensors by row; any other tensor is seen by every token)."""
+    every tensor (token-major tensors by row; any other tensor is seen by every token). Each
+    tensor is scaled to a largest magnitude of 1 first, so a small one (the indexer's head
+    weights are ~1e-4) still moves the result by more than a bf16 ulp."""
     columns = []
     for t in tensors:
         if t is None:
             continue
         t = t.detach().float().double()
+        t = t / t.abs().max().clamp_min(1e-30) if t.numel() else t
         if t.dim() > 0 and t.shape[0] == tokens:
             columns.append(t.reshape(tokens, -1))
         else:
