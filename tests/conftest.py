@@ -63,6 +63,57 @@ def deepseek_v3_dir(tmp_path_factory):
     return build("deepseek-v3", str(tmp_path_factory.mktemp("models") / "deepseek-v3"))
 
 
+DEEPSEEK_MODULES = (
+    "vllm.models.deepseek_v32.attention",
+    "vllm.models.deepseek_v32.amd.rocm",
+    "vllm.model_executor.models.deepseek_v2",
+    "vllm.model_executor.layers.mla",
+)
+# The features each DeepSeek target carries, in the order they were applied.
+DEEPSEEK_STACKS = {
+    ("vllm.models.deepseek_v32.attention", "DeepseekV32Attention.forward"): [
+        "deepseek_indexer",
+        "mla_q_b_proj",
+    ],
+    ("vllm.models.deepseek_v32.amd.rocm", "DeepseekV32MLAAttention.forward"): ["deepseek_indexer"],
+    ("vllm.model_executor.models.deepseek_v2", "Indexer.forward"): ["deepseek_indexer"],
+    ("vllm.model_executor.layers.mla", "MultiHeadLatentAttentionWrapper.forward"): ["mla_q_b_proj"],
+}
+
+
+@pytest.fixture(scope="session")
+def deepseek_overlay(overlay_applied):
+    """The plugin registered and every DeepSeek target module rewritten."""
+    import importlib
+
+    from vllm_overlap import rewrite
+
+    for module in DEEPSEEK_MODULES:
+        importlib.import_module(module)
+    for (module, qualname), features in DEEPSEEK_STACKS.items():
+        assert rewrite.applied_features(rewrite.Target(module, qualname)) == features
+    return overlay_applied
+
+
+@pytest.fixture(scope="session")
+def deepseek_vllm(deepseek_v3_dir):
+    """A VllmConfig of the tiny DeepSeek-V3 checkpoint (MLA on the CPU backend)."""
+    from vllm_overlap.layer_bench import standalone_vllm
+
+    with standalone_vllm(deepseek_v3_dir) as vllm_config:
+        yield vllm_config
+
+
+@pytest.fixture
+def standins(monkeypatch, deepseek_overlay):
+    """Counted plain-torch stand-ins for the DeepSeek kernels the CPU cannot run."""
+    from deepseek_layers import DeepseekStandins
+
+    s = DeepseekStandins()
+    s.install(monkeypatch)
+    return s
+
+
 @pytest.fixture(scope="session")
 def vllm_context(model_dirs):
     """A current VllmConfig and a one-rank (gloo) model-parallel group, for building layers."""

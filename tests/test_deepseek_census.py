@@ -3,11 +3,9 @@ layers that have an indexer to overlap with (both code shapes), and those that d
 
 from __future__ import annotations
 
-import pytest
 from torch import nn
 
 from deepseek_layers import (
-    DeepseekStandins,
     build_mla_wrapper,
     build_v32_attention,
     deepseek_v3_config,
@@ -15,28 +13,21 @@ from deepseek_layers import (
 )
 
 
-@pytest.fixture
-def standins(monkeypatch):
-    s = DeepseekStandins()
-    s.install(monkeypatch)
-    return s
-
-
-def test_census_and_registration(vllm_context, standins, monkeypatch):
+def test_census_and_registration(deepseek_vllm, standins, monkeypatch):
     from vllm_overlap import ops, state
     from vllm_overlap.ops.deepseek_layers import NO_INDEXER, post_load
 
     v32 = deepseek_v32_config()
-    with_indexer = build_mla_wrapper(vllm_context, v32, True, standins=standins)
+    with_indexer = build_mla_wrapper(deepseek_vllm, v32, True, standins=standins)
     model = nn.ModuleList(
         [
             with_indexer,
-            build_mla_wrapper(vllm_context, deepseek_v3_config(), False, standins=standins),
-            build_v32_attention(vllm_context, v32, True, standins=standins),
-            build_v32_attention(vllm_context, v32, False, standins=standins),
+            build_mla_wrapper(deepseek_vllm, deepseek_v3_config(), False, standins=standins),
+            build_v32_attention(deepseek_vllm, v32, True, standins=standins),
+            build_v32_attention(deepseek_vllm, v32, False, standins=standins),
         ]
     )
-    skipping = build_v32_attention(vllm_context, v32, True, standins=standins)
+    skipping = build_v32_attention(deepseek_vllm, v32, True, standins=standins)
     skipping.skip_topk = True  # reuses an earlier layer's top-k: nothing to overlap
     model.append(skipping)
     monkeypatch.setattr(ops, "_layers", type(ops._layers)())  # forget what the builders registered

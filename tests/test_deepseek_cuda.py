@@ -13,7 +13,6 @@ Imports nothing CUDA-specific at module level, so it collects (and skips) on the
 
 from __future__ import annotations
 
-import importlib
 import types
 from collections import Counter
 
@@ -43,24 +42,6 @@ MLA = "vllm.model_executor.layers.mla"
 V32_TARGET = rewrite.Target(V32_ATTENTION, "DeepseekV32Attention.forward")
 INDEXER_TARGET = rewrite.Target(DEEPSEEK_V2, "Indexer.forward")
 WRAPPER_TARGET = rewrite.Target(MLA, "MultiHeadLatentAttentionWrapper.forward")
-
-
-@pytest.fixture(scope="session")
-def deepseek_overlay(overlay_applied):
-    for module in (V32_ATTENTION, DEEPSEEK_V2, MLA):
-        importlib.import_module(module)
-    assert rewrite.applied_features(V32_TARGET) == ["deepseek_indexer", "mla_q_b_proj"]
-    assert rewrite.applied_features(INDEXER_TARGET) == ["deepseek_indexer"]
-    assert rewrite.applied_features(WRAPPER_TARGET) == ["mla_q_b_proj"]
-    return overlay_applied
-
-
-@pytest.fixture(scope="session")
-def deepseek_vllm(deepseek_v3_dir):
-    from vllm_overlap.layer_bench import standalone_vllm
-
-    with standalone_vllm(deepseek_v3_dir) as vllm_config:
-        yield vllm_config
 
 
 @pytest.fixture

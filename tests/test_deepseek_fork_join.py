@@ -11,7 +11,6 @@ written by the other (the two would race on a GPU).
 
 from __future__ import annotations
 
-import importlib
 import types
 
 import pytest
@@ -23,7 +22,6 @@ from deepseek_layers import (
     DEEPSEEK_V2,
     INDEXER_BRANCHES,
     V32_ATTENTION,
-    DeepseekStandins,
     build_indexer,
     build_indexer_rope,
     build_mla_wrapper,
@@ -71,32 +69,6 @@ def out(*names):
 # --------------------------------------------------------------------------------------------
 # Fixtures and the recorder
 # --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def deepseek_overlay(overlay_applied):
-    for module in (V32_ATTENTION, V32_ROCM, DEEPSEEK_V2, MLA):
-        importlib.import_module(module)
-    assert rewrite.applied_features(V32_TARGET) == [DI, MQ]
-    assert rewrite.applied_features(ROCM_TARGET) == [DI]
-    assert rewrite.applied_features(INDEXER_TARGET) == [DI]
-    assert rewrite.applied_features(WRAPPER_TARGET) == [MQ]
-    return overlay_applied
-
-
-@pytest.fixture(scope="session")
-def deepseek_vllm(deepseek_v3_dir):
-    from vllm_overlap.layer_bench import standalone_vllm
-
-    with standalone_vllm(deepseek_v3_dir) as vllm_config:
-        yield vllm_config
-
-
-@pytest.fixture
-def standins(monkeypatch, deepseek_overlay):
-    s = DeepseekStandins()
-    s.install(monkeypatch)
-    return s
 
 
 def functions(target):

@@ -19,7 +19,6 @@ Targets:
 
 from __future__ import annotations
 
-import importlib
 import re
 import types
 from collections import Counter
@@ -31,7 +30,6 @@ from deepseek_layers import (
     DEEPSEEK_V2,
     INDEXER_BRANCHES,
     V32_ATTENTION,
-    DeepseekStandins,
     build_indexer,
     build_indexer_rope,
     build_mla_wrapper,
@@ -75,32 +73,6 @@ V32_STANDINS = Counter(
 # --------------------------------------------------------------------------------------------
 # Fixtures and helpers
 # --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def deepseek_overlay(overlay_applied):
-    """The plugin registered and the three DeepSeek modules (and the MLA wrapper) rewritten."""
-    for module in (V32_ATTENTION, V32_ROCM, DEEPSEEK_V2, MLA):
-        importlib.import_module(module)
-    for target, features in EXPECTED_FEATURES.items():
-        assert rewrite.applied_features(target) == features, target
-    return overlay_applied
-
-
-@pytest.fixture(scope="session")
-def deepseek_vllm(deepseek_v3_dir):
-    """A VllmConfig of the tiny DeepSeek-V3 checkpoint (MLA on the CPU backend)."""
-    from vllm_overlap.layer_bench import standalone_vllm
-
-    with standalone_vllm(deepseek_v3_dir) as vllm_config:
-        yield vllm_config
-
-
-@pytest.fixture
-def standins(monkeypatch, deepseek_overlay):
-    s = DeepseekStandins()
-    s.install(monkeypatch)
-    return s
 
 
 @pytest.fixture

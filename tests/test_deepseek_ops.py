@@ -7,13 +7,11 @@ is not an attention layer, so the forward context does not hold it).
 
 from __future__ import annotations
 
-import importlib
 
 import pytest
 import torch
 
 from deepseek_layers import (
-    DEEPSEEK_V2,
     DeepseekStandins,
     build_indexer,
     deepseek_v32_config,
@@ -25,27 +23,6 @@ from vllm_overlap.ops import encode_layer_name
 TOKEN_COUNTS = [0, 1, 7, 256, 1025]
 DTYPES = [torch.bfloat16, torch.float32]
 DTYPE_IDS = ["bf16", "fp32"]
-
-
-@pytest.fixture(scope="session")
-def deepseek_overlay(overlay_applied):
-    """The plugin registered and deepseek_v2 rewritten (which registers the op)."""
-    from vllm_overlap import rewrite
-
-    importlib.import_module(DEEPSEEK_V2)
-    assert rewrite.applied_features(rewrite.Target(DEEPSEEK_V2, "Indexer.forward")) == [
-        "deepseek_indexer"
-    ]
-    assert hasattr(torch.ops.vllm_overlap, "deepseek_indexer")
-    return overlay_applied
-
-
-@pytest.fixture(scope="session")
-def deepseek_vllm(deepseek_v3_dir):
-    from vllm_overlap.layer_bench import standalone_vllm
-
-    with standalone_vllm(deepseek_v3_dir) as vllm_config:
-        yield vllm_config
 
 
 @pytest.fixture
