@@ -42,8 +42,17 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from vllm_overlap.rewrite import Target
+
 DEEPSEEK_V2 = "vllm.model_executor.models.deepseek_v2"
 V32_ATTENTION = "vllm.models.deepseek_v32.attention"
+V32_ROCM = "vllm.models.deepseek_v32.amd.rocm"
+MLA = "vllm.model_executor.layers.mla"
+# The functions the DeepSeek features rewrite.
+V32_TARGET = Target(V32_ATTENTION, "DeepseekV32Attention.forward")
+ROCM_TARGET = Target(V32_ROCM, "DeepseekV32MLAAttention.forward")
+INDEXER_TARGET = Target(DEEPSEEK_V2, "Indexer.forward")
+WRAPPER_TARGET = Target(MLA, "MultiHeadLatentAttentionWrapper.forward")
 INDEXER_ATTRS = {"index_topk": 16, "index_n_heads": 4, "index_head_dim": 128}
 INDEXER_BRANCHES = ("rocm_inplace", "fused_q", "default")
 FP8 = torch.float8_e4m3fn  # current_platform.fp8_dtype() on the CPU

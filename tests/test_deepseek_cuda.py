@@ -20,8 +20,9 @@ import pytest
 import torch
 
 from deepseek_layers import (
-    DEEPSEEK_V2,
-    V32_ATTENTION,
+    INDEXER_TARGET,
+    V32_TARGET,
+    WRAPPER_TARGET,
     DeepseekStandins,
     build_indexer,
     build_indexer_rope,
@@ -38,10 +39,6 @@ from vllm_overlap import rewrite, streams
 
 pytestmark = pytest.mark.cuda
 
-MLA = "vllm.model_executor.layers.mla"
-V32_TARGET = rewrite.Target(V32_ATTENTION, "DeepseekV32Attention.forward")
-INDEXER_TARGET = rewrite.Target(DEEPSEEK_V2, "Indexer.forward")
-WRAPPER_TARGET = rewrite.Target(MLA, "MultiHeadLatentAttentionWrapper.forward")
 
 
 @pytest.fixture

@@ -19,9 +19,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from deepseek_layers import (
-    DEEPSEEK_V2,
+    INDEXER_TARGET,
+    ROCM_TARGET,
+    V32_TARGET,
+    WRAPPER_TARGET,
     INDEXER_BRANCHES,
-    V32_ATTENTION,
     build_indexer,
     build_indexer_rope,
     build_mla_wrapper,
@@ -35,12 +37,6 @@ from deepseek_layers import (
 )
 from vllm_overlap import rewrite, streams
 
-V32_ROCM = "vllm.models.deepseek_v32.amd.rocm"
-MLA = "vllm.model_executor.layers.mla"
-V32_TARGET = rewrite.Target(V32_ATTENTION, "DeepseekV32Attention.forward")
-ROCM_TARGET = rewrite.Target(V32_ROCM, "DeepseekV32MLAAttention.forward")
-INDEXER_TARGET = rewrite.Target(DEEPSEEK_V2, "Indexer.forward")
-WRAPPER_TARGET = rewrite.Target(MLA, "MultiHeadLatentAttentionWrapper.forward")
 
 DI, MQ = "deepseek_indexer", "mla_q_b_proj"
 OUT = "outside"
