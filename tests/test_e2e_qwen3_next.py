@@ -20,7 +20,12 @@ OFF = {"VLLM_OVERLAP": "0"}
 # without it the rewritten code runs the upstream statements (checked once, below).
 ON = {"VLLM_OVERLAP": "1", "VLLM_OVERLAP_TEST_OP_PATH": "1"}
 ON_DEFAULT = {"VLLM_OVERLAP": "1", "VLLM_OVERLAP_TEST_OP_PATH": "0"}
-APPLIED = re.compile(r"vllm-overlap 0\.1\.0 \[pid (\d+)\] config built-in defaults: gdn_in_proj applied \(4/4 targets\)")
+# A process may log a first line before it imports the GDN module (vLLM imports the MLA and
+# DeepSeek modules early, and those features apply there), then an "(update)" line.
+APPLIED = re.compile(
+    r"vllm-overlap 0\.1\.0 \[pid (\d+)\] config built-in defaults(?: \(update\))?: "
+    r"gdn_in_proj applied \(4/4 targets\)"
+)
 
 
 def _applied_pids(log: str) -> set[str]:
