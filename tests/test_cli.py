@@ -105,3 +105,17 @@ def test_model_checks_on_deepseek_configs():
     assert FEATURES["gdn_in_proj"].model_check(deepseek_v32_config()).startswith(
         "no Gated DeltaNet layers"
     )
+
+
+def test_anchor_counts_name_the_set_the_rewrite_uses():
+    """doctor's anchors column follows rewrite_first: the first set that matches."""
+    from vllm_overlap.cli import _anchor_counts
+    from vllm_overlap.features import Rewrite
+    from vllm_overlap.patches import mla_q_b_proj as mla
+
+    newest = mla.FEATURE.rewrites[0]  # DeepseekV32Attention.forward, installed vLLM's form
+    assert newest.target.qualname == "DeepseekV32Attention.forward"
+    assert _anchor_counts(newest) == "1/1"
+    swapped = Rewrite(newest.target, (mla.V32_Q_PATHS_BMM_ALWAYS,), older=((mla.V32_Q_PATHS,),))
+    assert _anchor_counts(swapped) == "1/1 (older)"
+    assert _anchor_counts(Rewrite(newest.target, (mla.V32_Q_PATHS_BMM_ALWAYS,))) == "0/1"

@@ -39,11 +39,18 @@ def _anchor_counts(rewrite) -> str:
         node = _function_node(upstream_source(rewrite.target))
     except (RewriteSkipped, OSError, TypeError, ImportError, AttributeError, KeyError) as exc:
         return f"- ({type(exc).__name__})"
-    counts = [[len(find_anchor(node, a)) for a in anchors] for anchors in rewrite.anchor_sets]
-    for i, (found, anchors) in enumerate(zip(counts, rewrite.anchor_sets)):
-        if i and found == [a.count for a in anchors]:  # an older release's statements
-            return ", ".join(f"{n}/{a.count}" for n, a in zip(found, anchors)) + " (older)"
-    return ", ".join(f"{n}/{a.count}" for n, a in zip(counts[0], rewrite.anchors))
+    def counts(anchors) -> list[int]:
+        return [len(find_anchor(node, a)) for a in anchors]
+
+    def shown(found, anchors) -> str:
+        return ", ".join(f"{n}/{a.count}" for n, a in zip(found, anchors))
+
+    # The set the rewrite uses (rewrite_first: the first that matches), else the newest.
+    for i, anchors in enumerate(rewrite.anchor_sets):
+        found = counts(anchors)
+        if found == [a.count for a in anchors]:
+            return shown(found, anchors) + (" (older)" if i else "")
+    return shown(counts(rewrite.anchors), rewrite.anchors)
 
 
 def model_rows(model: str) -> dict:

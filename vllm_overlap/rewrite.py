@@ -274,6 +274,7 @@ def current_source(target: Target) -> str:
 
 
 def upstream_source(target: Target) -> str:
+    resolve_owner(target)  # import first: a post-import hook may rewrite the target then
     state = _STATE.get(target)
     return state.original_source if state else current_source(target)
 
@@ -293,8 +294,8 @@ def apply(
     """Rewrite ``target`` in place; return the path of the rewritten source.
 
     ``older``: anchor sets tried in turn when ``anchors`` do not match (the same statements
-    as older vLLM releases wrote them). Applying the same feature twice is a no-op. Raises :class:`RewriteSkipped` (target
-    untouched) on anything unexpected.
+    as older vLLM releases wrote them). Applying the same feature twice is a no-op. Raises
+    :class:`RewriteSkipped` (target untouched) on anything unexpected.
     """
     state = _STATE.get(target)
     if state:
