@@ -39,7 +39,7 @@ def _loaded_class(module: str, name: str):
 def mla_layers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, bool]]:
     """(layer, has an active indexer) for every MLA attention layer of either code shape."""
     from .deepseek_indexer import has_active_indexer as v32_active
-    from .mla_q_b_proj import has_active_indexer as wrapper_active
+    from .mla_q_b_proj import wrapper_has_active_indexer as wrapper_active
 
     candidates = (
         (_loaded_class(*V32_CLASS), v32_active),

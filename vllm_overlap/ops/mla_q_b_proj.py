@@ -29,6 +29,7 @@ import torch
 
 from .. import state, streams
 from . import any_lora, overlap_possible
+from .deepseek_indexer import has_active_indexer
 
 OP_NAME = "mla_q_b_proj"
 
@@ -57,7 +58,7 @@ def _v32_index_q(layer, q_c):
 
 def q_b_proj_beside_index_q(layer, q_c: torch.Tensor, prepare_mqa_query: bool):
     """((q, q_nope, q_pe, ql_nope), index_q or None), as upstream computes them."""
-    if layer.indexer is None or layer.skip_topk:
+    if not has_active_indexer(layer):
         return _v32_q_path(layer, q_c, prepare_mqa_query), None
     if (
         not overlap_possible()
@@ -78,7 +79,7 @@ def q_b_proj_beside_index_q(layer, q_c: torch.Tensor, prepare_mqa_query: bool):
 # --------------------------------------------------------------------------- legacy path
 
 
-def has_active_indexer(layer) -> bool:
+def wrapper_has_active_indexer(layer) -> bool:
     """The condition upstream's MLA wrapper uses for calling its indexer."""
     return bool(layer.indexer and layer.is_sparse and not layer.skip_topk)
 
@@ -105,7 +106,7 @@ def q_proj_beside_indexer(
     layer, q_proj_layer, q_proj_input, positions, k_pe, hidden_states, q_c
 ):
     """(q, heads, k_pe) after the q projection and RoPE; the indexer has run too."""
-    if not has_active_indexer(layer):
+    if not wrapper_has_active_indexer(layer):
         return _legacy_q_path(layer, q_proj_layer, q_proj_input, positions, k_pe)
     if (
         not overlap_possible()
