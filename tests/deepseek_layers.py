@@ -513,23 +513,17 @@ def _topk_buffer(vllm_config, hf_config) -> torch.Tensor:
 
 
 def _finish(layer: nn.Module, vllm_config, hf_config, seed: int, dtype: torch.dtype) -> None:
-    """Seeded weights (norm weights near 1), then what vLLM's loader does after loading: the
-    quant methods' post-processing, then the attention layers' (which sets W_UK_T / W_UV from
-    kv_b_proj)."""
-    from vllm.model_executor.layers.attention import is_deferred_attention_layer
+    """Seeded weights (norm weights near 1), then what vLLM's loader does after loading:
+    vLLM's own weight post-processing (the quant methods', which pick the machine's GEMM
+    path, then the attention layers', which sets W_UK_T / W_UV from kv_b_proj)."""
+    from vllm_overlap.layer_bench import process_weights_like_the_loader
 
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in layer.named_parameters():
             noise = torch.randn(param.shape, generator=gen) * 0.05
             param.copy_(noise + 1.0 if param.dim() == 1 and name.endswith("weight") else noise)
-    for module in layer.modules():
-        quant_method = getattr(module, "quant_method", None)
-        if quant_method is not None:
-            quant_method.process_weights_after_loading(module)
-    for module in layer.modules():
-        if is_deferred_attention_layer(module):
-            module.process_weights_after_loading(dtype)
+    process_weights_like_the_loader(layer, vllm_config)
     _built[layer] = (vllm_config, hf_config)
 
 

@@ -50,6 +50,21 @@ def standalone_vllm(model: str, dtype: str = "bfloat16") -> Iterator:
         yield vllm_config
 
 
+def process_weights_like_the_loader(module: torch.nn.Module, vllm_config) -> None:
+    """What vLLM's loader runs on a model after loading its weights, run on ``module``: vLLM's
+    own ``process_weights_after_loading`` (quant methods, then deferred attention layers).
+
+    This is where vLLM picks a platform's GEMM path (on the CPU: by ISA and vendor, packing
+    or dropping ``weight``), so a layer built by hand runs what a loaded model runs only
+    after it, whichever machine this is. The layer goes in as the one child of a plain
+    container, as it sits inside a model: the loader's model-level hook is for models."""
+    from vllm.model_executor.model_loader.utils import process_weights_after_loading
+
+    device = next(module.parameters()).device
+    model = torch.nn.ModuleDict({"layer": module})
+    process_weights_after_loading(model, vllm_config.model_config, device)
+
+
 def build_gdn_layer(
     vllm_config,
     hf_config=None,
@@ -58,9 +73,11 @@ def build_gdn_layer(
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    process_weights: bool = True,
 ):
-    """A real QwenGatedDeltaNetAttention with seeded random weights, post-processed like
-    vLLM's loader does, and findable by the overlay's ops under its prefix."""
+    """A real QwenGatedDeltaNetAttention with seeded random weights, findable by the
+    overlay's ops under its prefix, and post-processed like vLLM's loader does (unless
+    ``process_weights`` is false: then as the loader has it just before that step)."""
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn import (
         QwenGatedDeltaNetAttention,
@@ -81,10 +98,8 @@ def build_gdn_layer(
         for param in layer.parameters():
             param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
     layer = layer.to(device=device, dtype=dtype)
-    for module in layer.modules():  # what vLLM's loader does after loading weights
-        quant_method = getattr(module, "quant_method", None)
-        if quant_method is not None:
-            quant_method.process_weights_after_loading(module)
+    if process_weights:
+        process_weights_like_the_loader(layer, vllm_config)
     register_layer(prefix, layer)
     return layer
 
