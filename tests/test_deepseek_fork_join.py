@@ -7,6 +7,13 @@ asserts the exact sequence: which statements went to which stream, and that ever
 of a region's outputs runs after its join. A TorchDispatchMode records, per branch, which
 storages each aten/custom op read and wrote: nothing one branch writes may be read or
 written by the other (the two would race on a GPU).
+
+Storages are followed by lifetime, not by address: every tensor an op inside a fork touches
+or makes is kept alive until the recording ends, so no two storages the check compares can
+share an address (a CPU allocator hands a freed temporary of one branch to the other; a GPU's
+caching allocator would not, across streams). An op's result is a write only when it is new
+memory or its schema marks it written: a view (``view``, ``slice``, ``t``...) of an input
+aliases it and writes nothing.
 """
 
 from __future__ import annotations
@@ -156,38 +163,52 @@ class Recorder:
             assert not writes0 & (reads1 | writes1), f"{site}: branch 0 writes what branch 1 uses"
 
 
+def _storage_key(t) -> int | None:
+    """The identity of a tensor's storage while it is alive (None: no memory)."""
+    if not isinstance(t, torch.Tensor):
+        return None
+    storage = t.untyped_storage()
+    return storage.data_ptr() if storage.nbytes() > 0 else None
+
+
 class _AccessMode(TorchDispatchMode):
     """Records, for every op that runs inside a fork, each tensor argument's storage and
-    whether the op's schema writes it; keeps every such tensor alive until the run ends."""
+    whether the op's schema writes it, and each result's storage when the result is new or
+    written; keeps every such tensor alive until the run ends."""
 
     def __init__(self, recorder: Recorder):
         super().__init__()
         self.recorder = recorder
 
+    def _touch(self, t, stack, written: bool) -> None:
+        key = _storage_key(t)
+        if key is not None:
+            self.recorder._alive.append(t)  # its address cannot be reused while we compare
+            self.recorder.accesses.append((stack, key, written))
+
     def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
         kwargs = kwargs or {}
         rec = self.recorder
-        if rec.stack:
-            stack = tuple(rec.stack)
-            schema_args = func._schema.arguments
+        stack = tuple(rec.stack)
+        schema = func._schema
+        if stack:
             written = {
-                a.name for a in schema_args if a.alias_info is not None and a.alias_info.is_write
+                a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write
             }
-            named = list(zip((a.name for a in schema_args), args)) + list(kwargs.items())
+            named = list(zip((a.name for a in schema.arguments), args)) + list(kwargs.items())
             for arg_name, value in named:
                 for t in tree_leaves(value):
-                    if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() > 0:
-                        rec._alive.append(t)
-                        storage = t.untyped_storage().data_ptr()
-                        rec.accesses.append((stack, storage, False))  # in-place ops read too
-                        if arg_name in written:
-                            rec.accesses.append((stack, storage, True))
+                    self._touch(t, stack, False)  # in-place ops read too
+                    if arg_name in written:
+                        self._touch(t, stack, True)
         result = func(*args, **kwargs)
-        if rec.stack:
-            for t in tree_leaves(result):
-                if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() > 0:
-                    rec._alive.append(t)  # an output: written by this branch
-                    rec.accesses.append((tuple(rec.stack), t.untyped_storage().data_ptr(), True))
+        if stack:
+            results = result if isinstance(result, (tuple, list)) and len(schema.returns) > 1 else (result,)
+            for ret, value in zip(schema.returns, results):
+                # a return that aliases an input without writing it (a view) is no write
+                fresh_or_written = ret.alias_info is None or ret.alias_info.is_write
+                for t in tree_leaves(value):
+                    self._touch(t, stack, fresh_or_written)
         return result
 
 
@@ -518,6 +539,48 @@ def test_hazard_check_passes_independent_branches(recorder):
     x = torch.randn(4, 8)
     w0, w1 = torch.randn(8, 8), torch.randn(8, 3)
     recorder.run(lambda: streams.run_pair("probe", lambda: x @ w0, lambda: x @ w1, 4, None))
+    recorder.assert_no_cross_branch_hazard()
+
+
+def test_hazard_check_ignores_views_of_an_input_both_branches_read(recorder):
+    """Both branches reshape the input they share, as vLLM's CPU GEMM kernels do on some
+    machines: a view aliases its input, it writes nothing."""
+    x = torch.randn(4, 8)
+    w0, w1 = torch.randn(8, 8), torch.randn(8, 3)
+    recorder.run(
+        lambda: streams.run_pair(
+            "probe", lambda: x.view(2, 16).view(4, 8) @ w0, lambda: x.t().t()[:, :8] @ w1, 4, None
+        )
+    )
+    recorder.assert_no_cross_branch_hazard()
+
+
+def test_hazard_check_catches_a_write_through_a_view(recorder):
+    x = torch.randn(4, 8)
+    w0 = torch.randn(8, 8)
+    recorder.run(lambda: streams.run_pair("probe", lambda: x @ w0, lambda: x.view(32)[:8].add_(0), 4, None))
+    with pytest.raises(AssertionError, match="branch 1 writes what branch 0 uses"):
+        recorder.assert_no_cross_branch_hazard()
+
+
+def test_hazard_check_ignores_a_temporary_freed_in_one_branch_and_a_new_tensor_in_the_other(
+    recorder,
+):
+    """Branch 0's products are freed inside the branch; branch 1 then makes tensors of the
+    same sizes, which a CPU allocator tends to place at the freed addresses (glibc's does for
+    some of these sizes). Different tensors, no hazard."""
+    sizes = (8, 16, 24, 32, 48, 64)
+    x = {n: torch.randn(n, n) for n in sizes}
+    w0 = {n: torch.randn(n, n) for n in sizes}
+    w1 = {n: torch.randn(n, n) for n in sizes}
+
+    def branch0():  # each product is a temporary, freed before the branch returns
+        return [(x[n] @ w0[n]).exp().sum() for n in sizes]
+
+    def branch1():  # new tensors of the same sizes
+        return [x[n] @ w1[n] for n in sizes]
+
+    recorder.run(lambda: streams.run_pair("probe", branch0, branch1, 8, None))
     recorder.assert_no_cross_branch_hazard()
 
 
