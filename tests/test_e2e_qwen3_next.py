@@ -77,13 +77,23 @@ def test_compiled_graphs_do_not_grow_with_gdn_layers(compiled_runs):
     print("\n" + "\n".join(rows) + f"\ncold compile start-up on/off (2 layers): {ratio:.3f}")
 
 
+# vLLM prefixes each line a child process logs with its role and pid.
+OWN_APPLIED = re.compile(r"\(\w[\w-]* pid=(\d+)\)[^\n]*" + APPLIED.pattern)
+LOADS_MODEL = re.compile(r"\(\w[\w-]* pid=(\d+)\)[^\n]*Starting to load model")
+
+
 def test_default_multiprocess_engine_loads_and_applies_in_engine_core(model_dirs):
-    """vLLM's default: the model lives in the engine-core process, not ours."""
+    """vLLM's default: the model is built in a child process (engine core or its worker),
+    not ours. The process that builds it applied the rewrite, by its own log line; the
+    front-end may or may not have imported the model code (vLLM's business: it differs by
+    machine), so nothing is asserted about it."""
     run = run_llm(model_dirs(2), "--multiproc", env=ON)
-    pids = _applied_pids(run["log"])
     main_pid = re.search(r"\[pid (\d+)\]", run["summary"]).group(1)
-    assert pids and main_pid not in pids, run["log"][-3000:]
-    assert "gdn_in_proj not loaded" in run["summary"]  # the front-end never imports model code
+    builders = set(LOADS_MODEL.findall(run["log"]))
+    applied = {pid for pid, own_pid in OWN_APPLIED.findall(run["log"]) if pid == own_pid}
+    assert builders and main_pid not in builders, run["log"][-3000:]
+    assert builders <= applied, (builders, applied, run["log"][-3000:])
+    assert len(run["token_ids"]) == 4 and all(len(t) == 8 for t in run["token_ids"])
 
 
 def test_tensor_parallel_2_on_off_identical_and_every_worker_applies(model_dirs):
