@@ -197,4 +197,7 @@ def test_a_runtime_that_fails_to_import_is_a_skip_not_a_broken_vllm_import():
         """
     )
     assert proc.returncode == 0, proc.stderr
-    assert "skipped: runtime vllm_overlap.no_such_runtime failed to load: ModuleNotFoundError" in proc.stdout
+    assert (
+        "skipped: internal error: ModuleNotFoundError: No module named 'vllm_overlap.no_such_runtime'"
+        " (importing vllm_overlap.no_such_runtime)" in proc.stdout
+    )

@@ -84,3 +84,36 @@ def test_compat_matrix_from_wheels_without_importing_them(tmp_path):
     )
     table = matrix_table(rows, markdown=True)
     assert table.splitlines()[0] == "| feature | target | 9.0.0 | 9.1.0 |"
+
+
+def test_compat_and_diff_report_a_broken_declaration_as_skipped(tmp_path, monkeypatch, capsys):
+    """An anchor of ours that does not parse is that site's reason, not a crash."""
+    import dataclasses
+
+    from vllm_overlap import cli
+    from vllm_overlap.rewrite import Anchor
+
+    gdn = FEATURES["gdn_in_proj"]
+    unparsable = Anchor("mixed_qkvz, _ = self.in_proj_qkvz(", "pass")
+    broken = dataclasses.replace(
+        gdn, rewrites=tuple(dataclasses.replace(r, anchors=(unparsable,)) for r in gdn.rewrites)
+    )
+    monkeypatch.setitem(FEATURES, "gdn_in_proj", broken)
+    body = """
+        mixed_qkvz, _ = self.in_proj_qkvz(hidden_states)
+        ba, _ = self.in_proj_ba(hidden_states)
+        return mixed_qkvz, ba
+    """
+    rows = matrix(["9.0.0"], _fake_wheel(tmp_path, "9.0.0", body))
+    cell = {(r["feature"], r["target"]): r["result"] for r in rows}
+    assert cell["gdn_in_proj", "QwenGatedDeltaNetAttention.forward_cuda"].startswith(
+        "skipped: internal error: SyntaxError: "
+    )
+
+    assert cli.main(["diff", "gdn_in_proj"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 4 and all(
+        line.startswith("# gdn_in_proj: vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn.")
+        and " skipped: internal error: SyntaxError: " in line
+        for line in err
+    ), err

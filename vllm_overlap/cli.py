@@ -32,25 +32,27 @@ def _versions() -> dict[str, str]:
 
 
 def _anchor_counts(rewrite) -> str:
-    """How many times each anchor occurs in the upstream source, as 'found/expected'."""
-    from .rewrite import RewriteSkipped, _function_node, find_anchor, upstream_source
+    """How many times each anchor occurs in the upstream source, as 'found/expected';
+    ``- (<error type>)`` where they cannot be counted (the result column says why)."""
+    from .rewrite import check_anchors, find_anchor, function_node, upstream_source
 
-    try:
-        node = _function_node(upstream_source(rewrite.target))
-    except (RewriteSkipped, OSError, TypeError, ImportError, AttributeError, KeyError) as exc:
-        return f"- ({type(exc).__name__})"
     def counts(anchors) -> list[int]:
         return [len(find_anchor(node, a)) for a in anchors]
 
     def shown(found, anchors) -> str:
         return ", ".join(f"{n}/{a.count}" for n, a in zip(found, anchors))
 
-    # The set the rewrite uses (rewrite_first: the first that matches), else the newest.
-    for i, anchors in enumerate(rewrite.anchor_sets):
-        found = counts(anchors)
-        if found == [a.count for a in anchors]:
-            return shown(found, anchors) + (" (older)" if i else "")
-    return shown(counts(rewrite.anchors), rewrite.anchors)
+    try:
+        check_anchors(rewrite.anchor_sets)
+        node = function_node(upstream_source(rewrite.target))
+        # The set the rewrite uses (rewrite_first: the first that matches), else the newest.
+        for i, anchors in enumerate(rewrite.anchor_sets):
+            found = counts(anchors)
+            if found == [a.count for a in anchors]:
+                return shown(found, anchors) + (" (older)" if i else "")
+        return shown(counts(rewrite.anchors), rewrite.anchors)
+    except Exception as exc:  # doctor reports, it does not fail
+        return f"- ({type(exc).__name__})"
 
 
 def model_rows(model: str) -> dict:

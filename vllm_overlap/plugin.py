@@ -3,6 +3,12 @@
 It reads the config, then installs a ``wrapt`` post-import hook per target module of each
 enabled feature; the rewrite happens when vLLM imports that module (in the process that builds
 the model), so ``register()`` itself imports no torch and initialises no CUDA.
+
+The firewall: the hooks run inside vLLM's own imports (and the post-load step inside its
+loader), so no exception of ours may escape from them. A failure while applying a rewrite
+becomes that target's ``skipped: internal error: <type>: <message>``; one anywhere else in a
+hook is logged and swallowed. Only ``strict: true`` stops start-up, with one line
+(:class:`StrictError`, a ``SystemExit``).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from . import __version__, cache_key, state
 from .config import OverlayStop, load_config
 from .features import Feature
 from .patches import FEATURES
-from .rewrite import RewriteSkipped, apply
+from .rewrite import RewriteSkipped, apply, internal_error
 
 _lock = threading.RLock()
 _registered = False
@@ -80,20 +86,58 @@ def _install_post_load_hooks() -> None:
     def wrapper(wrapped, instance, args, kwargs):
         model = args[0] if args else kwargs["model"]
         for step in steps:
-            module_name, func = step.split(":")
-            getattr(importlib.import_module(module_name), func)(model)
+            _run_post_load_step(step, model)
         return wrapped(*args, **kwargs)
 
+    @_firewalled
     def hook(module) -> None:
         wrapt.wrap_function_wrapper(module, "process_weights_after_loading", wrapper)
 
     wrapt.register_post_import_hook(hook, LOADER_MODULE)
 
 
+def _run_post_load_step(step: str, model) -> None:
+    """One feature's post-load step; a failure of ours is logged (the layers it did not
+    reach keep running their fallback), never raised into vLLM's loader, unless strict."""
+    try:
+        module_name, func = step.split(":")
+        getattr(importlib.import_module(module_name), func)(model)
+    except Exception as exc:
+        reason = internal_error(exc, f"post-load step {step}")
+        state.post_load_reports[step] = {"error": reason}
+        if state.loaded().config.strict:
+            raise StrictError(f"strict: true and a post-load step failed: {reason}") from None
+        _log_internal_error(reason)
+
+
+def _log_internal_error(reason: str) -> None:
+    try:
+        logger().warning("vllm-overlap: %s", reason)
+    except Exception:  # the logger itself: nothing more can be said
+        pass
+
+
+def _firewalled(hook):
+    """A post-import hook that never raises into the import that ran it (but a strict stop)."""
+
+    def guarded(module) -> None:
+        try:
+            hook(module)
+        except OverlayStop:
+            raise
+        except Exception as exc:
+            _log_internal_error(
+                internal_error(exc, f"in the hook on {getattr(module, '__name__', module)}")
+            )
+
+    return guarded
+
+
 def _enabled(feature: Feature) -> bool:
     return state.loaded().config.feature(feature.name).enabled
 
 
+@_firewalled
 def _on_import(module) -> None:
     apply_module(module.__name__)
 
@@ -129,6 +173,8 @@ def apply_feature(feature: Feature, module_name: str) -> list[state.Outcome]:
             outcome = state.Outcome(feature.name, target, state.APPLIED, path=path)
         except RewriteSkipped as exc:
             outcome = state.Outcome(feature.name, target, state.SKIPPED, str(exc))
+        except Exception as exc:  # ours: a bad declaration or an engine bug
+            outcome = state.Outcome(feature.name, target, state.SKIPPED, internal_error(exc))
         state.record(outcome)
         results.append(outcome)
     return results
@@ -140,9 +186,7 @@ def _load_runtime(feature: Feature):
     try:
         return feature.load_runtime()
     except Exception as exc:
-        raise RewriteSkipped(
-            f"runtime {feature.runtime} failed to load: {type(exc).__name__}: {exc}"
-        ) from None
+        raise RewriteSkipped(internal_error(exc, f"importing {feature.runtime}")) from None
 
 
 def _enforce_strict(results: list[state.Outcome]) -> None:

@@ -37,6 +37,13 @@ class RewriteSkipped(Exception):
     """The target was left untouched; ``str(exc)`` is the reason."""
 
 
+def internal_error(exc: BaseException, context: str = "") -> str:
+    """The skip reason for a failure of ours (a bad declaration, an engine bug, a runtime that
+    does not import): ``internal error: <type>: <message>``."""
+    where = f" ({context})" if context else ""
+    return f"internal error: {type(exc).__name__}: {exc}{where}"
+
+
 @dataclass(frozen=True)
 class Anchor:
     """Statements to find (``find``) and the statements that replace them (``replace``)."""
@@ -123,7 +130,7 @@ def find_anchor(func_node: ast.AST, anchor: Anchor) -> list[_Match]:
 # --------------------------------------------------------------------------- source rewrite
 
 
-def _function_node(source: str) -> ast.FunctionDef | ast.AsyncFunctionDef:
+def function_node(source: str) -> ast.FunctionDef | ast.AsyncFunctionDef:
     tree = ast.parse(source)
     if len(tree.body) != 1 or not isinstance(tree.body[0], (ast.FunctionDef, ast.AsyncFunctionDef)):
         raise RewriteSkipped("target source is not a single function definition")
@@ -137,7 +144,7 @@ def rewrite_source(source: str, anchors: list[Anchor] | tuple[Anchor, ...]) -> s
     :class:`RewriteSkipped` when an anchor is missing, ambiguous, or not on lines of its own.
     """
     source = textwrap.dedent(source)
-    func = _function_node(source)
+    func = function_node(source)
     foreign = [d for d in func.decorator_list if ast.unparse(d) not in CARRIED_DECORATORS]
     if foreign:
         names = ", ".join("@" + ast.unparse(d) for d in foreign)
@@ -173,13 +180,25 @@ def rewrite_source(source: str, anchors: list[Anchor] | tuple[Anchor, ...]) -> s
     for start, end, new in reversed(edits):
         lines[start : end + 1] = [new]
     result = "".join(lines)
-    _function_node(result)  # must still parse as one function
+    function_node(result)  # must still parse as one function
     return result
+
+
+def check_anchors(anchor_sets) -> None:
+    """Every anchor of every set parses (``find`` and ``replace``); raises SyntaxError if one
+    does not, whichever set a release would use: a broken declaration is never half used."""
+    for anchors in anchor_sets:
+        for anchor in anchors:
+            _parse_anchor(anchor.find)
+            _parse_anchor(anchor.replace)
 
 
 def rewrite_first(source: str, anchor_sets) -> str:
     """``rewrite_source`` with the first anchor set that matches (the current release's
-    statements first, then those of older releases); the first set's reason if none does."""
+    statements first, then those of older releases); the first set's reason if none does.
+    Raises SyntaxError, before matching anything, if any anchor of any set does not parse."""
+    anchor_sets = tuple(anchor_sets)
+    check_anchors(anchor_sets)
     first_error: RewriteSkipped | None = None
     for anchors in anchor_sets:
         try:

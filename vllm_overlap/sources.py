@@ -14,7 +14,7 @@ import importlib.util
 import textwrap
 
 from .features import Feature, Rewrite
-from .rewrite import RewriteSkipped, rewrite_first
+from .rewrite import RewriteSkipped, internal_error, rewrite_first
 
 APPLIES = "applies"
 
@@ -37,8 +37,9 @@ def find_function(tree: ast.Module, qualname: str):
 def rewrite_module_text(text: str, rewrites: list[Rewrite]) -> tuple[str, dict[str, str]]:
     """Apply ``rewrites`` (all targeting this module) to its text.
 
-    Returns the new text and, per target qualname, ``"applies"`` or the reason it does not.
-    Targets that do not apply are left as they are.
+    Returns the new text and, per target qualname, ``"applies"`` or the reason it does not
+    (``internal error: ...`` for a failure of ours). Targets that do not apply are left as
+    they are.
     """
     tree = ast.parse(text)
     lines = text.splitlines(keepends=True)
@@ -56,6 +57,9 @@ def rewrite_module_text(text: str, rewrites: list[Rewrite]) -> tuple[str, dict[s
             new = rewrite_first(segment, rewrite.anchor_sets)
         except RewriteSkipped as exc:
             results[qualname] = str(exc)
+            continue
+        except Exception as exc:  # ours: a bad declaration or an engine bug
+            results[qualname] = internal_error(exc)
             continue
         indent = segment[: len(segment) - len(segment.lstrip())]
         new = textwrap.indent(new, indent, lambda ln: ln.strip() != "")
