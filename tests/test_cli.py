@@ -5,8 +5,11 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import stat
 import subprocess
 import sys
+
+import pytest
 
 from conftest import clean_env
 from test_plugin import BREAK_GDN, run_py
@@ -119,3 +122,42 @@ def test_anchor_counts_name_the_set_the_rewrite_uses():
     swapped = Rewrite(newest.target, (mla.V32_Q_PATHS_BMM_ALWAYS,), older=((mla.V32_Q_PATHS,),))
     assert _anchor_counts(swapped) == "1/1 (older)"
     assert _anchor_counts(Rewrite(newest.target, (mla.V32_Q_PATHS_BMM_ALWAYS,))) == "0/1"
+
+
+def _plant_in_function(path, marker) -> None:
+    """Edit a rewritten function's file as an attacker with write access to the cache would:
+    a new keyword-only parameter whose default expression writes ``marker`` when the
+    function is defined."""
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    func = tree.body[0]
+    func.args.kwonlyargs.append(ast.arg("_planted"))
+    func.args.kw_defaults.append(ast.parse(f"open({str(marker)!r}, 'w').write('ran')").body[0].value)
+    path.write_text(ast.unparse(tree), encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_a_planted_rewrite_in_the_cache_runs_nothing(tmp_path):
+    """Issue 9's report: doctor once with XDG_CACHE_HOME set; edit deepseek_indexer's rewrite
+    of DeepseekV32Attention.forward in the cache (mla_q_b_proj stacks on it); doctor again."""
+    env = {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    assert vllm_overlap_cli("doctor", env=env).returncode == 0
+    cache = tmp_path / "xdg" / "vllm-overlap" / "rewritten"
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+    name = "vllm.models.deepseek_v32.attention.DeepseekV32Attention.forward"
+    first = [
+        p
+        for p in cache.glob(f"{name}.*.py")
+        if "feature deepseek_indexer" in p.read_text(encoding="utf-8").splitlines()[0]
+    ]
+    assert len(first) == 1, sorted(p.name for p in cache.iterdir())
+    honest = first[0].read_text(encoding="utf-8")
+    marker = tmp_path / "planted-code-ran"
+    _plant_in_function(first[0], marker)
+
+    proc = vllm_overlap_cli("doctor", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not marker.exists()
+    assert first[0].read_text(encoding="utf-8") == honest
+    assert "all enabled features applied" in proc.stdout

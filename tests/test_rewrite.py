@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import stat
 import sys
+import tempfile
 import textwrap
 import traceback
 
@@ -289,3 +292,108 @@ def test_closure_is_refused(tmp_path):
             rewrite.apply(Target("synthetic_closure", "Holder.inner"), (Anchor("a = x * y", "a = y * x"),), "f")
     finally:
         del sys.modules["synthetic_closure"]
+
+
+# --------------------------------------------------------------------------- the source cache
+# Code is compiled only from text this process made; the files are for tracebacks and
+# vLLM's compile-cache hash. Their directories are private to the user.
+
+STACKED = Anchor("return helper(a) * b", "return helper(a) * b * 1")
+
+
+def _plant(path: str, marker) -> None:
+    """What an attacker with write access to the cache would do: edit the rewritten
+    function so that merely defining it runs code (a default argument's expression)."""
+    text = open(path, encoding="utf-8").read()
+    planted = text.replace("(self, x):", f"(self, x, _p=open({str(marker)!r}, 'w').write('pwned')):", 1)
+    assert planted != text
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(planted)
+
+
+def test_a_planted_cache_file_runs_nothing(synthetic, tmp_path):
+    """The attack of issue 9: a rewrite's file edited between two processes; the second
+    process applies the same rewrite (same content address) and stacks another on top."""
+    target = Target(synthetic.__name__, "Layer.forward")
+    first = _apply(synthetic, "forward", feature="first")
+    _apply(synthetic, "forward", (STACKED,), feature="second")
+    honest = open(first, encoding="utf-8").read()
+    rewrite.revert(target)  # as a new process starts: nothing applied, the files remain
+
+    marker = tmp_path / "planted-code-ran"
+    _plant(first, marker)
+    assert _apply(synthetic, "forward", feature="first") == first
+    _apply(synthetic, "forward", (STACKED,), feature="second")
+    synthetic.Layer().forward(3)
+    assert not marker.exists()
+    assert open(first, encoding="utf-8").read() == honest  # the planted file was replaced
+    assert "_p=" not in inspect.getsource(synthetic.Layer.forward)
+
+
+def test_stacking_reads_no_file(synthetic, monkeypatch):
+    target = Target(synthetic.__name__, "Layer.forward")
+    first = _apply(synthetic, "forward", feature="first")
+    os_remove = __import__("os").remove
+    os_remove(first)  # the first rewrite's file is gone: the second stacks on its text anyway
+    _apply(synthetic, "forward", (STACKED,), feature="second")
+    assert rewrite.applied_features(target) == ["first", "second"]
+    assert "_test_runtime.pair(self, x)" in rewrite.current_source(target)
+    assert "* b * 1" in rewrite.current_source(target)
+
+
+def test_stacking_refuses_a_function_replaced_after_the_first_rewrite(synthetic):
+    _apply(synthetic, "forward", feature="first")
+    synthetic.Layer.forward = lambda self, x: 0  # someone else's patch, after ours
+    with pytest.raises(RewriteSkipped, match="replaced after vllm-overlap rewrote it"):
+        _apply(synthetic, "forward", (STACKED,), feature="second")
+
+
+def test_cache_directory_is_created_private(synthetic, tmp_path):
+    path = _apply(synthetic, "forward")
+    directory = os.path.dirname(path)
+    assert directory == str(tmp_path / "cache")
+    assert stat.S_IMODE(os.stat(directory).st_mode) & 0o077 == 0
+    assert os.stat(directory).st_uid == os.geteuid()
+
+
+def _fallback_in(monkeypatch, tmp_path):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    os.makedirs(tmp_path / "tmp")
+    return rewrite.fallback_cache_dir()
+
+
+def test_a_cache_directory_writable_by_others_is_refused(synthetic, tmp_path, monkeypatch):
+    shared = tmp_path / "cache"
+    shared.mkdir()
+    shared.chmod(0o777)
+    fallback = _fallback_in(monkeypatch, tmp_path)
+    path = _apply(synthetic, "forward")
+    assert os.path.dirname(path) == fallback
+    assert str(os.geteuid()) in fallback and fallback.startswith(str(tmp_path / "tmp"))
+    assert os.listdir(shared) == []
+
+
+def test_cache_directories_owned_by_someone_else_are_refused(synthetic, tmp_path, monkeypatch):
+    """Every directory exists and belongs to this process's real uid; the check is told the
+    process runs as another user, so to it they belong to someone else."""
+    fallback = _fallback_in(monkeypatch, tmp_path)
+    os.makedirs(tmp_path / "cache", mode=0o700)
+    os.makedirs(fallback, mode=0o700)
+    real = os.geteuid()
+    monkeypatch.setattr(rewrite.os, "geteuid", lambda: real + 1)
+    original = synthetic.Layer.__dict__["forward"]
+    with pytest.raises(RewriteSkipped) as info:
+        _apply(synthetic, "forward")
+    reason = str(info.value)
+    assert reason.startswith("no private cache directory for the rewritten source")
+    assert f"{tmp_path / 'cache'} is owned by uid {real}" in reason
+    assert synthetic.Layer.__dict__["forward"] is original
+
+
+def test_a_link_in_place_of_the_cache_directory_is_refused(synthetic, tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    (tmp_path / "cache").symlink_to(elsewhere)
+    fallback = _fallback_in(monkeypatch, tmp_path)
+    assert os.path.dirname(_apply(synthetic, "forward")) == fallback
+    assert os.listdir(elsewhere) == []

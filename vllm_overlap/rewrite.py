@@ -7,10 +7,14 @@ matches whatever the variable is called). Every anchor must be found exactly ``c
 The matched lines are replaced in the function's own source text, so everything else in the
 function, including upstream fixes made after this anchor was written, flows through unchanged.
 
-The rewritten function is written to a content-addressed file in a cache directory and
-compiled from there: tracebacks show its real lines, and vLLM's compile cache (which hashes the
-source files of the code Dynamo traced) keys on the rewritten code. Anything unexpected raises
-:class:`RewriteSkipped` with a reason and leaves the target untouched.
+The rewritten function is compiled from its text in memory, never from a file: a second
+rewrite stacked on the same target starts from the first one's in-memory text. The same text
+is also written to a content-addressed file in a directory private to the user (0700, owned by
+them, writable by nobody else), and the compiled code names that file, so tracebacks show its
+real lines and vLLM's compile cache (which hashes the source files of the code Dynamo traced)
+keys on the rewritten code. An existing file is used only if its bytes are exactly the text.
+Anything unexpected raises :class:`RewriteSkipped` with a reason and leaves the target
+untouched.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import importlib
 import inspect
 import os
 import re
+import stat
 import tempfile
 import textwrap
 from dataclasses import dataclass, field
@@ -226,22 +231,69 @@ def cache_dir() -> str:
     return base
 
 
+def fallback_cache_dir() -> str:
+    """Where the rewritten source goes when the cache directory cannot be used: a directory
+    of this user's own in the temp directory (another user may pre-create it; then it is
+    refused, never used)."""
+    return os.path.join(tempfile.gettempdir(), f"vllm-overlap-{os.geteuid()}", "rewritten")
+
+
+def private_dir_problem(directory: str) -> str | None:
+    """Create ``directory`` (0700) if missing; None if it is fit to hold code that this
+    process names as its own, else why not: it must be a real directory (not a link),
+    owned by this user, and writable by nobody else (no group or other write bit)."""
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        info = os.lstat(directory)
+    except OSError as exc:
+        return f"{directory}: {exc.strerror or exc}"
+    if not stat.S_ISDIR(info.st_mode):
+        return f"{directory} is not a directory"
+    if info.st_uid != os.geteuid():
+        return f"{directory} is owned by uid {info.st_uid}, not this user ({os.geteuid()})"
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"{directory} is writable by others (mode {stat.S_IMODE(info.st_mode):o})"
+    return None
+
+
+def _holds_exactly(path: str, data: bytes) -> bool:
+    """Whether ``path`` is a regular file (not a link) whose bytes are exactly ``data``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            return False
+        return fh.read(len(data) + 1) == data
+
+
 def _write_source(name: str, text: str) -> str:
-    """Write ``text`` to a content-addressed file and return its path."""
-    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-    for directory in (cache_dir(), os.path.join(tempfile.gettempdir(), "vllm-overlap-rewritten")):
+    """A content-addressed file holding exactly ``text``; return its path.
+
+    The file is for tracebacks and vLLM's compile-cache hash only: nothing is ever compiled
+    from it. An existing file whose bytes differ from ``text`` is replaced."""
+    data = text.encode("utf-8")
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    problems = []
+    for directory in (cache_dir(), fallback_cache_dir()):
+        problem = private_dir_problem(directory)
+        if problem:
+            problems.append(problem)
+            continue
         path = os.path.join(directory, f"{name}.{digest}.py")
         try:
-            if not os.path.exists(path):
-                os.makedirs(directory, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-                with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                    fh.write(text)
+            if not _holds_exactly(path, data):
+                fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")  # mode 0600
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
                 os.replace(tmp, path)  # atomic: concurrent workers write the same bytes
             return path
-        except OSError:
-            continue
-    raise RewriteSkipped("no writable cache directory for the rewritten source")
+        except OSError as exc:
+            problems.append(f"{path}: {exc.strerror or exc}")
+    raise RewriteSkipped(
+        "no private cache directory for the rewritten source: " + "; ".join(problems)
+    )
 
 
 def resolve_owner(target: Target) -> tuple[Any, str]:
@@ -279,6 +331,7 @@ class Layer:
 class _TargetState:
     original: Any
     original_source: str
+    original_file: str
     layers: list[Layer] = field(default_factory=list)
 
 
@@ -286,8 +339,12 @@ _STATE: dict[Target, _TargetState] = {}
 
 
 def current_source(target: Target) -> str:
-    """Source of the target as installed now (rewritten or upstream)."""
+    """Source of the target as installed now: the last rewrite's in-memory text, or
+    upstream's source file."""
     owner, attr = resolve_owner(target)
+    state = _STATE.get(target)
+    if state:
+        return state.layers[-1].source
     func, _ = _unwrap_descriptor(vars(owner)[attr])
     return textwrap.dedent(inspect.getsource(func))
 
@@ -328,10 +385,18 @@ def apply(
         raise RewriteSkipped(f"{target.qualname} is a {type(func).__name__}, not a function")
     if getattr(func, MARKER, None) is not None and state is None:
         raise RewriteSkipped("rewritten by another copy of vllm-overlap")
-    try:
-        source = textwrap.dedent(inspect.getsource(func))
-    except (OSError, TypeError) as exc:
-        raise RewriteSkipped(f"source not available ({exc})") from None
+    if state is not None:
+        # Stack on the previous rewrite's text as this process made it, never on what a
+        # file on disk says now; and only if nobody replaced that function since.
+        if func is not state.layers[-1].function:
+            raise RewriteSkipped(f"{target.qualname} was replaced after vllm-overlap rewrote it")
+        source, upstream_file = state.layers[-1].source, state.original_file
+    else:
+        try:
+            source = textwrap.dedent(inspect.getsource(func))
+            upstream_file = inspect.getsourcefile(func) or "?"
+        except (OSError, TypeError) as exc:
+            raise RewriteSkipped(f"source not available ({exc})") from None
     new_source = rewrite_first(source, (anchors, *older))  # refuses foreign decorators first
     if func.__code__.co_freevars:
         names = ", ".join(func.__code__.co_freevars)
@@ -345,7 +410,7 @@ def apply(
             raise RewriteSkipped(f"global name {name} already used in {func.__module__}")
     header = (
         f"# {target} rewritten by vllm-overlap feature {feature}.\n"
-        f"# Upstream: {inspect.getsourcefile(func)}. Generated, content-addressed: safe to delete.\n"
+        f"# Upstream: {upstream_file}. Generated, content-addressed: safe to delete.\n"
     )
     text = header + new_source
     path = _write_source(f"{target}", text)
@@ -364,7 +429,7 @@ def apply(
     new_func.__dict__.update({k: v for k, v in func.__dict__.items() if k != MARKER})
     setattr(new_func, MARKER, feature)
     if state is None:
-        state = _STATE[target] = _TargetState(original=raw, original_source=source)
+        state = _STATE[target] = _TargetState(raw, source, upstream_file)
     state.layers.append(Layer(feature, raw, new_func, path, new_source))
     setattr(owner, attr, wrapper(new_func) if wrapper else new_func)
     return path
