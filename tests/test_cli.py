@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import os
 import stat
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import sys
 import pytest
 
 from conftest import clean_env
-from test_plugin import BREAK_GDN, run_py
+from test_plugin import BREAK_GDN, ROOT, run_py
 
 
 def vllm_overlap_cli(*args, env=None):
@@ -47,6 +48,23 @@ def test_doctor_table_and_off(tmp_path):
     assert ["gdn_in_proj", "QwenGatedDeltaNetAttention.forward_cuda", "no", "-", "off"] in rows
     assert ["mla_q_b_proj", "MultiHeadLatentAttentionWrapper.forward", "no", "-", "off"] in rows
     assert "all enabled features applied" in proc.stdout
+
+
+def test_off_yaml_and_the_switch_give_the_same_doctor_table():
+    from vllm_overlap.patches import FEATURES
+
+    off_yaml = os.path.join(ROOT, "configs", "off.yaml")
+    by_switch = vllm_overlap_cli("doctor", "--json", env={"VLLM_OVERLAP": "0"})
+    by_file = vllm_overlap_cli("doctor", "--json", env={"VLLM_OVERLAP_CONFIG": off_yaml})
+    assert by_switch.returncode == by_file.returncode == 0, by_switch.stderr + by_file.stderr
+    switch, file = json.loads(by_switch.stdout), json.loads(by_file.stdout)
+    assert switch["rows"] == file["rows"]
+    assert switch["config_fingerprint"] == file["config_fingerprint"]
+    expected = [
+        (name, rewrite.target.qualname) for name, f in FEATURES.items() for rewrite in f.rewrites
+    ]
+    assert [(r["feature"], r["target"]) for r in file["rows"]] == expected
+    assert all(not r["enabled"] and r["result"] == "off" for r in file["rows"])
 
 
 def test_doctor_exits_non_zero_when_an_enabled_feature_is_skipped():

@@ -8,7 +8,10 @@ import os
 import pytest
 
 from vllm_overlap.config import (
+    FEATURE_NAMES,
     ConfigError,
+    FeatureConfig,
+    FeaturesConfig,
     OverlayConfig,
     load_config,
     load_config_file,
@@ -33,15 +36,46 @@ def test_default_yaml_is_the_built_in_default():
     assert load_config_file(os.path.join(ROOT, "configs", "default.yaml")) == OverlayConfig()
 
 
-def test_off_yaml_turns_every_feature_off():
-    cfg = load_config_file(os.path.join(ROOT, "configs", "off.yaml"))
-    assert not any(cfg.feature(n).enabled for n in ("gdn_in_proj", "deepseek_indexer", "mla_q_b_proj"))
+OFF_YAML = os.path.join(ROOT, "configs", "off.yaml")
+
+
+def test_off_yaml_turns_every_feature_of_the_registry_off():
+    from vllm_overlap.patches import FEATURES
+
+    cfg = load_config_file(OFF_YAML)
+    assert set(FEATURE_NAMES) == set(FEATURES)  # every feature has its config entry
+    assert not any(cfg.feature(name).enabled for name in FEATURES)
+    assert cfg == load_config({"VLLM_OVERLAP": "0"}).config
+    assert cfg.fingerprint() == load_config({"VLLM_OVERLAP": "0"}).config.fingerprint()
+
+
+def test_off_yaml_stays_off_when_a_feature_is_added():
+    """A later version's config with one more feature, on by default, reading today's file."""
+    import yaml
+
+    class LaterFeatures(FeaturesConfig):
+        later_site: FeatureConfig = FeatureConfig()
+
+    class LaterConfig(OverlayConfig):
+        features: LaterFeatures = LaterFeatures()
+
+    with open(OFF_YAML, encoding="utf-8") as fh:
+        off = LaterConfig.model_validate(yaml.safe_load(fh))
+    assert LaterConfig().feature("later_site").enabled  # on unless the file says otherwise
+    assert not off.feature("later_site").enabled
+    assert not any(off.feature(name).enabled for name in (*FEATURE_NAMES, "later_site"))
+
+
+def test_the_overlay_switch_keeps_feature_settings_but_turns_them_off():
+    cfg = parse_config("enabled: false\nfeatures: {gdn_in_proj: {max_tokens: 64}}", "x")
+    assert cfg.features.gdn_in_proj.max_tokens == 64 and cfg.features.gdn_in_proj.enabled
+    assert not cfg.feature("gdn_in_proj").enabled and cfg.feature("gdn_in_proj").max_tokens == 64
 
 
 def test_environment_selects_the_source(tmp_path):
     assert load_config({}).source == "built-in defaults"
     off = load_config({"VLLM_OVERLAP": "0"})
-    assert off.source == "VLLM_OVERLAP=0" and not off.config.features.gdn_in_proj.enabled
+    assert off.source == "VLLM_OVERLAP=0" and not off.config.feature("gdn_in_proj").enabled
     path = tmp_path / "c.yaml"
     path.write_text("features: {gdn_in_proj: {max_tokens: 64}}\n")
     loaded = load_config({"VLLM_OVERLAP_CONFIG": str(path)})
@@ -59,6 +93,7 @@ def test_environment_selects_the_source(tmp_path):
         ("features: {gdn_in_proj: {max_tokens: many}}", ["bad.yaml", "features.gdn_in_proj.max_tokens", "'many'"]),
         ("features: {gdn_in_proj: {enabled: 'yes'}}", ["bad.yaml", "features.gdn_in_proj.enabled", "'yes'"]),
         ("strict: 1", ["bad.yaml", "strict", "1"]),
+        ("enabled: 'off'", ["bad.yaml", "enabled", "'off'"]),
         (
             "features: {mla_q_b_proj: {min_tokens: 2048, max_tokens: 1024}}",
             ["bad.yaml", "features.mla_q_b_proj", "min_tokens (2048)", "max_tokens (1024)"],

@@ -16,7 +16,7 @@ import json
 
 import wrapt
 
-from .config import OverlayConfig
+from .config import FEATURE_NAMES, OverlayConfig
 
 CONFIG_MODULE = "vllm.config.vllm"
 
@@ -24,9 +24,9 @@ CONFIG_MODULE = "vllm.config.vllm"
 def overlay_key(config: OverlayConfig) -> str:
     """'' when every feature is off (the hash stays vLLM's own), else a stable string."""
     enabled = {
-        name: feature.mode
-        for name, feature in config.features
-        if feature.enabled
+        name: config.feature(name).mode
+        for name in FEATURE_NAMES
+        if config.feature(name).enabled
     }
     return json.dumps(enabled, sort_keys=True) if enabled else ""
 

@@ -1,7 +1,8 @@
 """The overlay's configuration: one YAML file validated by pydantic.
 
 Found through ``VLLM_OVERLAP_CONFIG`` (a path); the model defaults below otherwise
-(``configs/default.yaml`` writes them out). ``VLLM_OVERLAP=0`` turns every feature off.
+(``configs/default.yaml`` writes them out). ``VLLM_OVERLAP=0``, like a file saying
+``enabled: false`` (``configs/off.yaml``), turns every feature off, present and future.
 A bad file raises :class:`ConfigError`, one message naming the file, the key and the value.
 """
 
@@ -77,11 +78,16 @@ class FeaturesConfig(_Strict):
 
 
 class OverlayConfig(_Strict):
+    # false: the whole overlay off, every feature there is now and every one added later
+    # (what VLLM_OVERLAP=0 means); the settings under ``features`` are kept but unused.
+    enabled: bool = True
     strict: bool = False
     features: FeaturesConfig = FeaturesConfig()
 
     def feature(self, name: str) -> FeatureConfig:
-        return getattr(self.features, name)
+        """The settings a feature runs with (switched off when the whole overlay is)."""
+        cfg = getattr(self.features, name)
+        return cfg if self.enabled else cfg.model_copy(update={"enabled": False})
 
     def fingerprint(self) -> str:
         """A short stable hash of the active settings (for compile-cache keys)."""
@@ -99,8 +105,7 @@ class LoadedConfig:
 
 
 def _all_off() -> OverlayConfig:
-    off = {name: {"enabled": False} for name in FEATURE_NAMES}
-    return OverlayConfig.model_validate({"features": off})
+    return OverlayConfig(enabled=False)
 
 
 def _format_key(loc: tuple) -> str:
