@@ -31,6 +31,10 @@ class Layer:
 RUNTIME_OK = '''
 def pair(layer, x):
     return layer.left(x), layer.right(x)
+
+
+def broken_post_load(model):
+    raise ValueError("post-load bug")
 '''
 RUNTIME_BROKEN = '''
 raise RuntimeError("runtime exploded at import")
@@ -175,3 +179,43 @@ def test_a_failing_hook_body_is_logged_not_raised(synthetic_dir):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "56"
     assert "vllm-overlap: internal error: KeyError: 'announce' (in the hook on fw_target)" in proc.stderr
+
+
+POST_LOAD = '''
+FEATURES["gdn_in_proj"] = dataclasses.replace(
+    FEATURES["gdn_in_proj"], post_load="fw_runtime_ok:broken_post_load", post_load_modes=("dual_stream",)
+)
+from vllm.model_executor.model_loader import base_loader
+def loader_step(model, *args):  # stands for vLLM's step, which the plugin wraps
+    print("vLLM's post-processing ran")
+base_loader.process_weights_after_loading = loader_step
+import vllm_overlap
+vllm_overlap.register()
+import torch
+base_loader.process_weights_after_loading(torch.nn.Linear(2, 2), None, None)
+print("loaded")
+'''
+
+
+def test_a_failing_post_load_step_is_logged_and_loading_goes_on(synthetic_dir):
+    proc = run_py(_program(synthetic_dir, "site(PAIR)", POST_LOAD))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["vLLM's post-processing ran", "loaded"]
+    assert (
+        "vllm-overlap: internal error: ValueError: post-load bug "
+        "(post-load step fw_runtime_ok:broken_post_load)" in proc.stderr
+    )
+
+
+def test_strict_stops_on_a_failing_post_load_step(synthetic_dir, tmp_path):
+    cfg = tmp_path / "strict.yaml"
+    cfg.write_text("strict: true\n")
+    proc = run_py(
+        _program(synthetic_dir, "site(PAIR)", POST_LOAD), env={"VLLM_OVERLAP_CONFIG": str(cfg)}
+    )
+    assert proc.returncode == 1 and "loaded" not in proc.stdout
+    ours = [ln for ln in proc.stderr.splitlines() if ln.startswith("vllm-overlap: ")]
+    assert ours == [
+        "vllm-overlap: strict: true and a post-load step failed: internal error: ValueError: "
+        "post-load bug (post-load step fw_runtime_ok:broken_post_load)"
+    ], proc.stderr
