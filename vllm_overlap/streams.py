@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .config import FeatureConfig
+if TYPE_CHECKING:  # torch only at run time: benchmarks/pairs.py runs without vLLM or pydantic
+    from .config import FeatureConfig
 
 # What happens inside vLLM's dual-batch-overlap (--enable-dbo) micro-batch threads. Each
 # micro-batch runs on compute/comm streams of its own; one global aux stream shared by both
@@ -112,7 +113,7 @@ def site_events(site: str) -> tuple[Any, Any]:
     return pair
 
 
-def serial_reason(num_tokens: int, feature: FeatureConfig, aux: Any) -> str | None:
+def serial_reason(num_tokens: int, feature: "FeatureConfig", aux: Any) -> str | None:
     """Why this call runs serially (None: it may overlap)."""
     if aux is None:
         return "no aux stream"
@@ -136,11 +137,18 @@ def run_pair(
     fn0: Callable[[], Any],
     fn1: Callable[[], Any],
     num_tokens: int,
-    feature: FeatureConfig,
+    feature: "FeatureConfig",
 ) -> tuple[Any, Any]:
     aux = get_aux_stream()
     if serial_reason(num_tokens, feature, aux) is not None:
         return fn0(), fn1()
+    return fork_join(site, fn0, fn1, aux)
+
+
+def fork_join(site: str, fn0: Callable[[], Any], fn1: Callable[[], Any], aux: Any) -> tuple[Any, Any]:
+    """fn0 on the current stream beside fn1 on ``aux``, always (``run_pair`` decides when):
+    the fork/join every site runs, for callers that bring their own aux stream (the pair
+    benchmark, which runs without vLLM)."""
     event0, event1 = site_events(site)
     result0, result1 = _parallel_impl()(fn0, fn1, event0, event1, aux)
     if not torch.cuda.is_current_stream_capturing():
