@@ -1,0 +1,237 @@
+"""Real model shapes of every overlap site: the one table the benchmarks read.
+
+``MODELS`` holds the published ``config.json`` values that decide a site's GEMM shapes (from
+each model's Hugging Face repository, named in ``source``). ``SITES`` says, per site, what each
+branch computes from those values, as vLLM builds it: which input it reads, and each GEMM's
+input and output width, sharded by tensor parallelism (ColumnParallel / MergedColumnParallel:
+output width divided by tp) or replicated (ReplicatedLinear: the same on every rank).
+``site_shapes`` turns one (site, model, tp) into per-rank shapes. Plain Python: no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Values copied from each repository's config.json (text_config for the Qwen3.5 models).
+MODELS: dict[str, dict] = {
+    "Qwen3-Next-80B-A3B": dict(
+        source="Qwen/Qwen3-Next-80B-A3B-Instruct",
+        family="gdn",
+        hidden_size=2048,
+        linear_num_key_heads=16,
+        linear_key_head_dim=128,
+        linear_num_value_heads=32,
+        linear_value_head_dim=128,
+    ),
+    "Qwen3.5-35B-A3B": dict(
+        source="Qwen/Qwen3.5-35B-A3B",
+        family="gdn",
+        hidden_size=2048,
+        linear_num_key_heads=16,
+        linear_key_head_dim=128,
+        linear_num_value_heads=32,
+        linear_value_head_dim=128,
+    ),
+    "Qwen3.5-122B-A10B": dict(
+        source="Qwen/Qwen3.5-122B-A10B",
+        family="gdn",
+        hidden_size=3072,
+        linear_num_key_heads=16,
+        linear_key_head_dim=128,
+        linear_num_value_heads=64,
+        linear_value_head_dim=128,
+    ),
+    "Qwen3.5-397B-A17B": dict(
+        source="Qwen/Qwen3.5-397B-A17B",
+        family="gdn",
+        hidden_size=4096,
+        linear_num_key_heads=16,
+        linear_key_head_dim=128,
+        linear_num_value_heads=64,
+        linear_value_head_dim=128,
+    ),
+    "DeepSeek-V3.2": dict(
+        source="deepseek-ai/DeepSeek-V3.2",
+        family="dsa",
+        hidden_size=7168,
+        num_attention_heads=128,
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        index_n_heads=64,
+        index_head_dim=128,
+    ),
+    "GLM-5": dict(
+        source="zai-org/GLM-5",
+        family="dsa",
+        hidden_size=6144,
+        num_attention_heads=64,
+        q_lora_rank=2048,
+        kv_lora_rank=512,
+        qk_nope_head_dim=192,
+        qk_rope_head_dim=64,
+        index_n_heads=32,
+        index_head_dim=128,
+    ),
+}
+TP_SIZES = (1, 2, 4, 8)
+TOKEN_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+@dataclass(frozen=True)
+class Gemm:
+    """``y = x @ W.T`` on the branch's input: [tokens, k] -> [tokens, n] (n per rank)."""
+
+    name: str
+    k: int
+    n: int
+
+
+@dataclass(frozen=True)
+class Bmm:
+    """MLA's absorbed ``W_UK_T``: the previous GEMM's output viewed as [tokens, heads, width]
+    (its first ``k`` columns per head), ``bmm`` by [heads, k, n]: [heads, tokens, n]."""
+
+    name: str
+    heads: int
+    width: int
+    k: int
+    n: int
+
+
+@dataclass(frozen=True)
+class LayerNorm:
+    """The indexer's ``k_norm``: LayerNorm over the first ``width`` columns of the previous
+    GEMM's output."""
+
+    name: str
+    width: int
+
+
+@dataclass(frozen=True)
+class Branch:
+    input: str  # "hidden" [tokens, hidden_size] or "q_c" [tokens, q_lora_rank]
+    input_width: int
+    ops: tuple
+
+
+@dataclass(frozen=True)
+class PairShapes:
+    """One site at one model and tensor-parallel size, per rank."""
+
+    site: str
+    model: str
+    tp: int
+    branch0: Branch  # the current stream
+    branch1: Branch  # the aux stream
+    fused: bool  # the site has a fused form: one GEMM over both branches' weights
+    notes: tuple[str, ...] = field(default=())
+
+
+def _shard(width: int, tp: int, what: str) -> int:
+    if width % tp:
+        raise ValueError(f"{what}={width} is not divisible by tensor parallel size {tp}")
+    return width // tp
+
+
+def _gdn_in_proj(c: dict, tp: int) -> tuple[Branch, Branch, bool, tuple]:
+    # QwenGatedDeltaNetAttention: in_proj_qkvz = MergedColumnParallelLinear(hidden,
+    # [key_dim, key_dim, value_dim, value_dim]); in_proj_ba = MergedColumnParallelLinear(
+    # hidden, [num_v_heads, num_v_heads]). Both sharded by tp.
+    h = c["hidden_size"]
+    key_dim = c["linear_num_key_heads"] * c["linear_key_head_dim"]
+    value_dim = c["linear_num_value_heads"] * c["linear_value_head_dim"]
+    _shard(c["linear_num_key_heads"], tp, "linear_num_key_heads")
+    qkvz = _shard(2 * key_dim + 2 * value_dim, tp, "qkvz width")
+    ba = _shard(2 * c["linear_num_value_heads"], tp, "ba width")
+    return (
+        Branch("hidden", h, (Gemm("in_proj_qkvz", h, qkvz),)),
+        Branch("hidden", h, (Gemm("in_proj_ba", h, ba),)),
+        True,
+        (),
+    )
+
+
+def _deepseek_indexer(c: dict, tp: int) -> tuple[Branch, Branch, bool, tuple]:
+    # DeepseekV32Attention.forward: fused_qkv_a_proj (MergedReplicatedLinear, hidden ->
+    # q_lora + kv_lora + rope) beside indexer.wk_weights_proj (ReplicatedLinear, hidden ->
+    # index_head_dim + index_n_heads). Replicated: the same on every rank.
+    h = c["hidden_size"]
+    a_proj = c["q_lora_rank"] + c["kv_lora_rank"] + c["qk_rope_head_dim"]
+    kw = c["index_head_dim"] + c["index_n_heads"]
+    return (
+        Branch("hidden", h, (Gemm("fused_qkv_a_proj", h, a_proj),)),
+        Branch("hidden", h, (Gemm("indexer.wk_weights_proj", h, kw),)),
+        False,
+        ("replicated: the same shapes at every tp",),
+    )
+
+
+def _deepseek_indexer_legacy(c: dict, tp: int) -> tuple[Branch, Branch, bool, tuple]:
+    # Legacy Indexer.forward (the path vLLM <= 0.31 runs for V3.2): wq_b(qr) (ReplicatedLinear,
+    # q_lora -> index_n_heads * index_head_dim) beside wk_weights_proj(h) + k_norm.
+    h, q = c["hidden_size"], c["q_lora_rank"]
+    wq_b = c["index_n_heads"] * c["index_head_dim"]
+    kw = c["index_head_dim"] + c["index_n_heads"]
+    return (
+        Branch("q_c", q, (Gemm("indexer.wq_b", q, wq_b),)),
+        Branch(
+            "hidden",
+            h,
+            (Gemm("indexer.wk_weights_proj", h, kw), LayerNorm("indexer.k_norm", c["index_head_dim"])),
+        ),
+        False,
+        ("replicated: the same shapes at every tp",),
+    )
+
+
+def _mla_q_b_proj(c: dict, tp: int) -> tuple[Branch, Branch, bool, tuple]:
+    # DeepseekV32Attention.forward: the indexer's wq_b(q_c) (replicated) beside q_b_proj(q_c)
+    # (ColumnParallelLinear, q_lora -> heads * (nope + rope), sharded) and the W_UK_T bmm
+    # over the heads of this rank.
+    q = c["q_lora_rank"]
+    heads = _shard(c["num_attention_heads"], tp, "num_attention_heads")
+    head_width = c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
+    wq_b = c["index_n_heads"] * c["index_head_dim"]
+    return (
+        Branch("q_c", q, (Gemm("indexer.wq_b", q, wq_b),)),
+        Branch(
+            "q_c",
+            q,
+            (
+                Gemm("q_b_proj", q, heads * head_width),
+                Bmm("W_UK_T", heads, head_width, c["qk_nope_head_dim"], c["kv_lora_rank"]),
+            ),
+        ),
+        False,
+        (),
+    )
+
+
+# site -> (model family, what each branch computes)
+SITES = {
+    "gdn_in_proj": ("gdn", _gdn_in_proj),
+    "deepseek_indexer": ("dsa", _deepseek_indexer),
+    "deepseek_indexer_legacy": ("dsa", _deepseek_indexer_legacy),
+    "mla_q_b_proj": ("dsa", _mla_q_b_proj),
+}
+
+
+def models_for(site: str) -> list[str]:
+    family = SITES[site][0]
+    return [name for name, c in MODELS.items() if c["family"] == family]
+
+
+def site_shapes(site: str, model: str, tp: int) -> PairShapes:
+    family, build = SITES[site]
+    config = MODELS[model]
+    if config["family"] != family:
+        raise ValueError(f"{model} has no {site} site")
+    b0, b1, fused, notes = build(config, tp)
+    return PairShapes(site, model, tp, b0, b1, fused, notes)
+
+
+def replicated(shapes: PairShapes) -> bool:
+    """Whether tp changes nothing in this site (measure it once)."""
+    return "replicated: the same shapes at every tp" in shapes.notes
