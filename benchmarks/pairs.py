@@ -489,11 +489,16 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, started = [], time.perf_counter()
     for shapes, dtype, tokens in jobs:
-        pair = Pair(shapes, dtype, device)
-        if args.smoke:
-            pair.aux = None  # serial path only
-        for n in tokens:
-            rows.append(measure(pair, n, args))
+        try:  # one shape that a kernel refuses must not cost the rest of a GPU session
+            pair = Pair(shapes, dtype, device)
+            if args.smoke:
+                pair.aux = None  # serial path only
+            for n in tokens:
+                rows.append(measure(pair, n, args))
+        except Exception as exc:
+            meta["skipped"].append(f"{shapes.site} {shapes.model} tp={shapes.tp} {dtype}: failed: {type(exc).__name__}: {exc}")
+            print(f"  {meta['skipped'][-1]}", flush=True)
+            continue
         last = rows[-1]
         print(
             f"  {shapes.site} {shapes.model} tp={shapes.tp} {dtype}: done "
