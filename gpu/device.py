@@ -17,7 +17,6 @@ doctor runs. Everything it says goes to $OUT (the folder the device tool brings 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,6 +26,9 @@ import tarfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+from bundle import reassemble, satisfied, sha256_file  # noqa: E402  (stdlib only)
 STORE = os.environ.get("VLLM_OVERLAP_GPU_STORE", "/tmp/vllm-overlap-gpu")
 VENV = os.path.join(STORE, "venv")
 MANIFEST = os.path.join(ROOT, "out", "gpu-bundle", "manifest.json")
@@ -55,14 +57,6 @@ def load_manifest() -> dict:
     return manifest
 
 
-def sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cmd_probe(args: list[str]) -> int:
     directory = out_dir("probe")
     with open(os.path.join(directory, "probe.txt"), "w", encoding="utf-8") as log:
@@ -89,7 +83,7 @@ def cmd_receive(args: list[str]) -> int:
     if expected is None:
         print(f"receive: {name} is not a part of this bundle", file=sys.stderr)
         return 2
-    got = sha256(part_path)
+    got = sha256_file(part_path)
     if got != expected["sha256"]:
         print(f"receive: {name} arrived damaged (sha256 {got[:16]}, expected {expected['sha256'][:16]})", file=sys.stderr)
         return 1
@@ -109,16 +103,6 @@ def image_version(dist: str) -> str | None:
         return None
 
 
-def satisfied(spec: str, version: str | None) -> bool:
-    if version is None:
-        return False
-    try:
-        from packaging.requirements import Requirement
-    except ImportError:
-        from pip._vendor.packaging.requirements import Requirement
-    return Requirement(spec).specifier.contains(version, prereleases=True)
-
-
 def unpack(manifest: dict) -> tuple[list[str], list[str]]:
     """Reassemble the received parts, check the tar and every wheel against the manifest,
     extract the wheels; (wheels to install, dependencies the image already satisfies)."""
@@ -126,9 +110,6 @@ def unpack(manifest: dict) -> tuple[list[str], list[str]]:
     missing = [p["name"] for p in manifest["parts"] if not os.path.exists(os.path.join(parts_dir, p["name"]))]
     if missing:
         raise RuntimeError(f"parts missing: {missing} (the machine went cold, or a receive failed)")
-    sys.path.insert(0, HERE)
-    from bundle import reassemble
-
     tar_path = os.path.join(STORE, "bundle.tar")
     if reassemble(parts_dir, manifest["parts"], tar_path) != manifest["tar_sha256"]:
         raise RuntimeError("the parts do not reassemble into the bundle")
@@ -143,7 +124,7 @@ def unpack(manifest: dict) -> tuple[list[str], list[str]]:
     chosen, kept = [], []
     for wheel in manifest["wheels"]:
         path = os.path.join(wheels_dir, wheel["file"])
-        if sha256(path) != wheel["sha256"]:
+        if sha256_file(path) != wheel["sha256"]:
             raise RuntimeError(f"{wheel['file']} differs from the manifest")
         have = image_version(wheel["dist"]) if wheel["role"] == "dependency" else None
         if satisfied(wheel["spec"], have):
