@@ -2,7 +2,7 @@
 
     python3 gpu/device.py probe                 # what the image has -> $OUT/probe/ (freeze, GPU)
     python3 gpu/device.py receive PART          # keep a bundle part where the next call sees it
-    python3 gpu/device.py install               # reassemble, check, install vLLM + this project
+    python3 gpu/device.py install               # probe, reassemble, check, install vLLM + this project
     python3 gpu/device.py suite [STEP ...]      # gpu/suite.py with the installed vLLM -> $OUT/suite
 
 The parts of ``gpu/bundle.py`` arrive one call each and are kept in ``STORE`` (outside the
@@ -135,6 +135,7 @@ def unpack(manifest: dict) -> tuple[list[str], list[str]]:
 
 
 def cmd_install(args: list[str]) -> int:
+    cmd_probe([])  # the image as found (its pip freeze refines the next bundle: --image-freeze)
     manifest = load_manifest()
     directory = out_dir("install")
     report = {"store": STORE}
