@@ -72,3 +72,31 @@ def test_package_dependencies_never_name_torch_or_vllm():
     project = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]
     names = [re.split(r"[<>=! \[]", d)[0].lower() for d in project["dependencies"]]
     assert names == ["wrapt", "pydantic", "pyyaml"]
+
+
+def _load(name):
+    return yaml.safe_load(open(os.path.join(DOCKER, name)))
+
+
+def test_the_gpu_reservation_lives_only_in_compose_gpu(overlay):
+    """Compose v1 cannot drop a key in an override: a reservation in the overlay would make it
+    unusable without GPUs. The overlay goes on a user's service, which has its own."""
+    assert "deploy" not in overlay["services"]["vllm"]
+    devices = _load("compose.gpu.yaml")["services"]["vllm"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    assert "deploy" not in _load("compose.cpu.yaml")["services"]["vllm"]
+
+
+def test_cpu_profile_serves_the_same_model_and_port(overlay):
+    cpu = _load("compose.cpu.yaml")["services"]["vllm"]
+    base = overlay["services"]["vllm"]["command"]
+    assert cpu["command"][: len(base)] == base
+    assert cpu["command"][len(base) :][0] == "--gpu-memory-utilization"
+    assert "VLLM_CPU_KVCACHE_SPACE" in cpu["environment"]
+
+
+def test_dockerignore_keeps_what_the_build_needs():
+    ignored = [ln.strip() for ln in open(os.path.join(ROOT, ".dockerignore")) if ln.strip() and not ln.startswith("#")]
+    assert ".git" in ignored and "out/" in ignored
+    for needed in ("pyproject.toml", "README.md", "vllm_overlap", "configs", "tests", "docker"):
+        assert not any(needed == pattern.rstrip("/") for pattern in ignored), needed
