@@ -15,11 +15,12 @@ def fused_twin(vllm_context, overlay_applied):
     """(unfused layer, fused layer, fuse report): two layers with the same weights, taken
     through loading as vLLM takes a model in mode fused: the overlay's post-load step (on
     one of them), then vLLM's own weight post-processing (on both), which picks this
-    machine's GEMM path for whatever projections each layer then has."""
+    machine's GEMM path for whatever projections each layer then has. ``process=False``
+    stops before that last step, where the fusing has happened and nothing is repacked."""
     from tiny_models import qwen3_next_config
     from vllm_overlap.layer_bench import build_gdn_layer, process_weights_like_the_loader
 
-    def make(interleaved=True):
+    def make(interleaved=True, process=True):
         plain, fused = (
             build_gdn_layer(
                 vllm_context,
@@ -31,7 +32,7 @@ def fused_twin(vllm_context, overlay_applied):
             for _ in range(2)
         )
         report = gdn_fuse.fuse_model(fused)
-        for layer in (plain, fused):
+        for layer in (plain, fused) if process else ():
             process_weights_like_the_loader(layer, vllm_context)
         return plain, fused, report
 
@@ -50,17 +51,10 @@ def test_fused_projection_equals_the_two_projections(fused_twin, num_tokens, int
     assert qkvz.is_contiguous() and ba.is_contiguous()
 
 
-def test_fusing_keeps_no_extra_parameter_memory(vllm_context, overlay_applied):
+def test_fusing_keeps_no_extra_parameter_memory(fused_twin):
     """Measured where the fusing happens: after loading, before vLLM's post-processing
     (which may repack or drop weights by machine, for fused and plain layers alike)."""
-    from tiny_models import qwen3_next_config
-    from vllm_overlap.layer_bench import build_gdn_layer
-
-    def unprocessed():
-        return build_gdn_layer(vllm_context, qwen3_next_config(2), seed=3, process_weights=False)
-
-    plain, fused = unprocessed(), unprocessed()
-    report = gdn_fuse.fuse_model(fused)
+    plain, fused, report = fused_twin(process=False)
     bytes_of = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
     projections = plain.in_proj_qkvz, plain.in_proj_ba
     expected = sum(p.weight.numel() * p.weight.element_size() for p in projections)
