@@ -92,7 +92,7 @@ def main() -> None:
         for feature, report in on["post_load"].items():
             print(f"[{name}, {rows[-1]['mode']}]   after load, {feature}: {json.dumps(report)}")
 
-    from vllm_overlap.cli import format_table
+    from vllm_overlap.tables import format_table
 
     print("\nOverlay on vs off (greedy, 4 prompts x 8 tokens; start-up includes a cold compile):")
     print(format_table(rows, list(rows[0])))

@@ -54,7 +54,7 @@ def plot(rows: list[dict], title: str, path: str, gpu: bool) -> None:
 
 
 def table(rows: list[dict], gpu: bool) -> str:
-    from vllm_overlap.cli import format_table
+    from vllm_overlap.tables import format_table
 
     cols = ["tokens", "off_us", "on_us", "on/off"]
     cols += ["serial_sum_us", "critical_path_us", "bound"] if gpu else ["noise", "op_path/off"]

@@ -179,7 +179,7 @@ def main() -> None:
     plot(rows, title, stem + ".png")
     print(f"saved {stem}.png and {stem}.json")
 
-    from vllm_overlap.cli import format_table
+    from vllm_overlap.tables import format_table
 
     print(f"\nvllm-overlap serve benchmark: {title} (medians)")
     print(format_table(rows, list(rows[0])))

@@ -148,12 +148,12 @@ def overlay_applied():
     import importlib
 
     import vllm_overlap
-    from vllm_overlap import state
+    from vllm_overlap import active_config
 
     vllm_overlap.register()
     importlib.import_module(GDN_MODULE)
-    assert state.loaded().source == "built-in defaults"
-    return state
+    assert active_config.loaded().source == "built-in defaults"
+    return active_config
 
 
 @pytest.fixture
@@ -259,3 +259,33 @@ def run_llm(model: str, *flags: str, env: dict | None = None, timeout: int = 600
     result = json.loads(lines[-1])
     result["log"] = log
     return result
+
+
+def site_runtime(site_id: str, module: str | None = None):
+    """The runtime the rewritten code of ``site_id`` calls in ``module`` (default: its first
+    target's), as the plugin built it in this process."""
+    from vllm_overlap.patches import SITES
+    from vllm_overlap.runtime import installed
+
+    module = module or SITES[site_id].targets[0].module
+    rt = installed.runtime(site_id, module)
+    assert rt is not None, f"{site_id} is not applied in {module}"
+    return rt
+
+
+def site_entry(site_id: str, module: str | None = None):
+    """What the rewritten code calls for ``site_id``: ``_vllm_overlap_<feature>.<entry>``."""
+    from vllm_overlap.patches import SITES
+    from vllm_overlap.runtime import installed
+
+    site = SITES[site_id]
+    module = module or site.targets[0].module
+    return getattr(installed.namespace(site.feature, module), site.entry)
+
+
+def wrap_branch(monkeypatch, site_id: str, which: str, change, module: str | None = None):
+    """Make the ``which`` branch ("current" or "aux") of ``site_id`` return ``change(result)``
+    (undone by monkeypatch): a mutation of one branch's output."""
+    compiled = site_runtime(site_id, module).compiled
+    real = getattr(compiled, which)
+    monkeypatch.setattr(compiled, which, lambda *args: change(real(*args)))

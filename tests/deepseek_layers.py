@@ -566,7 +566,7 @@ def build_indexer(
     CPU; see ``DeepseekStandins.select_indexer_branch`` for the others."""
     from vllm.model_executor.models.deepseek_v2 import Indexer
 
-    from vllm_overlap.ops import register_layer
+    from vllm_overlap.runtime.layers import register_layer
 
     if topk_indices_buffer is None:
         topk_indices_buffer = _topk_buffer(vllm_config, hf_config)

@@ -67,7 +67,7 @@ def main() -> None:
     outs = llm.generate(prompts(args.prompts), params, use_tqdm=False)
     t_gen = time.perf_counter() - t1
 
-    from vllm_overlap import state
+    from vllm_overlap import census, outcomes
     from vllm_overlap.plugin import summary_line
 
     import glob
@@ -85,8 +85,8 @@ def main() -> None:
         "init_s": round(t_init, 3),
         "generate_s": round(t_gen, 3),
         "summary": summary_line(),
-        "post_load": state.post_load_reports,
-        "outcomes": {f"{o.feature}:{o.target}": o.describe() for o in state.outcomes.values()},
+        "post_load": census.post_load_reports,
+        "outcomes": {f"{o.feature}:{o.target}": o.describe() for o in outcomes.outcomes.values()},
     }
     print(json.dumps(result))
 

@@ -131,7 +131,7 @@ def test_model_checks_on_deepseek_configs():
 def test_anchor_counts_name_the_set_the_rewrite_uses():
     """doctor's anchors column follows rewrite_first: the first set that matches."""
     from vllm_overlap.cli import _anchor_counts
-    from vllm_overlap.features import Rewrite
+    from vllm_overlap.site import Rewrite
     from vllm_overlap.patches import mla_q_b_proj as mla
 
     newest = mla.FEATURE.rewrites[0]  # DeepseekV32Attention.forward, installed vLLM's form

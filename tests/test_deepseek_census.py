@@ -14,8 +14,9 @@ from deepseek_layers import (
 
 
 def test_census_and_registration(deepseek_vllm, standins, monkeypatch):
-    from vllm_overlap import ops, state
-    from vllm_overlap.ops.deepseek_layers import NO_INDEXER, post_load
+    from vllm_overlap import census
+    from vllm_overlap.runtime import layers
+    from vllm_overlap.runtime.deepseek_census import NO_INDEXER, post_load
 
     v32 = deepseek_v32_config()
     with_indexer = build_mla_wrapper(deepseek_vllm, v32, True, standins=standins)
@@ -30,8 +31,8 @@ def test_census_and_registration(deepseek_vllm, standins, monkeypatch):
     skipping = build_v32_attention(deepseek_vllm, v32, True, standins=standins)
     skipping.skip_topk = True  # reuses an earlier layer's top-k: nothing to overlap
     model.append(skipping)
-    monkeypatch.setattr(ops, "_layers", type(ops._layers)())  # forget what the builders registered
-    monkeypatch.setattr(state, "post_load_reports", {})
+    monkeypatch.setattr(layers, "_layers", type(layers._layers)())  # forget what the builders registered
+    monkeypatch.setattr(census, "post_load_reports", {})
 
     report = post_load(model)
 
@@ -41,14 +42,14 @@ def test_census_and_registration(deepseek_vllm, standins, monkeypatch):
         "serial": {NO_INDEXER: 3},
         "registered_indexers": 1,  # the legacy Indexer; the V3.2 path needs no lookup
     }
-    assert ops.resolve_layer(with_indexer.indexer.prefix) is with_indexer.indexer
-    assert state.post_load_reports == {"deepseek_indexer": report, "mla_q_b_proj": report}
+    assert layers.resolve_layer(with_indexer.indexer.prefix) is with_indexer.indexer
+    assert census.post_load_reports == {"deepseek_indexer": report, "mla_q_b_proj": report}
 
 
 def test_a_model_without_mla_layers_reports_nothing(monkeypatch):
-    from vllm_overlap import state
-    from vllm_overlap.ops.deepseek_layers import post_load
+    from vllm_overlap import census
+    from vllm_overlap.runtime.deepseek_census import post_load
 
-    monkeypatch.setattr(state, "post_load_reports", {})
+    monkeypatch.setattr(census, "post_load_reports", {})
     assert post_load(nn.Sequential(nn.Linear(2, 2)))["mla_layers"] == 0
-    assert state.post_load_reports == {}
+    assert census.post_load_reports == {}

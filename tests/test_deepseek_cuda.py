@@ -35,6 +35,7 @@ from deepseek_layers import (
     run_mla_wrapper,
     run_v32,
 )
+from conftest import site_entry
 from vllm_overlap import rewrite, streams
 
 pytestmark = pytest.mark.cuda
@@ -76,10 +77,10 @@ def cuda_standins(monkeypatch, deepseek_overlay):
 def functions(target):
     """(upstream, rewritten) forward of ``target``; a skip where this vLLM (another release
     than CI's, e.g. the GPU machine's) has it not rewritten, with the overlay's reason."""
-    from vllm_overlap import state
+    from vllm_overlap import outcomes
 
     if target not in rewrite._STATE:
-        reasons = {o.describe() for (_, t), o in state.outcomes.items() if t == str(target)}
+        reasons = {o.describe() for (_, t), o in outcomes.outcomes.items() if t == str(target)}
         pytest.skip(f"{target} is not rewritten on this vLLM: {sorted(reasons) or 'module absent'}")
     owner, attr = rewrite.resolve_owner(target)
     return rewrite._STATE[target].original, getattr(owner, attr)
@@ -282,7 +283,7 @@ def _replay_equals_eager(region, upstream, shapes, forks):
 
 @pytest.mark.parametrize("tokens", [1, 16, 256])
 def test_q_and_k_replays_in_a_cuda_graph(deepseek_overlay, forks, tokens):
-    from vllm_overlap.ops.deepseek_indexer import q_and_k
+    q_and_k = site_entry("deepseek_indexer_legacy")
 
     indexer = _legacy_indexer_like()
 
@@ -300,7 +301,7 @@ def test_q_and_k_replays_in_a_cuda_graph(deepseek_overlay, forks, tokens):
 
 @pytest.mark.parametrize("tokens", [1, 16, 256])
 def test_a_proj_replays_in_a_cuda_graph(deepseek_overlay, forks, tokens):
-    from vllm_overlap.ops.deepseek_indexer import a_proj
+    a_proj = site_entry("deepseek_indexer_v32")
 
     layer = _v32_like()
 
@@ -317,7 +318,7 @@ def test_a_proj_replays_in_a_cuda_graph(deepseek_overlay, forks, tokens):
 def test_q_b_proj_beside_index_q_replays_in_a_cuda_graph(
     deepseek_overlay, forks, tokens, prepare_mqa_query
 ):
-    from vllm_overlap.ops.mla_q_b_proj import q_b_proj_beside_index_q
+    q_b_proj_beside_index_q = site_entry("mla_q_b_proj_v32")
 
     self = _v32_like()
 

@@ -45,7 +45,9 @@ from deepseek_layers import (
 from vllm_overlap import rewrite, streams
 
 
-DI, MQ = "deepseek_indexer", "mla_q_b_proj"
+# The sites, by code shape: V3.2 CUDA path and the legacy (compiled / MLA wrapper) path.
+DI, MQ = "deepseek_indexer_v32", "mla_q_b_proj_v32"
+LDI, LMQ = "deepseek_indexer_legacy", "mla_q_b_proj_legacy"
 OUT = "outside"
 
 
@@ -382,11 +384,11 @@ def test_indexer_forks_q_beside_k(deepseek_vllm, standins, recorder, monkeypatch
 
     recorder.run(lambda: run_indexer(rewritten, indexer, hidden, qr, positions, rope))
     assert recorder.log == [
-        fork(DI),
-        b0(DI, "wq_b"),
-        b1(DI, "wk_weights_proj"),
-        b1(DI, "k_norm"),
-        join(DI),
+        fork(LDI),
+        b0(LDI, "wq_b"),
+        b1(LDI, "wk_weights_proj"),
+        b1(LDI, "k_norm"),
+        join(LDI),
         *out(*consumers),
     ]
     recorder.assert_no_cross_branch_hazard()
@@ -413,7 +415,7 @@ def test_indexer_rocm_inplace_rope_mutates_only_after_the_join(
     positions, _, qr = make_inputs(hf, 5)
     hidden = make_inputs(hf, 5, seed=1)[1]
     recorder.run(lambda: run_indexer(rewritten, indexer, hidden, qr, positions, rope))
-    assert recorder.forks == [DI]
+    assert recorder.forks == [LDI]
     (q, (kw, k)), = region_outputs
     assert q._version > 0 and k._version > 0  # rotated in place after the join
     assert kw._version == 0
@@ -471,7 +473,7 @@ def test_mla_wrapper_forks_q_path_beside_the_indexer(
         recorder.run(lambda: run_mla_wrapper(rewritten, wrapper, positions, hidden))
     if indexer_forward == "upstream":
         indexer_calls = [
-            b0(MQ, name)
+            b0(LMQ, name)
             for name in (
                 "indexer.wq_b",
                 "indexer.wk_weights_proj",
@@ -481,21 +483,21 @@ def test_mla_wrapper_forks_q_path_beside_the_indexer(
         ]
     else:  # the rewritten indexer forks again, inside branch 0
         indexer_calls = [
-            fork(DI),
-            b0(DI, "indexer.wq_b"),
-            b1(DI, "indexer.wk_weights_proj"),
-            b1(DI, "indexer.k_norm"),
-            join(DI),
-            *[b0(MQ, name) for name in indexer_tail],
+            fork(LDI),
+            b0(LDI, "indexer.wq_b"),
+            b1(LDI, "indexer.wk_weights_proj"),
+            b1(LDI, "indexer.k_norm"),
+            join(LDI),
+            *[b0(LMQ, name) for name in indexer_tail],
         ]
     assert recorder.log == [
         *head,
-        fork(MQ),
-        b0(MQ, "indexer"),
+        fork(LMQ),
+        b0(LMQ, "indexer"),
         *indexer_calls,
-        b1(MQ, "q_b_proj"),
-        b1(MQ, "rotary_emb"),
-        join(MQ),
+        b1(LMQ, "q_b_proj"),
+        b1(LMQ, "rotary_emb"),
+        join(LMQ),
         *tail,  # the top-k the indexer wrote, q and k_pe: read after the join
     ]
     recorder.assert_no_cross_branch_hazard()
@@ -601,5 +603,5 @@ def test_hazard_check_catches_a_mutation_inside_a_real_region(
     positions, hidden, _ = make_inputs(deepseek_v32_config(), 7)
     recorder.run(lambda: run_v32(rewritten, layer, positions, hidden))
     assert recorder.forks == [DI, MQ]
-    with pytest.raises(AssertionError, match="deepseek_indexer: branch 1 writes what branch 0"):
+    with pytest.raises(AssertionError, match="deepseek_indexer_v32: branch 1 writes what branch 0"):
         recorder.assert_no_cross_branch_hazard()

@@ -44,6 +44,7 @@ from deepseek_layers import (
     run_mla_wrapper,
     run_v32,
 )
+from conftest import site_entry, site_runtime, wrap_branch
 from vllm_overlap import rewrite, streams
 
 
@@ -74,13 +75,14 @@ V32_STANDINS = Counter(
 def count_forks(monkeypatch):
     """Every call of the stream primitive as (site, num_tokens); delegates to the real one.
     Each site passes its own feature's config (its token range)."""
-    from vllm_overlap import state
+    from vllm_overlap import active_config
+    from vllm_overlap.patches import SITES
 
     calls = []
     real = streams.run_pair
 
     def counting(site, fn0, fn1, num_tokens, feature):
-        assert feature == state.feature_config(site), (site, feature)
+        assert feature == active_config.site_config(SITES[site]), (site, feature)
         calls.append((site, num_tokens))
         return real(site, fn0, fn1, num_tokens, feature)
 
@@ -211,7 +213,7 @@ def test_indexer_rewritten_matches_upstream(
     want = _expected_indexer_standins(branch, dtype)
     assert up_calls == want
     assert rw_calls == want
-    assert forks == [("deepseek_indexer", tokens)]
+    assert forks == [("deepseek_indexer_legacy", tokens)]
     assert expected[0].shape == (tokens, hf.index_topk)
     assert not (expected[0] == -1).all()  # the indexer op wrote its rows
     assert identical(expected, actual)
@@ -223,8 +225,6 @@ def test_indexer_comparison_fails_on_a_perturbed_output(
 ):
     """Each of the op's three outputs reaches the compared result: one ulp-ish off in any
     of them makes the comparison fail."""
-    import vllm_overlap.ops.deepseek_indexer as ops
-
     hf = deepseek_v32_config()
     upstream, rewritten = functions(INDEXER_TARGET)
     indexer = build_indexer(deepseek_vllm, hf, standins=standins, seed=1)
@@ -233,20 +233,19 @@ def test_indexer_comparison_fails_on_a_perturbed_output(
     expected = run_indexer(upstream, indexer, hidden, qr, positions, rope)
     assert identical(expected, run_indexer(rewritten, indexer, hidden, qr, positions, rope))
 
-    real = ops._overlapped
-
-    def mutated(indexer_, hidden_states, qr_):
-        q, kw, k = real(indexer_, hidden_states, qr_)
-        if output == "q":
-            q = perturb(q)
-        elif output == "kw_weights":
+    def mutated_k_path(kw_k):
+        kw, k = kw_k
+        if output == "kw_weights":
             kw = kw.clone()
-            kw[:, indexer_.head_dim :] = perturb(kw[:, indexer_.head_dim :])
+            kw[:, indexer.head_dim :] = perturb(kw[:, indexer.head_dim :])
         else:
             k = perturb(k)
-        return q, kw, k
+        return kw, k
 
-    monkeypatch.setattr(ops, "_overlapped", mutated)
+    if output == "q":
+        wrap_branch(monkeypatch, "deepseek_indexer_legacy", "current", perturb)
+    else:
+        wrap_branch(monkeypatch, "deepseek_indexer_legacy", "aux", mutated_k_path)
     assert not identical(expected, run_indexer(rewritten, indexer, hidden, qr, positions, rope))
 
 
@@ -254,7 +253,7 @@ def test_indexer_without_a_second_stream_runs_upstream_statements(
     deepseek_vllm, standins, count_forks, monkeypatch
 ):
     """The CPU default (no VLLM_OVERLAP_TEST_OP_PATH): no stream primitive, same result."""
-    import vllm_overlap.ops as ops_pkg
+    from vllm_overlap.runtime import gates
 
     hf = deepseek_v32_config()
     upstream, rewritten = functions(INDEXER_TARGET)
@@ -262,7 +261,7 @@ def test_indexer_without_a_second_stream_runs_upstream_statements(
     rope = build_indexer_rope(hf)
     hidden, qr, positions = _indexer_inputs(hf, 5, torch.bfloat16)
     expected = run_indexer(upstream, indexer, hidden, qr, positions, rope)
-    monkeypatch.setattr(ops_pkg, "_OVERLAP_POSSIBLE", False)
+    monkeypatch.setattr(gates, "_OVERLAP_POSSIBLE", False)
     actual = run_indexer(rewritten, indexer, hidden, qr, positions, rope)
     assert count_forks == []
     assert identical(expected, actual)
@@ -341,7 +340,7 @@ def test_compiled_indexer_forward_is_one_op_and_matches_upstream_eager(
         assert identical(expected, actual), tokens
         assert standins.calls == Counter({"indexer_op": 1, "per_token_group_quant_fp8": 1})
         # the op's body runs the stream primitive once (at run time, not traced)
-        assert count_forks == [("deepseek_indexer", tokens)]
+        assert count_forks == [("deepseek_indexer_legacy", tokens)]
     graph = one_graph(counter)  # no graph break, no recompile across token counts
     assert len(_op_nodes(graph)) == 1
     code = graph.code
@@ -353,14 +352,15 @@ def test_compiled_indexer_forward_is_one_op_and_matches_upstream_eager(
 
 
 def test_compiled_q_and_k_matches_upstream_statements(deepseek_vllm, standins):
-    from vllm_overlap.ops.deepseek_indexer import q_and_k, upstream
+    q_and_k = site_entry("deepseek_indexer_legacy")
+    rt = site_runtime("deepseek_indexer_legacy")
 
     hf = deepseek_v32_config()
     indexer = build_indexer(deepseek_vllm, hf, standins=standins, seed=2)
     compiled, counter = _compile(lambda h, qr: q_and_k(indexer, h, qr))
     hidden, qr, _ = _indexer_inputs(hf, 9, torch.bfloat16)
     with torch.no_grad():
-        expected = upstream(indexer, hidden, qr)
+        expected = rt.site.result(*rt.serial(indexer, hidden, qr))
         actual = compiled(hidden, qr)
     assert identical(tuple(expected), tuple(actual))
     assert len(_op_nodes(one_graph(counter))) == 1
@@ -460,7 +460,7 @@ def test_str_layer_names_would_be_baked_in(
 ):
     """Negative control for the two tests above: with plain strings the prefix is a constant
     in the graph (one graph per layer)."""
-    import vllm_overlap.ops.deepseek_indexer as ops
+    from vllm_overlap.runtime import layers as ops
 
     hf = deepseek_v32_config()
     _, rewritten = functions(INDEXER_TARGET)
@@ -527,9 +527,9 @@ def test_mla_wrapper_with_indexer_matches_upstream(
     )
     assert up_calls == want and rw_calls == want
     if indexer_forward == "upstream":
-        assert forks == [("mla_q_b_proj", tokens)]
+        assert forks == [("mla_q_b_proj_legacy", tokens)]
     else:  # the indexer (branch 0 of mla_q_b_proj) forks itself
-        assert forks == [("mla_q_b_proj", tokens), ("deepseek_indexer", tokens)]
+        assert forks == [("mla_q_b_proj_legacy", tokens), ("deepseek_indexer_legacy", tokens)]
     assert len(expected) == 2 and not (expected[1] == -1).all()
     assert identical(expected, actual)
 
@@ -538,8 +538,7 @@ def test_mla_wrapper_with_indexer_matches_upstream(
 def test_mla_wrapper_without_indexer_matches_upstream_serially(
     deepseek_vllm, standins, count_forks, monkeypatch, tokens
 ):
-    from vllm_overlap import state
-    from vllm_overlap.ops import deepseek_layers as census
+    from vllm_overlap.runtime import deepseek_census as census
 
     hf = deepseek_v3_config()
     upstream, rewritten = functions(WRAPPER_TARGET)
@@ -556,7 +555,9 @@ def test_mla_wrapper_without_indexer_matches_upstream_serially(
     assert forks == []  # nothing to overlap with
     assert identical(expected, actual)
 
-    monkeypatch.setattr(state, "post_load_reports", {})
+    from vllm_overlap import census as reports
+
+    monkeypatch.setattr(reports, "post_load_reports", {})
     report = census.post_load(wrapper)
     assert report == {
         "mla_layers": 1,
@@ -565,27 +566,26 @@ def test_mla_wrapper_without_indexer_matches_upstream_serially(
         "registered_indexers": 0,
     }
     assert census.NO_INDEXER == "no indexer"
-    assert state.post_load_reports == {"deepseek_indexer": report, "mla_q_b_proj": report}
+    assert reports.post_load_reports == {"deepseek_indexer": report, "mla_q_b_proj": report}
 
 
 def test_mla_wrapper_census_with_an_indexer(deepseek_vllm, standins, monkeypatch):
-    from vllm_overlap import ops, state
-    from vllm_overlap.ops import deepseek_layers as census
+    from vllm_overlap import census as reports
+    from vllm_overlap.runtime import deepseek_census as census
+    from vllm_overlap.runtime import layers
 
     wrapper = build_mla_wrapper(deepseek_vllm, deepseek_v32_config(), True, standins=standins)
-    monkeypatch.setattr(state, "post_load_reports", {})
-    monkeypatch.setattr(ops, "_layers", ops._layers.__class__())  # empty registry
+    monkeypatch.setattr(reports, "post_load_reports", {})
+    monkeypatch.setattr(layers, "_layers", layers._layers.__class__())  # empty registry
     report = census.post_load(wrapper)
     assert report == {"mla_layers": 1, "with_indexer": 1, "serial": {}, "registered_indexers": 1}
-    assert ops._layers[wrapper.indexer.prefix] is wrapper.indexer
+    assert layers.registered_layers()[wrapper.indexer.prefix] is wrapper.indexer
 
 
 @pytest.mark.parametrize("output", ["q", "k_pe", "no_indexer_call"])
 def test_mla_wrapper_comparison_fails_on_a_mutation(
     deepseek_vllm, standins, monkeypatch, output
 ):
-    import vllm_overlap.ops.mla_q_b_proj as ops
-
     hf = deepseek_v32_config()
     upstream, rewritten = functions(WRAPPER_TARGET)
     wrapper = build_mla_wrapper(deepseek_vllm, hf, True, standins=standins)
@@ -594,19 +594,19 @@ def test_mla_wrapper_comparison_fails_on_a_mutation(
     assert identical(expected, run_mla_wrapper(rewritten, wrapper, positions, hidden))
 
     if output == "no_indexer_call":
-        monkeypatch.setattr(ops, "_legacy_indexer", lambda *args: None)
+        compiled = site_runtime("mla_q_b_proj_legacy").compiled
+        monkeypatch.setattr(compiled, "current", lambda *args: None)
     else:
-        real = ops.q_proj_beside_indexer
 
-        def mutated(*args):
-            q, heads, k_pe = real(*args)
+        def mutated(q_heads_k_pe):
+            q, heads, k_pe = q_heads_k_pe
             if output == "q":
                 q = perturb(q)
             else:
                 k_pe = perturb(k_pe)
             return q, heads, k_pe
 
-        monkeypatch.setattr(ops, "q_proj_beside_indexer", mutated)
+        wrap_branch(monkeypatch, "mla_q_b_proj_legacy", "aux", mutated)
     assert not identical(expected, run_mla_wrapper(rewritten, wrapper, positions, hidden))
 
 
@@ -699,7 +699,7 @@ def test_v32_attention_rewritten_matches_upstream(
         lambda: run_probed(rewritten, layer, positions, hidden),
     )
     assert up_calls == V32_STANDINS and rw_calls == V32_STANDINS
-    features = ["deepseek_indexer"] + (["mla_q_b_proj"] if stack == "both" else [])
+    features = ["deepseek_indexer_v32"] + (["mla_q_b_proj_v32"] if stack == "both" else [])
     assert forks == _v32_forks(variant, tokens, features)
     assert len(expected) > 2 + 20  # output, top-k rows and the stand-ins' tensors
     assert identical(expected, actual)
@@ -730,9 +730,6 @@ def test_v32_prepare_mqa_query_is_steered(deepseek_vllm, standins, monkeypatch):
 def test_v32_comparison_fails_on_a_perturbed_output(
     deepseek_vllm, standins, monkeypatch, mutation
 ):
-    import vllm_overlap.ops.deepseek_indexer as indexer_ops
-    import vllm_overlap.ops.mla_q_b_proj as q_ops
-
     upstream, rewritten = functions(V32_TARGET)
     layer = _v32_layer(deepseek_vllm, standins, "indexer", monkeypatch)
     positions, hidden, _ = make_inputs(deepseek_v32_config(), 7)
@@ -741,35 +738,37 @@ def test_v32_comparison_fails_on_a_perturbed_output(
 
     function, what = mutation.split(":")
     if function == "a_proj":
-        real = indexer_ops.a_proj
-
-        def mutated(layer_, hidden_states):
-            qkv_lora, kw = real(layer_, hidden_states)
-            head_dim = layer_.indexer.head_dim
-            if what == "qkv_lora":
-                qkv_lora = perturb(qkv_lora)
-            else:
-                kw = kw.clone()
-                cols = slice(None, head_dim) if what == "index_k" else slice(head_dim, None)
-                kw[:, cols] = perturb(kw[:, cols])
-            return qkv_lora, kw
-
-        monkeypatch.setattr(indexer_ops, "a_proj", mutated)
+        _perturb_a_proj(monkeypatch, layer, what, V32_TARGET.module)
+    elif what == "index_q":
+        wrap_branch(monkeypatch, "mla_q_b_proj_v32", "current", perturb)
     else:
-        real = q_ops.q_b_proj_beside_index_q
 
-        def mutated(layer_, q_c, prepare_mqa_query):
-            (q, q_nope, q_pe, ql_nope), index_q = real(layer_, q_c, prepare_mqa_query)
+        def mutated(q_outputs):
+            q, q_nope, q_pe, ql_nope = q_outputs
             if what == "ql_nope":
                 ql_nope = perturb(ql_nope)
-            elif what == "q_pe":
-                q_pe = perturb(q_pe)
             else:
-                index_q = perturb(index_q)
-            return (q, q_nope, q_pe, ql_nope), index_q
+                q_pe = perturb(q_pe)
+            return q, q_nope, q_pe, ql_nope
 
-        monkeypatch.setattr(q_ops, "q_b_proj_beside_index_q", mutated)
+        wrap_branch(monkeypatch, "mla_q_b_proj_v32", "aux", mutated)
     assert not identical(expected, run_probed(rewritten, layer, positions, hidden))
+
+
+def _perturb_a_proj(monkeypatch, layer, what: str, module: str) -> None:
+    """Perturb qkv_lora (the current branch) or the index_k / weights columns of kw (aux)."""
+    if what == "qkv_lora":
+        wrap_branch(monkeypatch, "deepseek_indexer_v32", "current", perturb, module)
+        return
+
+    def mutated(kw):
+        kw = kw.clone()
+        head_dim = layer.indexer.head_dim
+        cols = slice(None, head_dim) if what == "index_k" else slice(head_dim, None)
+        kw[:, cols] = perturb(kw[:, cols])
+        return kw
+
+    wrap_branch(monkeypatch, "deepseek_indexer_v32", "aux", mutated, module)
 
 
 class _FusedAttentionStandin:
@@ -810,7 +809,7 @@ def test_rocm_forward_rewritten_matches_upstream(
         standins, count_forks, lambda: run(upstream), lambda: run(rewritten)
     )
     assert up_calls == rw_calls == Counter({"rocm._fused_attention": 1})
-    assert forks == _v32_forks(variant, tokens, ["deepseek_indexer"])
+    assert forks == _v32_forks(variant, tokens, ["deepseek_indexer_v32"])
     assert len(expected) == 2 + (6 if variant == "indexer" else 4)  # index_k/weights or None
     assert identical(expected, actual)
 
@@ -819,8 +818,6 @@ def test_rocm_forward_rewritten_matches_upstream(
 def test_rocm_comparison_fails_on_a_perturbed_a_proj(
     deepseek_vllm, standins, monkeypatch, what
 ):
-    import vllm_overlap.ops.deepseek_indexer as indexer_ops
-
     upstream, rewritten = functions(ROCM_TARGET)
     layer = _v32_layer(deepseek_vllm, standins, "indexer", monkeypatch)
     fused = _FusedAttentionStandin(standins.calls)
@@ -828,17 +825,5 @@ def test_rocm_comparison_fails_on_a_perturbed_a_proj(
     positions, hidden, _ = make_inputs(deepseek_v32_config(), 7)
     expected = run_v32(upstream, layer, positions, hidden)  # the output alone, here
     assert identical(expected, run_v32(rewritten, layer, positions, hidden))
-    real = indexer_ops.a_proj
-
-    def mutated(layer_, hidden_states):
-        qkv_lora, kw = real(layer_, hidden_states)
-        if what == "qkv_lora":
-            return perturb(qkv_lora), kw
-        kw = kw.clone()
-        head_dim = layer_.indexer.head_dim
-        cols = slice(None, head_dim) if what == "index_k" else slice(head_dim, None)
-        kw[:, cols] = perturb(kw[:, cols])
-        return qkv_lora, kw
-
-    monkeypatch.setattr(indexer_ops, "a_proj", mutated)
+    _perturb_a_proj(monkeypatch, layer, what, ROCM_TARGET.module)
     assert not identical(expected, run_v32(rewritten, layer, positions, hidden))

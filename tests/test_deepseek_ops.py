@@ -18,7 +18,7 @@ from deepseek_layers import (
     identical,
     make_inputs,
 )
-from vllm_overlap.ops import encode_layer_name
+from vllm_overlap.runtime.layers import encode_layer_name, per_rank_width as out_width
 
 TOKEN_COUNTS = [0, 1, 7, 256, 1025]
 DTYPES = [torch.bfloat16, torch.float32]
@@ -40,8 +40,6 @@ def indexer(deepseek_vllm, deepseek_overlay, monkeypatch):
 
 
 def _args(indexer, num_tokens, dtype):
-    from vllm_overlap.ops.deepseek_indexer import out_width
-
     hf = deepseek_v32_config()
     _, hidden, qr = make_inputs(hf, num_tokens, seed=3, dtype=dtype)
     return (
@@ -80,13 +78,13 @@ def test_fake_kernel_matches_real_outputs(indexer, num_tokens, dtype):
     outputs are exactly what the replaced upstream statements compute."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from vllm_overlap.ops.deepseek_indexer import upstream
 
     layer = indexer(dtype=dtype)
     args = _args(layer, num_tokens, dtype)
     with torch.no_grad():
         real = torch.ops.vllm_overlap.deepseek_indexer(*args)
-        expected = upstream(layer, args[0], args[1])
+        kw = layer.wk_weights_proj(args[0])[0]  # what the three outputs mean
+        expected = (layer.wq_b(args[1])[0], kw, layer.k_norm(kw[:, : layer.head_dim]))
     with FakeTensorMode() as mode:
         fake_hidden, fake_qr = mode.from_tensor(args[0]), mode.from_tensor(args[1])
         fake = torch.ops.vllm_overlap.deepseek_indexer(fake_hidden, fake_qr, *args[2:])

@@ -29,10 +29,6 @@ class Layer:
         return a * b
 '''
 RUNTIME_OK = '''
-def pair(layer, x):
-    return layer.left(x), layer.right(x)
-
-
 def broken_post_load(model):
     raise ValueError("post-load bug")
 '''
@@ -68,35 +64,47 @@ PRELUDE = '''
 import dataclasses, json, sys
 sys.path.insert(0, {dir!r})
 from vllm_overlap import rewrite
-from vllm_overlap.features import Rewrite
-from vllm_overlap.patches import FEATURES
+from vllm_overlap.patches import FEATURES, SITES
 from vllm_overlap.rewrite import Anchor, Target
+from vllm_overlap.site import Branch, Form
 
 PAIR = Anchor(
     "a = self.left(x)\\nb = self.right(x)",
-    "a, b = _vllm_overlap_gdn_in_proj.pair(self, x)",
+    "a, b = __site__.pair(self, x)",
 )
 
-def site(*anchors, older=(), runtime="fw_runtime_ok"):
+def site(*anchors, older=(), runtime=None):
     # gdn_in_proj's config entry, a synthetic site; the other features (and vLLM's modules
     # they would import) stay out of the way
     for name in [n for n in FEATURES if n != "gdn_in_proj"]:
         del FEATURES[name]
-    FEATURES["gdn_in_proj"] = dataclasses.replace(
-        FEATURES["gdn_in_proj"],
-        rewrites=(Rewrite(Target("fw_target", "Layer.forward"), tuple(anchors), older),),
-        mode_rewrites=(),
-        runtime=runtime,
+    branches = dict(current=Branch("a = self.left(x)", "a"), aux=Branch("b = self.right(x)", "b"))
+    synthetic = dataclasses.replace(
+        SITES["gdn_in_proj"],
+        targets=(Target("fw_target", "Layer.forward"),),
+        forms=tuple(Form(tuple(a), **branches) for a in (anchors, *older)),
+        entry="pair",
+        params=("self", "x"),
+        tokens="x",
+        dynamo="plain",
+        outputs=(),
+        modes=(),
     )
+    FEATURES["gdn_in_proj"] = dataclasses.replace(
+        FEATURES["gdn_in_proj"], sites=(synthetic,), extra_modes=()
+    )
+    if runtime:
+        import vllm_overlap.plugin as plugin
+        plugin.RUNTIME = runtime
 '''
 
 IMPORT_AND_REPORT = '''
 import vllm_overlap
 vllm_overlap.register()
 import fw_target
-from vllm_overlap import rewrite, state
+from vllm_overlap import outcomes, rewrite
 from vllm_overlap.cli import collect, doctor_report
-outcome = state.outcomes[("gdn_in_proj", "fw_target.Layer.forward")]
+outcome = outcomes.outcomes[("gdn_in_proj", "fw_target.Layer.forward")]
 report = collect()
 print(json.dumps({
     "result": fw_target.Layer().forward(4),

@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from vllm_overlap import streams
-from vllm_overlap.ops import gdn_fuse
-from vllm_overlap.ops import gdn_in_proj as ops
+from conftest import GDN_MODULE
+from vllm_overlap.runtime import gdn_fuse
+
+
+def fused_in_proj(layer, hidden):
+    """What the forwards call in mode fused, made from the site's runtime as the plugin does."""
+    from conftest import site_runtime
+
+    return gdn_fuse.fused_in_proj(site_runtime("gdn_in_proj", GDN_MODULE))(layer, hidden)
 
 
 @pytest.fixture
@@ -45,7 +52,7 @@ def test_fused_projection_equals_the_two_projections(fused_twin, num_tokens, int
     plain, fused, report = fused_twin(interleaved)
     assert report["fused"] == report["layers"] == 1
     hidden = torch.randn(num_tokens, plain.hidden_size, dtype=torch.bfloat16)
-    qkvz, ba = ops.fused_in_proj(fused, hidden)
+    qkvz, ba = fused_in_proj(fused, hidden)
     assert torch.equal(qkvz, plain.in_proj_qkvz(hidden)[0])
     assert torch.equal(ba, plain.in_proj_ba(hidden)[0])
     assert qkvz.is_contiguous() and ba.is_contiguous()
@@ -82,16 +89,16 @@ def test_ineligible_layers_say_why(gdn_layer, spoil, reason):
 
 @pytest.mark.parametrize("fallback, forks", [("serial", 0), ("dual_stream", 1)])
 def test_unfused_layer_runs_the_configured_fallback(gdn_layer, monkeypatch, fallback, forks):
-    from vllm_overlap import state
-    from vllm_overlap.config import parse_config
+    from vllm_overlap import active_config
+    from vllm_overlap.config import LoadedConfig, parse_config
 
     cfg = parse_config(f"features: {{gdn_in_proj: {{mode: fused, fused_fallback: {fallback}}}}}", "x")
-    monkeypatch.setattr(state, "feature_config", lambda name: cfg.feature(name))
+    monkeypatch.setattr(active_config, "loaded", lambda: LoadedConfig(cfg, "test"))
     calls = []
     real = streams.run_pair
     monkeypatch.setattr(streams, "run_pair", lambda *a: calls.append(a[0]) or real(*a))
     layer = gdn_layer()
     hidden = torch.randn(3, layer.hidden_size, dtype=torch.bfloat16)
-    qkvz, ba = ops.fused_in_proj(layer, hidden)
+    qkvz, ba = fused_in_proj(layer, hidden)
     assert len(calls) == forks
     assert torch.equal(qkvz, layer.in_proj_qkvz(hidden)[0]) and torch.equal(ba, layer.in_proj_ba(hidden)[0])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import site_entry
 from vllm_overlap import rewrite, streams
 from vllm_overlap.patches.gdn_in_proj import CLASS, MODULE, VARIANTS
 
@@ -74,24 +75,20 @@ def test_rewritten_forward_matches_upstream(
 
 def test_projection_outputs_are_those_of_the_two_linears(gdn_layer):
     """The op's outputs are exactly in_proj_qkvz(h) and in_proj_ba(h), contiguous."""
-    from vllm_overlap.ops import gdn_in_proj as ops
-
     layer = gdn_layer()
     hidden = torch.randn(5, layer.hidden_size, dtype=torch.bfloat16)
-    qkvz, ba = ops.in_proj(layer, hidden)
+    qkvz, ba = site_entry("gdn_in_proj")(layer, hidden)
     assert torch.equal(qkvz, layer.in_proj_qkvz(hidden)[0])
     assert torch.equal(ba, layer.in_proj_ba(hidden)[0])
     assert qkvz.is_contiguous() and ba.is_contiguous()
 
 
 def test_lora_wrapped_projection_keeps_the_serial_statements(gdn_layer, count_forks, monkeypatch):
-    from vllm_overlap.ops import gdn_in_proj as ops
-
     layer = gdn_layer()
     hidden = torch.randn(3, layer.hidden_size, dtype=torch.bfloat16)
     expected = (layer.in_proj_qkvz(hidden)[0], layer.in_proj_ba(hidden)[0])
     monkeypatch.setattr(layer.in_proj_qkvz, "base_layer", torch.nn.Identity(), raising=False)
-    qkvz, ba = ops.in_proj(layer, hidden)
+    qkvz, ba = site_entry("gdn_in_proj")(layer, hidden)
     assert count_forks == []
     assert torch.equal(qkvz, expected[0]) and torch.equal(ba, expected[1])
 
@@ -102,9 +99,9 @@ def test_without_a_second_stream_the_rewritten_code_is_the_upstream_statements(
     """The CPU default (no VLLM_OVERLAP_TEST_OP_PATH): nothing to overlap, nothing paid."""
     import importlib
 
-    import vllm_overlap.ops as ops_pkg
+    from vllm_overlap.runtime import gates
 
-    monkeypatch.setattr(ops_pkg, "_OVERLAP_POSSIBLE", False)
+    monkeypatch.setattr(gates, "_OVERLAP_POSSIBLE", False)
     module = importlib.import_module(MODULE)
     target = rewrite.Target(MODULE, f"{CLASS}.forward_cpu")
     layer = gdn_layer()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_overlap.ops import encode_layer_name
+from conftest import site_entry
+from vllm_overlap.runtime.layers import encode_layer_name
 
 TOKEN_COUNTS = [0, 1, 7, 256, 1025]
 
@@ -62,8 +63,7 @@ class _Stack(torch.nn.Module):
         self.layers = torch.nn.ModuleList(layers)
 
     def forward(self, hidden):
-        from vllm_overlap.ops.gdn_in_proj import in_proj
-
+        in_proj = site_entry("gdn_in_proj")
         total = hidden.new_zeros(())
         for layer in self.layers:
             qkvz, ba = in_proj(layer, hidden)
@@ -110,7 +110,7 @@ def test_layer_names_are_graph_inputs_not_constants(gdn_layer):
 
 def test_str_layer_names_would_be_baked_in(gdn_layer, monkeypatch):
     """Negative control for the test above: with plain strings the names appear as constants."""
-    import vllm_overlap.ops.gdn_in_proj as ops
+    from vllm_overlap.runtime import layers as ops
 
     layers = [gdn_layer() for _ in range(2)]
     monkeypatch.setattr(ops, "encode_layer_name", lambda name: name)

@@ -10,6 +10,9 @@ import textwrap
 import pytest
 
 from conftest import clean_env
+from vllm_overlap.patches import SITES
+
+SITE_IDS = list(SITES)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GDN = "vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn"
@@ -21,8 +24,7 @@ from vllm_overlap.patches import FEATURES
 from vllm_overlap.rewrite import Anchor
 f = FEATURES["gdn_in_proj"]
 bad = Anchor("x = self.not_upstream(hidden_states)", "x = 1")
-FEATURES["gdn_in_proj"] = dataclasses.replace(
-    f, rewrites=tuple(dataclasses.replace(r, anchors=(bad,)) for r in f.rewrites))
+FEATURES["gdn_in_proj"] = f.with_anchors(bad)
 """
 
 
@@ -48,7 +50,7 @@ def test_register_is_cheap_and_idempotent():
         real = wrapt.register_post_import_hook
         wrapt.register_post_import_hook = lambda hook, name: calls.append(name) or real(hook, name)
         vllm_overlap.register(); vllm_overlap.register()
-        heavy = [m for m in ("torch", "vllm", "vllm_overlap.ops") if m in sys.modules]
+        heavy = [m for m in ("torch", "vllm", "vllm_overlap.runtime.installed") if m in sys.modules]
         print("heavy", heavy, "hooks", calls)
         """
     )
@@ -71,8 +73,8 @@ def test_hook_applies_on_import_and_logs_one_line():
         vllm_overlap.register()
         import {GDN} as m
         vllm_overlap.register()
-        from vllm_overlap import state
-        print(sorted({{o.status for o in state.feature_outcomes("gdn_in_proj")}}))
+        from vllm_overlap import outcomes
+        print(sorted({{o.status for o in outcomes.feature_outcomes("gdn_in_proj")}}))
         """
     )
     assert proc.returncode == 0, proc.stderr
@@ -87,8 +89,8 @@ def test_all_off_logs_at_register_and_installs_no_hook():
         import sys, vllm_overlap
         vllm_overlap.register()
         import {GDN} as m
-        from vllm_overlap import state
-        print(sorted({{o.status for o in state.outcomes.values()}}), "vllm_overlap.ops" in sys.modules)
+        from vllm_overlap import outcomes
+        print(sorted({{o.status for o in outcomes.outcomes.values()}}), "vllm_overlap.runtime.installed" in sys.modules)
         """,
         env={"VLLM_OVERLAP": "0"},
     )
@@ -104,8 +106,8 @@ def test_unrecognised_code_is_skipped_with_its_reason():
 import vllm_overlap
 vllm_overlap.register()
 import {GDN} as m
-from vllm_overlap import state
-print([o.describe() for o in state.outcomes.values()][0])
+from vllm_overlap import outcomes
+print([o.describe() for o in outcomes.outcomes.values()][0])
 """
     )
     assert proc.returncode == 0, proc.stderr
@@ -142,58 +144,53 @@ def test_bad_config_stops_register_with_one_message(tmp_path):
     )
 
 
-@pytest.mark.parametrize("name", ["gdn_in_proj", "deepseek_indexer", "mla_q_b_proj"])
-def test_every_feature_states_its_four_facts(name):
-    from vllm_overlap.patches import FEATURES
+@pytest.mark.parametrize("site_id", SITE_IDS)
+def test_every_site_states_its_four_facts(site_id):
+    from vllm_overlap.patches import SITES
 
-    facts = FEATURES[name].facts()
+    facts = SITES[site_id].facts.rows()
     assert set(facts) == {"Why", "How", "Upstream", "Remove when"}
     assert all(len(v.strip()) > 20 for v in facts.values()), facts
 
 
 def test_unimplemented_mode_is_skipped_not_silently_replaced(tmp_path):
-    """A mode the config accepts but a feature does not implement is a reason, not a no-op."""
+    """A mode the config accepts but a site does not implement is a reason, not a silent
+    fall back to the site's dual_stream entry."""
     cfg = tmp_path / "fused.yaml"
     cfg.write_text("features: {gdn_in_proj: {mode: fused}}\n")
     proc = run_py(
         f"""
         import dataclasses
         from vllm_overlap.patches import FEATURES
-        FEATURES["gdn_in_proj"] = dataclasses.replace(FEATURES["gdn_in_proj"], mode_rewrites=())
+        f = FEATURES["gdn_in_proj"]
+        FEATURES["gdn_in_proj"] = dataclasses.replace(
+            f, sites=tuple(dataclasses.replace(s, modes=()) for s in f.sites)
+        )
         import vllm_overlap
         vllm_overlap.register()
         import {GDN}
-        from vllm_overlap import state
-        print({{o.describe() for o in state.feature_outcomes("gdn_in_proj")}})
+        from vllm_overlap import outcomes
+        print({{o.describe() for o in outcomes.feature_outcomes("gdn_in_proj")}})
         """,
         env={"VLLM_OVERLAP_CONFIG": str(cfg)},
     )
     assert proc.returncode == 0, proc.stderr
-    assert '{"skipped: mode \'fused\' is not implemented in this version"}' in proc.stdout
-
-
-def test_readme_states_each_features_facts():
-    from vllm_overlap.patches import FEATURES
-
-    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    for feature in FEATURES.values():
-        assert f"### {feature.name}" in readme
-        for name, text in feature.facts().items():
-            if name != "How":  # How is explained in prose there
-                assert f"**{name}:** {text}" in readme, (feature.name, name)
+    assert (
+        '{"skipped: mode \'fused\' is not implemented for site gdn_in_proj in this version"}'
+        in proc.stdout
+    )
 
 
 def test_a_runtime_that_fails_to_import_is_a_skip_not_a_broken_vllm_import():
     proc = run_py(
         f"""
-        import dataclasses
-        from vllm_overlap.patches import FEATURES
-        FEATURES["gdn_in_proj"] = dataclasses.replace(FEATURES["gdn_in_proj"], runtime="vllm_overlap.no_such_runtime")
+        import vllm_overlap.plugin as plugin
+        plugin.RUNTIME = "vllm_overlap.no_such_runtime"
         import vllm_overlap
         vllm_overlap.register()
         import {GDN}
-        from vllm_overlap import state
-        print({{o.describe() for o in state.outcomes.values()}})
+        from vllm_overlap import outcomes
+        print({{o.describe() for o in outcomes.outcomes.values()}})
         """
     )
     assert proc.returncode == 0, proc.stderr

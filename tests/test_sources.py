@@ -88,16 +88,12 @@ def test_compat_matrix_from_wheels_without_importing_them(tmp_path):
 
 def test_compat_and_diff_report_a_broken_declaration_as_skipped(tmp_path, monkeypatch, capsys):
     """An anchor of ours that does not parse is that site's reason, not a crash."""
-    import dataclasses
-
     from vllm_overlap import cli
     from vllm_overlap.rewrite import Anchor
 
     gdn = FEATURES["gdn_in_proj"]
     unparsable = Anchor("mixed_qkvz, _ = self.in_proj_qkvz(", "pass")
-    broken = dataclasses.replace(
-        gdn, rewrites=tuple(dataclasses.replace(r, anchors=(unparsable,)) for r in gdn.rewrites)
-    )
+    broken = gdn.with_anchors(unparsable)
     monkeypatch.setitem(FEATURES, "gdn_in_proj", broken)
     body = """
         mixed_qkvz, _ = self.in_proj_qkvz(hidden_states)

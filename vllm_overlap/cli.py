@@ -74,11 +74,11 @@ def model_rows(model: str) -> dict:
 
 def collect(model: str | None = None) -> dict:
     """Load the config, apply every enabled feature in this process, and report."""
-    from . import plugin, state
+    from . import active_config, outcomes, plugin
     from .patches import FEATURES
 
     plugin.register()
-    loaded = state.loaded()
+    loaded = active_config.loaded()
     for feature in FEATURES.values():
         if not loaded.config.feature(feature.name).enabled:
             continue
@@ -87,11 +87,11 @@ def collect(model: str | None = None) -> dict:
                 importlib.import_module(module)  # the post-import hook applies the rewrites
             except Exception as exc:
                 for rewrite in feature.rewrites_in(module):
-                    state.record(
-                        state.Outcome(
+                    outcomes.record(
+                        outcomes.Outcome(
                             feature.name,
                             str(rewrite.target),
-                            state.SKIPPED,
+                            outcomes.SKIPPED,
                             f"module not importable: {type(exc).__name__}: {exc}",
                         )
                     )
@@ -99,7 +99,7 @@ def collect(model: str | None = None) -> dict:
     for feature in FEATURES.values():
         enabled = loaded.config.feature(feature.name).enabled
         for rewrite in feature.rewrites:
-            outcome = state.outcomes[(feature.name, str(rewrite.target))]
+            outcome = outcomes.outcomes[(feature.name, str(rewrite.target))]
             rows.append(
                 {
                     "feature": feature.name,
@@ -110,7 +110,7 @@ def collect(model: str | None = None) -> dict:
                     "result": outcome.describe(),
                 }
             )
-    ok = all(r["result"] == state.APPLIED for r in rows if r["enabled"])
+    ok = all(r["result"] == outcomes.APPLIED for r in rows if r["enabled"])
     from .streams import DBO_POLICY
 
     return {
@@ -125,14 +125,6 @@ def collect(model: str | None = None) -> dict:
     }
 
 
-def format_table(rows: list[dict], columns: list[str]) -> str:
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
-    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
-    lines.append("  ".join("-" * widths[c] for c in columns))
-    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in columns) for r in rows]
-    return "\n".join(line.rstrip() for line in lines)
-
-
 def doctor_report(report: dict) -> str:
     head = [
         f"vllm-overlap {report['vllm-overlap']}",
@@ -145,6 +137,8 @@ def doctor_report(report: dict) -> str:
         "",
     ]
     rows = [dict(r, enabled="yes" if r["enabled"] else "no") for r in report["rows"]]
+    from .tables import format_table
+
     table = format_table(rows, ["feature", "target", "enabled", "anchors", "result"])
     verdict = "all enabled features applied" if report["ok"] else "NOT all enabled features applied"
     text = "\n".join(head) + table + f"\n\n{verdict}"

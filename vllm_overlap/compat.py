@@ -15,6 +15,7 @@ import zipfile
 
 from .patches import FEATURES
 from .sources import feature_diff
+from .tables import format_table
 
 
 def wheel_dir() -> str:
@@ -80,6 +81,4 @@ def matrix_table(rows: list[dict], markdown: bool = False) -> str:
         lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
         lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in table]
         return "\n".join(lines)
-    from .cli import format_table
-
     return format_table(table, columns)

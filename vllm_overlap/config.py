@@ -1,6 +1,8 @@
 """The overlay's configuration: one YAML file validated by pydantic.
 
-Found through ``VLLM_OVERLAP_CONFIG`` (a path); the model defaults below otherwise
+The keys under ``features`` are generated from the registry (``patches/``): one per feature,
+its settings model from ``settings.py``, ``mode`` limited to the modes it declares. Found
+through ``VLLM_OVERLAP_CONFIG`` (a path); the model defaults otherwise
 (``configs/default.yaml`` writes them out). ``VLLM_OVERLAP=0``, like a file saying
 ``enabled: false`` (``configs/off.yaml``), turns every feature off, present and future.
 A bad file raises :class:`ConfigError`, one message naming the file, the key and the value.
@@ -15,7 +17,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ValidationError, create_model
+
+from .patches import FEATURES
+from .settings import FeatureConfig, GdnInProjConfig, Strict  # noqa: F401  (re-exported)
 
 ENV_CONFIG = "VLLM_OVERLAP_CONFIG"
 ENV_SWITCH = "VLLM_OVERLAP"
@@ -40,44 +45,24 @@ class ConfigError(OverlayStop):
     """A configuration that cannot be used."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+def _feature_model(feature) -> type[FeatureConfig]:
+    """The feature's settings model with ``mode`` narrowed to the modes it declares."""
+    return create_model(
+        f"{feature.settings.__name__}_{feature.name}",
+        __base__=feature.settings,
+        mode=(Literal[feature.modes], "dual_stream"),
+    )
 
 
-class FeatureConfig(_Strict):
-    """Switch and token range of one feature: overlap runs for min_tokens <= n <= max_tokens."""
-
-    enabled: bool = True
-    mode: Literal["dual_stream"] = "dual_stream"
-    min_tokens: int = Field(1, ge=0)
-    max_tokens: int = Field(1024, ge=0)
-
-    @model_validator(mode="after")
-    def _range(self):
-        if self.min_tokens > self.max_tokens:
-            raise ValueError(
-                f"min_tokens ({self.min_tokens}) is greater than max_tokens ({self.max_tokens})"
-            )
-        return self
-
-    def overlaps(self, num_tokens: int) -> bool:
-        return self.min_tokens <= num_tokens <= self.max_tokens
+# One key per declared feature, in the registry's order.
+FeaturesConfig = create_model(
+    "FeaturesConfig",
+    __base__=Strict,
+    **{name: (model, model()) for name, model in ((f.name, _feature_model(f)) for f in FEATURES.values())},
+)
 
 
-class GdnInProjConfig(FeatureConfig):
-    mode: Literal["dual_stream", "fused"] = "dual_stream"
-    # mode fused: what a layer that cannot be fused (quantised, mixed dtypes or sharding,
-    # LoRA) runs instead: the upstream serial statements, or the dual-stream op.
-    fused_fallback: Literal["serial", "dual_stream"] = "serial"
-
-
-class FeaturesConfig(_Strict):
-    gdn_in_proj: GdnInProjConfig = GdnInProjConfig()
-    deepseek_indexer: FeatureConfig = FeatureConfig()
-    mla_q_b_proj: FeatureConfig = FeatureConfig()
-
-
-class OverlayConfig(_Strict):
+class OverlayConfig(Strict):
     # false: the whole overlay off, every feature there is now and every one added later
     # (what VLLM_OVERLAP=0 means); the settings under ``features`` are kept but unused.
     enabled: bool = True

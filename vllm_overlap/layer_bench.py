@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 import torch
 
-from . import state
+from . import active_config
 from .config import LoadedConfig, OverlayConfig
 
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 64, 256, 1024, 4096)
@@ -83,7 +83,7 @@ def build_gdn_layer(
         QwenGatedDeltaNetAttention,
     )
 
-    from .ops import register_layer
+    from .runtime.layers import register_layer
 
     hf_config = hf_config or vllm_config.model_config.hf_text_config
     if interleaved is None:  # Qwen3-Next stores qkvz interleaved; Qwen3.5 does not
@@ -107,27 +107,26 @@ def build_gdn_layer(
 @contextmanager
 def overlap_everywhere(feature: str) -> Iterator:
     """Let ``feature`` overlap at every token count while measuring (restored after)."""
-    before = state.loaded()
+    before = active_config.loaded()
     wide = OverlayConfig().model_dump()
     wide["features"][feature].update(min_tokens=0, max_tokens=10**9)
-    state.set_loaded(LoadedConfig(OverlayConfig.model_validate(wide), "benchmark"))
+    active_config.set_loaded(LoadedConfig(OverlayConfig.model_validate(wide), "benchmark"))
     try:
         yield
     finally:
-        state.set_loaded(before)
+        active_config.set_loaded(before)
 
 
 @contextmanager
 def forced_op_path() -> Iterator:
     """Take the overlay's op path even without a second stream (as VLLM_OVERLAP_TEST_OP_PATH=1)."""
-    from . import ops
+    from .runtime import gates
 
-    before = ops._OVERLAP_POSSIBLE
-    ops._OVERLAP_POSSIBLE = True
+    before = gates.set_overlap_possible(True)
     try:
         yield
     finally:
-        ops._OVERLAP_POSSIBLE = before
+        gates.set_overlap_possible(before)
 
 
 def median_seconds(fn: Callable[[], object], device: torch.device, reps: int) -> float:
@@ -165,30 +164,39 @@ def _cuda_graph_median(fn: Callable[[], object], reps: int) -> float:
     return statistics.median(times)
 
 
-def bench_gdn_in_proj(layer, token_counts=TOKEN_COUNTS, reps: int = 50, rounds: int = 5) -> list[dict]:
-    """Per token count: the region overlay off and on, in interleaved rounds, and each branch alone.
+def site_runtime(site_id: str):
+    """The runtime of ``site_id`` compiled from its first target's upstream function: the
+    branches, serial path and op the rewritten code runs (nothing is rewritten)."""
+    from .patches import SITES
+    from .runtime.installed import standalone
+
+    site = SITES[site_id]
+    return standalone(site, site.targets[0])
+
+
+def bench_site(rt, make_args, token_counts=TOKEN_COUNTS, reps: int = 50, rounds: int = 5) -> list[dict]:
+    """Per token count: the site's region overlay off (upstream's statements, serially) and
+    on (the site's entry), in interleaved rounds, and each branch alone. ``make_args(n)`` gives
+    the entry's arguments for n tokens, the layer first.
 
     ``on/off`` is the ratio of the medians over all rounds; ``noise`` is the spread of the
     off timings across rounds ((max - min) / median): the difference the machine makes alone.
     """
-    from .ops.gdn_in_proj import in_proj
-
-    device = next(layer.parameters()).device
-    dtype = next(layer.parameters()).dtype
     per_round = max(reps // rounds, 3)
     rows = []
-    with overlap_everywhere("gdn_in_proj"), torch.inference_mode():
+    with overlap_everywhere(rt.site.feature), torch.inference_mode():
         for n in token_counts:
-            h = torch.randn(n, layer.hidden_size, dtype=dtype, device=device)
+            args = make_args(n)
+            device = args[rt.tokens_index].device
 
             def off():
-                return layer.in_proj_qkvz(h)[0], layer.in_proj_ba(h)[0]
+                return rt.serial(*args)
 
             def on():
-                return in_proj(layer, h)
+                return rt(*args)
 
-            t_qkvz = median_seconds(lambda: layer.in_proj_qkvz(h)[0], device, reps)
-            t_ba = median_seconds(lambda: layer.in_proj_ba(h)[0], device, reps)
+            t_current = median_seconds(lambda: rt.compiled.current(*args), device, reps)
+            t_aux = median_seconds(lambda: rt.compiled.aux(*args), device, reps)
             offs, ons, op_paths = [], [], []
             for _ in range(rounds):
                 offs.append(median_seconds(off, device, per_round))
@@ -206,12 +214,23 @@ def bench_gdn_in_proj(layer, token_counts=TOKEN_COUNTS, reps: int = 50, rounds: 
                     "on/off": t_on / t_off,
                     **extra,
                     "noise": (max(offs) - min(offs)) / t_off,
-                    "serial_sum_us": (t_qkvz + t_ba) * 1e6,
-                    "critical_path_us": max(t_qkvz, t_ba) * 1e6,
-                    "bound": max(t_qkvz, t_ba) / (t_qkvz + t_ba),
+                    "serial_sum_us": (t_current + t_aux) * 1e6,
+                    "critical_path_us": max(t_current, t_aux) * 1e6,
+                    "bound": max(t_current, t_aux) / (t_current + t_aux),
                 }
             )
     return rows
+
+
+def bench_gdn_in_proj(layer, token_counts=TOKEN_COUNTS, reps: int = 50, rounds: int = 5) -> list[dict]:
+    """``bench_site`` for the gdn_in_proj site on ``layer``."""
+    device = next(layer.parameters()).device
+    dtype = next(layer.parameters()).dtype
+
+    def make_args(n):
+        return layer, torch.randn(n, layer.hidden_size, dtype=dtype, device=device)
+
+    return bench_site(site_runtime("gdn_in_proj"), make_args, token_counts, reps, rounds)
 
 
 def scaled_for_tp(hf_config, tp: int):
@@ -231,8 +250,6 @@ def measure_gdn_in_proj(
     model: str, tp: int = 1, token_counts=TOKEN_COUNTS, reps: int = 50, device: str = "cpu"
 ) -> tuple[list[dict], str]:
     """Build ``model``'s GDN layer at its per-rank TP shapes and benchmark its region."""
-    from .ops import gdn_in_proj  # noqa: F401  registers the op
-
     with standalone_vllm(model) as vllm_config:
         hf = scaled_for_tp(vllm_config.model_config.hf_text_config, tp)
         layer = build_gdn_layer(vllm_config, hf, dtype=torch.bfloat16, device=device)

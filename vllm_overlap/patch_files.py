@@ -11,7 +11,7 @@ import os
 import sys
 
 from . import sources
-from .features import Feature
+from .site import Feature
 from .sources import feature_diff, read_installed
 
 

@@ -14,17 +14,17 @@ hook is logged and swallowed. Only ``strict: true`` stops start-up, with one lin
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 import threading
 
 import wrapt
 
-from . import __version__, cache_key, state
+from . import __version__, active_config, cache_key, census, outcomes
 from .config import OverlayStop, load_config
-from .features import Feature
+from .log import logger
 from .patches import FEATURES
 from .rewrite import RewriteSkipped, apply, internal_error
+from .site import Feature, Site
 
 _lock = threading.RLock()
 _registered = False
@@ -35,14 +35,6 @@ class StrictError(OverlayStop):
     """strict: true, and an enabled feature could not be applied: start-up stops."""
 
 
-def logger() -> logging.Logger:
-    try:
-        from vllm.logger import init_logger
-    except ImportError:  # pragma: no cover - vLLM always present in real use
-        return logging.getLogger("vllm.vllm_overlap")
-    return init_logger("vllm.vllm_overlap")
-
-
 def register() -> None:
     """Entry point of ``vllm.general_plugins``. Idempotent; raises ConfigError on a bad config."""
     global _registered
@@ -50,17 +42,14 @@ def register() -> None:
         if _registered:
             return
         loaded = load_config()
-        state.set_loaded(loaded)
+        active_config.set_loaded(loaded)
         for feature in FEATURES.values():
-            if not loaded.config.feature(feature.name).enabled:
-                for rewrite in feature.rewrites:
-                    state.record(state.Outcome(feature.name, str(rewrite.target), state.OFF))
-                continue
+            status = outcomes.PENDING if _enabled(feature) else outcomes.OFF
             for rewrite in feature.rewrites:
-                state.record(state.Outcome(feature.name, str(rewrite.target), state.PENDING))
+                outcomes.record(outcomes.Outcome(feature.name, str(rewrite.target), status))
         _registered = True
         cache_key.install(loaded.config)
-        if not any(o.status == state.PENDING for o in state.outcomes.values()):
+        if not any(o.status == outcomes.PENDING for o in outcomes.outcomes.values()):
             _announce()  # nothing will ever be imported for us: say so now
             return
         _install_post_load_hooks()
@@ -76,7 +65,7 @@ def _install_post_load_hooks() -> None:
     """Run each enabled feature's post-load step before vLLM post-processes the weights."""
     steps = []
     for feature in FEATURES.values():
-        cfg = state.loaded().config.feature(feature.name)
+        cfg = active_config.feature_config(feature.name)
         if cfg.enabled and feature.post_load and cfg.mode in feature.post_load_modes:
             if feature.post_load not in steps:  # features may share one step
                 steps.append(feature.post_load)
@@ -104,8 +93,8 @@ def _run_post_load_step(step: str, model) -> None:
         getattr(importlib.import_module(module_name), func)(model)
     except Exception as exc:
         reason = internal_error(exc, f"post-load step {step}")
-        state.post_load_reports[step] = {"error": reason}
-        if state.loaded().config.strict:
+        census.post_load_reports[step] = {"error": reason}
+        if active_config.loaded().config.strict:
             raise StrictError(f"strict: true and a post-load step failed: {reason}") from None
         _log_internal_error(reason)
 
@@ -134,7 +123,7 @@ def _firewalled(hook):
 
 
 def _enabled(feature: Feature) -> bool:
-    return state.loaded().config.feature(feature.name).enabled
+    return active_config.feature_config(feature.name).enabled
 
 
 @_firewalled
@@ -142,57 +131,71 @@ def _on_import(module) -> None:
     apply_module(module.__name__)
 
 
-def apply_module(module_name: str) -> list[state.Outcome]:
-    """Apply every enabled feature's rewrites that target ``module_name``."""
+def apply_module(module_name: str) -> list[outcomes.Outcome]:
+    """Apply every enabled feature's rewrites that target ``module_name``: per target, its
+    sites in their declared stacking order."""
     with _lock:
         results = []
-        for feature in FEATURES.values():
-            if _enabled(feature):
-                results += apply_feature(feature, module_name)
+        for site, rewrite in stacking_order(module_name):
+            results.append(apply_rewrite(FEATURES[site.feature], site, rewrite))
         _announce()
         _enforce_strict(results)
         return results
 
 
-def apply_feature(feature: Feature, module_name: str) -> list[state.Outcome]:
-    results = []
-    mode = state.loaded().config.feature(feature.name).mode
-    for rewrite in feature.rewrites_in(module_name, mode):
-        target = str(rewrite.target)
-        try:
-            if mode not in feature.modes:
-                raise RewriteSkipped(f"mode {mode!r} is not implemented in this version")
-            runtime = _load_runtime(feature)
-            path = apply(
-                rewrite.target,
-                rewrite.anchors,
-                feature.name,
-                inject={feature.runtime_global: runtime},
-                older=rewrite.older,
-            )
-            outcome = state.Outcome(feature.name, target, state.APPLIED, path=path)
-        except RewriteSkipped as exc:
-            outcome = state.Outcome(feature.name, target, state.SKIPPED, str(exc))
-        except Exception as exc:  # ours: a bad declaration or an engine bug
-            outcome = state.Outcome(feature.name, target, state.SKIPPED, internal_error(exc))
-        state.record(outcome)
-        results.append(outcome)
-    return results
+def stacking_order(module_name: str) -> list[tuple[Site, object]]:
+    """(site, rewrite) of every enabled feature in ``module_name``, in the order they apply:
+    by the site's ``stack``, then the registry's order."""
+    pairs = []
+    for feature in FEATURES.values():
+        if not _enabled(feature):
+            continue
+        mode = active_config.feature_config(feature.name).mode
+        for rewrite in feature.rewrites_in(module_name, mode):
+            pairs.append((feature.site(rewrite.site), rewrite))
+    order = {s.id: i for i, s in enumerate(s for f in FEATURES.values() for s in f.sites)}
+    return sorted(pairs, key=lambda pair: (pair[0].stack, order[pair[0].id]))
 
 
-def _load_runtime(feature: Feature):
-    """The feature's runtime module; any failure to import it is a reason to skip, never an
-    exception escaping into vLLM's own import of the target module."""
+def apply_rewrite(feature: Feature, site: Site, rewrite) -> outcomes.Outcome:
+    """One site's rewrite of one target; the outcome is recorded and returned."""
+    target = str(rewrite.target)
+    mode = active_config.feature_config(feature.name).mode
     try:
-        return feature.load_runtime()
+        if mode not in feature.modes or (mode != "dual_stream" and mode not in dict(site.modes)):
+            raise RewriteSkipped(f"mode {mode!r} is not implemented for site {site.id} in this version")
+        path = apply(
+            rewrite.target,
+            rewrite.anchors,
+            feature.name,
+            inject=_load_runtime().prepare(feature, site, mode),
+            older=rewrite.older,
+        )
+        outcome = outcomes.Outcome(feature.name, target, outcomes.APPLIED, path=path)
+    except RewriteSkipped as exc:
+        outcome = outcomes.Outcome(feature.name, target, outcomes.SKIPPED, str(exc))
+    except Exception as exc:  # ours: a bad declaration or an engine bug
+        outcome = outcomes.Outcome(feature.name, target, outcomes.SKIPPED, internal_error(exc))
+    outcomes.record(outcome)
+    return outcome
+
+
+RUNTIME = "vllm_overlap.runtime.installed"
+
+
+def _load_runtime():
+    """The site runtime; any failure to import it is a reason to skip, never an exception
+    escaping into vLLM's own import of the target module."""
+    try:
+        return importlib.import_module(RUNTIME)
     except Exception as exc:
-        raise RewriteSkipped(internal_error(exc, f"importing {feature.runtime}")) from None
+        raise RewriteSkipped(internal_error(exc, f"importing {RUNTIME}")) from None
 
 
-def _enforce_strict(results: list[state.Outcome]) -> None:
-    if not state.loaded().config.strict:
+def _enforce_strict(results: list[outcomes.Outcome]) -> None:
+    if not active_config.loaded().config.strict:
         return
-    skipped = [o for o in results if o.status == state.SKIPPED]
+    skipped = [o for o in results if o.status == outcomes.SKIPPED]
     if skipped:
         what = "; ".join(f"{o.feature} on {o.target}: {o.reason}" for o in skipped)
         raise StrictError(f"strict: true and an enabled feature cannot be applied: {what}")
@@ -200,12 +203,12 @@ def _enforce_strict(results: list[state.Outcome]) -> None:
 
 def feature_summary(feature: Feature) -> str:
     """One feature's state in a few words, e.g. ``applied (4/4 targets)``."""
-    outs = state.feature_outcomes(feature.name)
+    outs = outcomes.feature_outcomes(feature.name)
     statuses = {o.status for o in outs}
-    if statuses == {state.OFF}:
+    if statuses == {outcomes.OFF}:
         return "off"
-    applied = [o for o in outs if o.status == state.APPLIED]
-    skipped = [o for o in outs if o.status == state.SKIPPED]
+    applied = [o for o in outs if o.status == outcomes.APPLIED]
+    skipped = [o for o in outs if o.status == outcomes.SKIPPED]
     if not applied and not skipped:
         return "not loaded (its model code was not imported in this process)"
     parts = []
@@ -217,7 +220,7 @@ def feature_summary(feature: Feature) -> str:
 
 
 def summary_line() -> str:
-    loaded = state.loaded()
+    loaded = active_config.loaded()
     feats = ", ".join(f"{f.name} {feature_summary(f)}" for f in FEATURES.values())
     return (
         f"vllm-overlap {__version__} [pid {os.getpid()}] config {loaded.source}: {feats}"

@@ -28,6 +28,7 @@ import re
 import stat
 import tempfile
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -202,12 +203,17 @@ def rewrite_first(source: str, anchor_sets) -> str:
     """``rewrite_source`` with the first anchor set that matches (the current release's
     statements first, then those of older releases); the first set's reason if none does.
     Raises SyntaxError, before matching anything, if any anchor of any set does not parse."""
+    return first_match(source, anchor_sets)[1]
+
+
+def first_match(source: str, anchor_sets) -> tuple[int, str]:
+    """(index of the first anchor set that matches, the rewritten source): see rewrite_first."""
     anchor_sets = tuple(anchor_sets)
     check_anchors(anchor_sets)
     first_error: RewriteSkipped | None = None
-    for anchors in anchor_sets:
+    for index, anchors in enumerate(anchor_sets):
         try:
-            return rewrite_source(source, anchors)
+            return index, rewrite_source(source, anchors)
         except RewriteSkipped as exc:
             first_error = first_error or exc
     raise first_error if first_error else RewriteSkipped("no anchors")
@@ -355,6 +361,13 @@ def upstream_source(target: Target) -> str:
     return state.original_source if state else current_source(target)
 
 
+def original_function(target: Target) -> Any:
+    """The target's upstream function (unwrapped), whether or not it is rewritten now."""
+    owner, attr = resolve_owner(target)
+    state = _STATE.get(target)
+    return _unwrap_descriptor(state.original if state else vars(owner)[attr])[0]
+
+
 def applied_features(target: Target) -> list[str]:
     state = _STATE.get(target)
     return [layer.feature for layer in state.layers] if state else []
@@ -364,14 +377,17 @@ def apply(
     target: Target,
     anchors: list[Anchor] | tuple[Anchor, ...],
     feature: str,
-    inject: dict[str, Any] | None = None,
+    inject: dict[str, Any] | Callable[[str, int, Any], dict[str, Any]] | None = None,
     older: tuple = (),
 ) -> str:
     """Rewrite ``target`` in place; return the path of the rewritten source.
 
     ``older``: anchor sets tried in turn when ``anchors`` do not match (the same statements
-    as older vLLM releases wrote them). Applying the same feature twice is a no-op. Raises
-    :class:`RewriteSkipped` (target untouched) on anything unexpected.
+    as older vLLM releases wrote them). ``inject``: the globals the rewritten code needs, or
+    a function of (the source that was matched, the index of the anchor set that matched,
+    the function being replaced) returning them, called before anything is installed.
+    Applying the same feature twice is a no-op. Raises :class:`RewriteSkipped` (target
+    untouched) on anything unexpected.
     """
     state = _STATE.get(target)
     if state:
@@ -397,7 +413,7 @@ def apply(
             upstream_file = inspect.getsourcefile(func) or "?"
         except (OSError, TypeError) as exc:
             raise RewriteSkipped(f"source not available ({exc})") from None
-    new_source = rewrite_first(source, (anchors, *older))  # refuses foreign decorators first
+    index, new_source = first_match(source, (anchors, *older))  # refuses foreign decorators first
     if func.__code__.co_freevars:
         names = ", ".join(func.__code__.co_freevars)
         raise RewriteSkipped(f"closes over {names}: cannot be recompiled outside its scope")
@@ -405,6 +421,8 @@ def apply(
         raise RewriteSkipped("uses a private (name-mangled) attribute")
 
     module_globals = func.__globals__
+    if callable(inject):
+        inject = inject(source, index, func)
     for name, value in (inject or {}).items():
         if module_globals.get(name, value) is not value:
             raise RewriteSkipped(f"global name {name} already used in {func.__module__}")

@@ -13,7 +13,7 @@ import difflib
 import importlib.util
 import textwrap
 
-from .features import Feature, Rewrite
+from .site import Feature, Rewrite
 from .rewrite import RewriteSkipped, internal_error, rewrite_first
 
 APPLIES = "applies"

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from ..features import Feature, Rewrite, text_config
 from ..rewrite import Anchor, Target
+from ..settings import FeatureConfig
+from ..site import Branch, Facts, Feature, Form, Output, Site, text_config
 
 V32_MODULE = "vllm.models.deepseek_v32.attention"
 V32_ROCM_MODULE = "vllm.models.deepseek_v32.amd.rocm"
@@ -28,7 +29,7 @@ V32_A_PROJ = Anchor(
             index_weights = None
     """,
     replace="""
-        qkv_lora, kw = _vllm_overlap_deepseek_indexer.a_proj(self, hidden_states)
+        qkv_lora, kw = __site__.a_proj(self, hidden_states)
         q_c, kv_c, k_pe = qkv_lora.split(
             [self.q_lora_rank, self.kv_lora_rank, self.qk_rope_head_dim], dim=-1
         )
@@ -49,7 +50,7 @@ LEGACY_Q = Anchor(
         q = q.view(-1, self.n_head, self.head_dim)
     """,
     replace="""
-        q, _vllm_overlap_kw, _vllm_overlap_k = _vllm_overlap_deepseek_indexer.q_and_k(
+        q, _vllm_overlap_kw, _vllm_overlap_k = __site__.q_and_k(
             self, hidden_states, qr
         )
         q = q.view(-1, self.n_head, self.head_dim)
@@ -89,26 +90,12 @@ def needs_indexer(hf_config) -> str | None:
     return None
 
 
-FEATURE = Feature(
-    name="deepseek_indexer",
-    summary="the indexer's wk_weights_proj (+ k_norm) on the aux stream beside the q path",
+FACTS = dict(
     why=(
         "The lightning indexer's fused k/w projection (hidden -> head_dim + n_head, 7168 -> "
         "192 on V3.2) is a thin GEMM that leaves most SMs idle, and vLLM runs it after the "
         "layer's q path on one stream although it reads only the layer input; upstream "
         "measured the indexer path at ~32 us per layer at decode, all serial."
-    ),
-    how=(
-        "V3.2 CUDA path (DeepseekV32Attention.forward, ROCm subclass too; no Dynamo, "
-        "breakable CUDA graphs): fused_qkv_a_proj(h) on the current stream beside "
-        "indexer.wk_weights_proj(h) on vLLM's aux stream, a plain call of the stream "
-        "primitive that forks and joins inside the call (serial during breakable capture). "
-        "Legacy path (Indexer.forward, compiled): wq_b(qr) beside wk_weights_proj(h) + "
-        "k_norm as torch.ops.vllm_overlap.deepseek_indexer (LayerName, exact fake kernel, "
-        "contiguous outputs, weights sliced outside the op), hoisted out of the three "
-        "branches that each computed it. Serial outside the token range, without an aux "
-        "stream, in DBO micro-batch threads, for LoRA-wrapped projections and in layers "
-        "without an active indexer."
     ),
     upstream=(
         "vllm-project/vllm#39299 (k+w path beside q path, open), #39943 (fork/join ops in "
@@ -119,13 +106,86 @@ FEATURE = Feature(
         "vLLM runs the indexer's wk_weights_proj on a second stream itself (#39943 or a "
         "successor lands: maybe_execute_in_parallel or an indexer fork op in these forwards)."
     ),
-    rewrites=(
-        Rewrite(Target(V32_MODULE, "DeepseekV32Attention.forward"), (V32_A_PROJ,)),
-        Rewrite(Target(V32_ROCM_MODULE, "DeepseekV32MLAAttention.forward"), (V32_A_PROJ,)),
-        Rewrite(Target(LEGACY_MODULE, "Indexer.forward"), (LEGACY_Q, LEGACY_K)),
+)
+
+V32 = Site(
+    id="deepseek_indexer_v32",
+    feature="deepseek_indexer",
+    summary="V3.2 CUDA path: fused_qkv_a_proj beside the indexer's wk_weights_proj",
+    targets=(
+        Target(V32_MODULE, "DeepseekV32Attention.forward"),
+        Target(V32_ROCM_MODULE, "DeepseekV32MLAAttention.forward"),
     ),
-    runtime="vllm_overlap.ops.deepseek_indexer",
-    post_load="vllm_overlap.ops.deepseek_layers:post_load",
+    forms=(
+        Form(
+            (V32_A_PROJ,),
+            current=Branch(
+                "qkv_lora = self.fused_qkv_a_proj(hidden_states)[0]", returns="qkv_lora"
+            ),
+            aux=Branch("kw = self.indexer.wk_weights_proj(hidden_states)[0]", returns="kw"),
+            active="self.indexer is not None and not self.skip_topk",
+        ),
+    ),
+    entry="a_proj",
+    params=("self", "hidden_states"),
+    tokens="hidden_states",
+    dynamo="plain",
+    stack=0,
+    facts=Facts(
+        how=(
+            "DeepseekV32Attention.forward (ROCm subclass too) runs without Dynamo, under "
+            "breakable CUDA graphs: fused_qkv_a_proj(h) on the current stream beside "
+            "indexer.wk_weights_proj(h) on vLLM's aux stream, a plain call of the stream "
+            "primitive that forks and joins inside the call (serial during breakable capture). "
+            "Serial outside the token range, without an aux stream, in DBO micro-batch "
+            "threads, for LoRA-wrapped projections and in layers without an active indexer."
+        ),
+        **FACTS,
+    ),
+)
+
+LEGACY = Site(
+    id="deepseek_indexer_legacy",
+    feature="deepseek_indexer",
+    summary="legacy Indexer: wq_b(qr) beside wk_weights_proj(h) + k_norm, as a custom op",
+    targets=(Target(LEGACY_MODULE, "Indexer.forward"),),
+    forms=(
+        Form(
+            (LEGACY_Q, LEGACY_K),
+            current=Branch("q, _ = self.wq_b(qr)", returns="q"),
+            aux=Branch(LEGACY_K.find, returns="$kw, $k"),
+        ),
+    ),
+    entry="q_and_k",
+    params=("self", "hidden_states", "qr"),
+    tokens="hidden_states",
+    dynamo="op",
+    op_name="deepseek_indexer",
+    outputs=(
+        Output("q", like="qr", width="self.wq_b"),
+        Output("kw", like="hidden_states", width="self.wk_weights_proj"),
+        Output("k", like="hidden_states", width="self.head_dim"),
+    ),
+    result=lambda q, kw_k: (q, *kw_k),
+    registry=True,  # an Indexer is not an attention layer: not in vLLM's forward context
+    facts=Facts(
+        how=(
+            "Indexer.forward is traced by torch.compile: wq_b(qr) beside wk_weights_proj(h) + "
+            "k_norm as torch.ops.vllm_overlap.deepseek_indexer (LayerName, exact fake kernel, "
+            "contiguous outputs, weights sliced outside the op), hoisted out of the three "
+            "branches that each computed it. Serial outside the token range, without an aux "
+            "stream, in DBO micro-batch threads and for LoRA-wrapped projections."
+        ),
+        **FACTS,
+    ),
+)
+
+FEATURE = Feature(
+    name="deepseek_indexer",
+    summary="the indexer's wk_weights_proj (+ k_norm) on the aux stream beside the q path",
+    sites=(V32, LEGACY),
+    settings=FeatureConfig,
+    post_load="vllm_overlap.runtime.deepseek_census:post_load",
     post_load_modes=("dual_stream",),
     model_check=needs_indexer,
 )

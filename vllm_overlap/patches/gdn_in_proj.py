@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from ..features import Feature, Rewrite, text_config
 from ..rewrite import Anchor, Target
+from ..settings import GdnInProjConfig
+from ..site import Branch, Facts, Feature, Form, ModeEntry, Output, Site, text_config
 
 MODULE = "vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn"
 CLASS = "QwenGatedDeltaNetAttention"
@@ -17,18 +18,9 @@ IN_PROJ_PAIR = Anchor(
         $ba, _ = self.in_proj_ba(hidden_states)
     """,
     replace="""
-        $qkvz, $ba = _vllm_overlap_gdn_in_proj.in_proj(self, hidden_states)
+        $qkvz, $ba = __site__.in_proj(self, hidden_states)
     """,
 )
-
-# mode fused: one GEMM over the concatenated weights (made once after loading), then a split.
-IN_PROJ_PAIR_FUSED = Anchor(
-    find=IN_PROJ_PAIR.find,
-    replace="""
-        $qkvz, $ba = _vllm_overlap_gdn_in_proj.fused_in_proj(self, hidden_states)
-    """,
-)
-
 
 
 def needs_gdn(hf_config) -> str | None:
@@ -38,15 +30,34 @@ def needs_gdn(hf_config) -> str | None:
     return None
 
 
-FEATURE = Feature(
-    name="gdn_in_proj",
+SITE = Site(
+    id="gdn_in_proj",
+    feature="gdn_in_proj",
     summary="in_proj_qkvz on the current stream beside in_proj_ba on the aux stream",
-    why=(
+    targets=tuple(Target(MODULE, f"{CLASS}.{v}") for v in VARIANTS),
+    forms=(
+        Form(
+            (IN_PROJ_PAIR,),
+            current=Branch("$qkvz, _ = self.in_proj_qkvz(hidden_states)", returns="$qkvz"),
+            aux=Branch("$ba, _ = self.in_proj_ba(hidden_states)", returns="$ba"),
+        ),
+    ),
+    entry="in_proj",
+    params=("self", "hidden_states"),
+    tokens="hidden_states",
+    dynamo="op",
+    outputs=(
+        Output("qkvz", like="hidden_states", width="self.in_proj_qkvz"),
+        Output("ba", like="hidden_states", width="self.in_proj_ba"),
+    ),
+    modes=(("fused", ModeEntry("fused_in_proj", "vllm_overlap.runtime.gdn_fuse:fused_in_proj")),),
+    facts=Facts(
+        why=(
         "At decode sizes the two input projections of every GDN layer are small GEMMs that "
         "leave most of the GPU idle, and vLLM runs them back to back on one stream; upstream "
         "measured +2 to +8 % decode tokens/s from running them together."
     ),
-    how=(
+        how=(
         "mode dual_stream: the two statements become one call of "
         "torch.ops.vllm_overlap.gdn_in_proj (opaque to "
         "torch.compile, exact fake kernel from the per-rank output sizes, layer passed as "
@@ -57,24 +68,25 @@ FEATURE = Feature(
         "projection (the originals released) and the statements become one GEMM and a split; "
         "layers that cannot be fused run the configured fallback."
     ),
-    upstream=(
+        upstream=(
         "vllm-project/vllm#36795 (dual-stream, reverted in #38152: a str layer name compiled "
         "one graph per layer); #38123 (LayerName); re-land attempts #39748, #42301; "
         "single-GEMM alternative #41457."
     ),
-    remove_when=(
+        remove_when=(
         "vLLM runs in_proj_qkvz and in_proj_ba concurrently itself (a gdn_in_proj op or "
         "maybe_execute_in_parallel in these forwards) or fuses them into one GEMM (#41457)."
     ),
-    rewrites=tuple(Rewrite(Target(MODULE, f"{CLASS}.{v}"), (IN_PROJ_PAIR,)) for v in VARIANTS),
-    runtime="vllm_overlap.ops.gdn_in_proj",
-    mode_rewrites=(
-        (
-            "fused",
-            tuple(Rewrite(Target(MODULE, f"{CLASS}.{v}"), (IN_PROJ_PAIR_FUSED,)) for v in VARIANTS),
-        ),
     ),
-    post_load="vllm_overlap.ops.gdn_fuse:fuse_model",
+)
+
+FEATURE = Feature(
+    name="gdn_in_proj",
+    summary=SITE.summary,
+    sites=(SITE,),
+    settings=GdnInProjConfig,
+    extra_modes=("fused",),
+    post_load="vllm_overlap.runtime.gdn_fuse:fuse_model",
     post_load_modes=("fused",),
     model_check=needs_gdn,
 )

@@ -1,5 +1,7 @@
 """gdn_in_proj mode ``fused``: one GEMM over ``in_proj_qkvz`` and ``in_proj_ba`` (vLLM #41457).
 
+The rewritten forwards call :func:`fused_in_proj`'s entry in place of the site's in this mode.
+
 :func:`fuse_model` runs once, after the checkpoint is loaded and before vLLM post-processes
 the weights (so the platform's GEMM preparation, e.g. the CPU's oneDNN packing, applies to
 the fused projection). Each eligible GDN layer gets one ``MergedColumnParallelLinear`` whose
@@ -14,9 +16,9 @@ from collections import Counter
 
 import torch
 
-from .. import state
-from ..plugin import logger
-from . import is_lora
+from .. import active_config, census, outcomes
+from ..log import logger
+from .gates import is_lora
 
 FUSED = "vllm_overlap_in_proj_qkvz_ba"  # the fused projection's submodule name on the layer
 
@@ -75,10 +77,10 @@ def fuse_model(model: torch.nn.Module) -> dict:
         QwenGatedDeltaNetAttention,
     )
 
-    config = state.feature_config("gdn_in_proj")
+    config = active_config.feature_config("gdn_in_proj")
     layers = [m for m in model.modules() if isinstance(m, QwenGatedDeltaNetAttention)]
-    outcomes = state.feature_outcomes("gdn_in_proj")
-    every_variant = bool(outcomes) and all(o.status == state.APPLIED for o in outcomes)
+    applied = outcomes.feature_outcomes("gdn_in_proj")
+    every_variant = bool(applied) and all(o.status == outcomes.APPLIED for o in applied)
     skipped: Counter = Counter()
     report = {"layers": len(layers), "fused": 0, "bytes_before": 0, "bytes_after": 0}
     for layer in layers:
@@ -95,7 +97,7 @@ def fuse_model(model: torch.nn.Module) -> dict:
         report["bytes_after"] += after
     report["skipped"] = dict(skipped)
     report["fallback"] = config.fused_fallback
-    state.post_load_reports["gdn_in_proj"] = report
+    census.post_load_reports["gdn_in_proj"] = report
     if layers:
         why = "; ".join(f"{n} layers: {r}" for r, n in skipped.items())
         logger().info(
@@ -108,3 +110,24 @@ def fuse_model(model: torch.nn.Module) -> dict:
             f"; not fused, running {config.fused_fallback}: {why}" if why else "",
         )
     return report
+
+
+def fused_in_proj(site_runtime):
+    """The mode's entry for the gdn_in_proj site: one GEMM over the concatenated weights, then
+    a split. Outputs are made contiguous (a no-op for one token, where the split halves
+    already are) so every variant's kernels see the layout they get upstream. A layer the
+    post-load step did not fuse runs the configured fallback: the site's own entry
+    (dual_stream) or upstream's statements (serial)."""
+    site = site_runtime.site
+
+    def entry(layer, hidden_states):
+        fused = getattr(layer, FUSED, None)
+        if fused is None:
+            if active_config.site_config(site).fused_fallback == "dual_stream":
+                return site_runtime(layer, hidden_states)
+            return site.result(*site_runtime.serial(layer, hidden_states))
+        out, _ = fused(hidden_states)
+        mixed_qkvz, ba = out.split(layer._vllm_overlap_widths, dim=-1)
+        return mixed_qkvz.contiguous(), ba.contiguous()
+
+    return entry

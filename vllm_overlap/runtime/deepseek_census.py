@@ -9,7 +9,7 @@ Runs once per model, from the post-load hook, for ``deepseek_indexer`` and ``mla
   a compiled graph is traced once, for the first layer, and then serves them all.
 - Census: DeepSeek-V3/R1 (MLA without an indexer) and the V3.2 layers that reuse an
   earlier layer's top-k have nothing to overlap; both features run upstream's statements
-  there. One INFO line says so, and ``state.post_load_reports`` keeps the counts.
+  there. One INFO line says so, and ``census.post_load_reports`` keeps the counts.
 """
 
 from __future__ import annotations
@@ -18,50 +18,57 @@ import sys
 
 import torch
 
-from .. import state
-from ..plugin import logger
-from . import register_layer
+from .. import active_config, census
+from ..log import logger
+from . import installed
+from .layers import register_layer
 
 FEATURES = ("deepseek_indexer", "mla_q_b_proj")
 NO_INDEXER = "no indexer"
 
-V32_CLASS = ("vllm.models.deepseek_v32.attention", "DeepseekV32Attention")
-WRAPPER_CLASS = ("vllm.model_executor.layers.mla", "MultiHeadLatentAttentionWrapper")
-INDEXER_CLASS = ("vllm.model_executor.models.deepseek_v2", "Indexer")
+# The sites whose targets are MLA attention layers; their gates say which have an indexer.
+MLA_SITES = ("mla_q_b_proj_v32", "mla_q_b_proj_legacy", "deepseek_indexer_v32")
 
 
-def _loaded_class(module: str, name: str):
-    """The class if its module is imported already (a model that uses it imported it)."""
-    mod = sys.modules.get(module)
-    return getattr(mod, name, None) if mod is not None else None
+def _classes(site_id: str):
+    """(class, runtime) of each target of ``site_id`` rewritten in this process."""
+    from ..patches import SITES
+    from ..rewrite import resolve_owner
+
+    out = []
+    for target in SITES[site_id].targets:
+        rt = installed.runtime(site_id, target.module)
+        if rt is not None and target.module in sys.modules:
+            out.append((resolve_owner(target)[0], rt))
+    return out
 
 
 def mla_layers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, bool]]:
-    """(layer, has an active indexer) for every MLA attention layer of either code shape."""
-    from .deepseek_indexer import has_active_indexer as v32_active
-    from .mla_q_b_proj import wrapper_has_active_indexer as wrapper_active
-
-    candidates = (
-        (_loaded_class(*V32_CLASS), v32_active),
-        (_loaded_class(*WRAPPER_CLASS), wrapper_active),
-    )
-    shapes = [(cls, check) for cls, check in candidates if cls is not None]
+    """(layer, has an active indexer) for every MLA attention layer whose forward a site
+    rewrote, judged by upstream's own condition compiled from that forward."""
+    shapes = [pair for site_id in MLA_SITES for pair in _classes(site_id)]
     found = []
     for module in model.modules():
-        for cls, check in shapes:
+        for cls, rt in shapes:
             if isinstance(module, cls):
-                found.append((module, check(module)))
+                found.append((module, bool(rt.compiled.active(module))))
                 break
     return found
 
 
-def register_indexers(model: torch.nn.Module) -> int:
-    cls = _loaded_class(*INDEXER_CLASS)
+def register_layers(model: torch.nn.Module) -> int:
+    """Register every layer an applied ``registry`` site's op must find by name."""
+    from ..patches import SITES
+
     count = 0
-    for module in model.modules() if cls is not None else ():
-        if isinstance(module, cls):
-            register_layer(module.prefix, module)
-            count += 1
+    for site in SITES.values():
+        if not site.registry:
+            continue
+        for cls, rt in _classes(site.id):
+            for module in model.modules():
+                if isinstance(module, cls):
+                    register_layer(rt.layer_name(module), module)
+                    count += 1
     return count
 
 
@@ -73,13 +80,13 @@ def post_load(model: torch.nn.Module) -> dict:
         "mla_layers": len(layers),
         "with_indexer": active,
         "serial": {NO_INDEXER: len(layers) - active} if len(layers) > active else {},
-        "registered_indexers": register_indexers(model),
+        "registered_indexers": register_layers(model),
     }
     if not layers:  # not a DeepSeek model: nothing to say
         return report
     for name in FEATURES:
-        if state.feature_config(name).enabled:
-            state.post_load_reports[name] = report
+        if active_config.feature_config(name).enabled:
+            census.post_load_reports[name] = report
     logger().info(
         "vllm-overlap deepseek: %d of %d MLA layers have an indexer to overlap with%s",
         active,

@@ -1,10 +1,8 @@
-"""Per-process state: the active config and what happened to each feature and target."""
+"""What happened to each feature's rewrite of each target in this process."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from .config import FeatureConfig, LoadedConfig, OverlayConfig
 
 APPLIED, SKIPPED, OFF, PENDING = "applied", "skipped", "off", "pending"
 
@@ -21,22 +19,7 @@ class Outcome:
         return f"{self.status}: {self.reason}" if self.reason else self.status
 
 
-_loaded: LoadedConfig | None = None
 outcomes: dict[tuple[str, str], Outcome] = {}
-post_load_reports: dict[str, dict] = {}  # feature -> what its post-load step did
-
-
-def set_loaded(loaded: LoadedConfig) -> None:
-    global _loaded
-    _loaded = loaded
-
-
-def loaded() -> LoadedConfig:
-    return _loaded or LoadedConfig(OverlayConfig(), "built-in defaults")
-
-
-def feature_config(name: str) -> FeatureConfig:
-    return loaded().config.feature(name)
 
 
 def record(outcome: Outcome) -> None:

@@ -1,0 +1,66 @@
+"""The registry is the one source: every declared site is sound, and the config, doctor,
+README, patches/ and compat all carry exactly the declared features and sites."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from conftest import ROOT
+from vllm_overlap.patches import FEATURES, SITES, problems
+
+
+def test_every_declaration_is_sound():
+    assert problems() == []
+
+
+def test_a_broken_declaration_is_reported():
+    """The control: each kind of mistake the check exists for is found."""
+    import dataclasses
+
+    from vllm_overlap.site import Facts
+
+    site = SITES["gdn_in_proj"]
+    no_fact = dataclasses.replace(site, facts=dataclasses.replace(site.facts, upstream=" "))
+    assert any("no 'Upstream' fact" in p for p in no_fact.problems())
+    wrong_entry = dataclasses.replace(site, entry="other")
+    assert any("expected one call of __site__.other" in p for p in wrong_entry.problems())
+    short = dataclasses.replace(site, outputs=site.outputs[:1])
+    assert any("1 outputs declared, branches return 2" in p for p in short.problems())
+    assert isinstance(site.facts, Facts)
+
+
+def test_config_keys_are_the_features():
+    from vllm_overlap.config import FEATURE_NAMES, OverlayConfig
+
+    assert FEATURE_NAMES == tuple(FEATURES)
+    for name, feature in FEATURES.items():
+        assert OverlayConfig().feature(name).mode == "dual_stream"
+        field = type(OverlayConfig().feature(name)).model_fields["mode"]
+        assert set(field.annotation.__args__) == set(feature.modes)
+
+
+def test_readme_block_is_the_registry():
+    from vllm_overlap.readme import block, render
+
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
+        text = fh.read()
+    assert block(text) == render()
+    for site in SITES.values():
+        assert f"#### {site.id}" in text
+
+
+def test_patches_has_a_diff_per_feature():
+    names = sorted(f[: -len(".diff")] for f in os.listdir(os.path.join(ROOT, "patches")))
+    assert names == sorted(FEATURES)
+
+
+@pytest.mark.parametrize("site_id", list(SITES))
+def test_doctor_has_a_row_per_target_of_each_site(site_id, deepseek_overlay):
+    from vllm_overlap.cli import collect
+
+    site = SITES[site_id]
+    rows = {(r["feature"], r["module"], r["target"]) for r in collect()["rows"]}
+    for target in site.targets:
+        assert (site.feature, target.module, target.qualname) in rows
