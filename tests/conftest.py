@@ -289,3 +289,28 @@ def wrap_branch(monkeypatch, site_id: str, which: str, change, module: str | Non
     compiled = site_runtime(site_id, module).compiled
     real = getattr(compiled, which)
     monkeypatch.setattr(compiled, which, lambda *args: change(real(*args)))
+
+
+def functions(target):
+    """(upstream function, the installed fully rewritten one) of ``target``; a skip, with the
+    overlay's reasons, where this vLLM (another release than CI's, e.g. the GPU machine's)
+    has it not rewritten."""
+    import pytest
+
+    from vllm_overlap import outcomes, rewrite
+
+    if not rewrite.installed_layers(target):
+        reasons = {o.describe() for (_, t), o in outcomes.outcomes.items() if t == str(target)}
+        pytest.skip(f"{target} is not rewritten on this vLLM: {sorted(reasons) or 'module absent'}")
+    owner, attr = rewrite.resolve_owner(target)
+    upstream, rewritten = rewrite.original_function(target), getattr(owner, attr)
+    assert rewritten is not upstream
+    return upstream, rewritten
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    """The stream primitive replaced by ``fork_join_recorder.Recorder`` (undone after)."""
+    from fork_join_recorder import Recorder
+
+    return Recorder(monkeypatch)

@@ -35,7 +35,7 @@ from deepseek_layers import (
     run_mla_wrapper,
     run_v32,
 )
-from conftest import site_entry
+from conftest import functions, site_entry
 from vllm_overlap import rewrite, streams
 
 pytestmark = pytest.mark.cuda
@@ -74,16 +74,6 @@ def cuda_standins(monkeypatch, deepseek_overlay):
     return standins
 
 
-def functions(target):
-    """(upstream, rewritten) forward of ``target``; a skip where this vLLM (another release
-    than CI's, e.g. the GPU machine's) has it not rewritten, with the overlay's reason."""
-    from vllm_overlap import outcomes
-
-    if target not in rewrite._STATE:
-        reasons = {o.describe() for (_, t), o in outcomes.outcomes.items() if t == str(target)}
-        pytest.skip(f"{target} is not rewritten on this vLLM: {sorted(reasons) or 'module absent'}")
-    owner, attr = rewrite.resolve_owner(target)
-    return rewrite._STATE[target].original, getattr(owner, attr)
 
 
 def _to_cuda(module: torch.nn.Module, moved: dict | None = None) -> torch.nn.Module:

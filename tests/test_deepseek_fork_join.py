@@ -1,19 +1,9 @@
 """Fork/join structure of every region the DeepSeek features rewrite, without a GPU.
 
-``vllm_overlap.streams.run_pair`` is replaced by a recorder that logs the fork, runs fn0 as
-"branch 0" (the current stream), fn1 as "branch 1" (the aux stream), and logs the join. The
-layers' submodules and the stand-ins log each call with the branch it ran on, so each test
-asserts the exact sequence: which statements went to which stream, and that every consumer
-of a region's outputs runs after its join. A TorchDispatchMode records, per branch, which
-storages each aten/custom op read and wrote: nothing one branch writes may be read or
-written by the other (the two would race on a GPU).
-
-Storages are followed by lifetime, not by address: every tensor an op inside a fork touches
-or makes is kept alive until the recording ends, so no two storages the check compares can
-share an address (a CPU allocator hands a freed temporary of one branch to the other; a GPU's
-caching allocator would not, across streams). An op's result is a write only when it is new
-memory or its schema marks it written: a view (``view``, ``slice``, ``t``...) of an input
-aliases it and writes nothing.
+With ``fork_join_recorder.Recorder`` as the stream primitive, the layers' submodules and the
+stand-ins log each call with the branch it ran on, so each test asserts the exact sequence:
+which statements went to which stream, and that every consumer of a region's outputs runs
+after its join; and the recorder's storage check finds no cross-branch hazard.
 """
 
 from __future__ import annotations
@@ -22,9 +12,8 @@ import types
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
+from conftest import functions
 from deepseek_layers import (
     INDEXER_TARGET,
     ROCM_TARGET,
@@ -42,186 +31,13 @@ from deepseek_layers import (
     run_mla_wrapper,
     run_v32,
 )
-from vllm_overlap import rewrite, streams
+from fork_join_recorder import OUT, b0, b1, fork, join, out, without_forks
+from vllm_overlap import streams
 
 
 # The sites, by code shape: V3.2 CUDA path and the legacy (compiled / MLA wrapper) path.
 DI, MQ = "deepseek_indexer_v32", "mla_q_b_proj_v32"
 LDI, LMQ = "deepseek_indexer_legacy", "mla_q_b_proj_legacy"
-OUT = "outside"
-
-
-def fork(site):
-    return ("fork", site)
-
-
-def join(site):
-    return ("join", site)
-
-
-def b0(site, name):
-    return (f"{site}:branch0", name)
-
-
-def b1(site, name):
-    return (f"{site}:branch1", name)
-
-
-def out(*names):
-    return [(OUT, name) for name in names]
-
-
-# --------------------------------------------------------------------------------------------
-# Fixtures and the recorder
-# --------------------------------------------------------------------------------------------
-
-
-def functions(target):
-    owner, attr = rewrite.resolve_owner(target)
-    return rewrite._STATE[target].original, getattr(owner, attr)
-
-
-class Recorder:
-    """The stream primitive's stand-in and the log every wrapped call writes to."""
-
-    def __init__(self, monkeypatch):
-        self.monkeypatch = monkeypatch
-        self.log: list[tuple[str, str]] = []
-        self.stack: list[tuple[int, str, int]] = []  # (fork id, site, branch) innermost last
-        self.forks: list[str] = []  # site of each fork, by id
-        self.accesses: list[tuple[tuple, int, bool]] = []  # (stack, storage, written)
-        self._alive: list[torch.Tensor] = []  # no storage is freed and reused mid-run
-        monkeypatch.setattr(streams, "run_pair", self.run_pair)
-
-    # ---- the stream primitive --------------------------------------------------------------
-
-    def run_pair(self, site, fn0, fn1, num_tokens, feature):
-        fork_id = len(self.forks)
-        self.forks.append(site)
-        self.log.append(fork(site))
-        self.stack.append((fork_id, site, 0))
-        try:
-            r0 = fn0()
-        finally:
-            self.stack.pop()
-        self.stack.append((fork_id, site, 1))
-        try:
-            r1 = fn1()
-        finally:
-            self.stack.pop()
-        self.log.append(join(site))
-        return r0, r1
-
-    def where(self) -> str:
-        if not self.stack:
-            return OUT
-        _, site, branch = self.stack[-1]
-        return f"{site}:branch{branch}"
-
-    # ---- call logging ---------------------------------------------------------------------
-
-    def wrap(self, owner, attr: str, name: str) -> None:
-        """Log ``name`` on the current branch whenever ``owner.attr`` is called."""
-        real = getattr(owner, attr)
-
-        def logged(*args, **kwargs):
-            self.log.append((self.where(), name))
-            return real(*args, **kwargs)
-
-        self.monkeypatch.setattr(owner, attr, logged, raising=False)
-
-    def wrap_module(self, module: torch.nn.Module, name: str) -> None:
-        self.wrap(module, "forward", name)
-
-    def run(self, fn):
-        """Run ``fn`` with the log cleared and storage accesses recorded; return its result."""
-        self.log.clear()
-        self.forks.clear()
-        self.accesses.clear()
-        self._alive.clear()
-        with _AccessMode(self):
-            result = fn()
-        assert not self.stack
-        return result
-
-    # ---- storage accesses -----------------------------------------------------------------
-
-    def branch_accesses(self, fork_id: int, branch: int):
-        """(read storages, written storages) of everything that ran in one branch of a fork,
-        nested forks included."""
-        reads, writes = set(), set()
-        for stack, storage, written in self.accesses:
-            if any(f == fork_id and b == branch for f, _, b in stack):
-                (writes if written else reads).add(storage)
-        return reads, writes
-
-    def assert_no_cross_branch_hazard(self) -> None:
-        assert self.forks, "no region forked"
-        for fork_id, site in enumerate(self.forks):
-            reads0, writes0 = self.branch_accesses(fork_id, 0)
-            reads1, writes1 = self.branch_accesses(fork_id, 1)
-            assert reads0 and reads1, f"{site}: a branch read nothing (accesses not recorded?)"
-            assert not writes1 & (reads0 | writes0), f"{site}: branch 1 writes what branch 0 uses"
-            assert not writes0 & (reads1 | writes1), f"{site}: branch 0 writes what branch 1 uses"
-
-
-def _storage_key(t) -> int | None:
-    """The identity of a tensor's storage while it is alive (None: no memory)."""
-    if not isinstance(t, torch.Tensor):
-        return None
-    storage = t.untyped_storage()
-    return storage.data_ptr() if storage.nbytes() > 0 else None
-
-
-class _AccessMode(TorchDispatchMode):
-    """Records, for every op that runs inside a fork, each tensor argument's storage and
-    whether the op's schema writes it, and each result's storage when the result is new or
-    written; keeps every such tensor alive until the run ends."""
-
-    def __init__(self, recorder: Recorder):
-        super().__init__()
-        self.recorder = recorder
-
-    def _touch(self, t, stack, written: bool) -> None:
-        key = _storage_key(t)
-        if key is not None:
-            self.recorder._alive.append(t)  # its address cannot be reused while we compare
-            self.recorder.accesses.append((stack, key, written))
-
-    def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        rec = self.recorder
-        stack = tuple(rec.stack)
-        schema = func._schema
-        if stack:
-            written = {
-                a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write
-            }
-            named = list(zip((a.name for a in schema.arguments), args)) + list(kwargs.items())
-            for arg_name, value in named:
-                for t in tree_leaves(value):
-                    self._touch(t, stack, False)  # in-place ops read too
-                    if arg_name in written:
-                        self._touch(t, stack, True)
-        result = func(*args, **kwargs)
-        if stack:
-            results = result if isinstance(result, (tuple, list)) and len(schema.returns) > 1 else (result,)
-            for ret, value in zip(schema.returns, results):
-                # a return that aliases an input without writing it (a view) is no write
-                fresh_or_written = ret.alias_info is None or ret.alias_info.is_write
-                for t in tree_leaves(value):
-                    self._touch(t, stack, fresh_or_written)
-        return result
-
-
-@pytest.fixture
-def recorder(monkeypatch):
-    return Recorder(monkeypatch)
-
-
-def without_forks(log):
-    """The calls of a log in order, without fork/join and branches."""
-    return [name for where, name in log if where not in ("fork", "join")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -519,71 +335,6 @@ def test_mla_wrapper_without_indexer_does_not_fork(deepseek_vllm, standins, reco
     assert recorder.log == expected and recorder.forks == []
 
 
-# --------------------------------------------------------------------------------------------
-# The hazard check itself can fail
-# --------------------------------------------------------------------------------------------
-
-
-def test_hazard_check_catches_a_branch_writing_what_the_other_reads(recorder):
-    x = torch.randn(4, 8)
-    w = torch.randn(8, 8)
-
-    def region():
-        return streams.run_pair("probe", lambda: x @ w, lambda: x.mul_(2), 4, None)
-
-    recorder.run(region)
-    assert recorder.log == [fork("probe"), join("probe")]
-    with pytest.raises(AssertionError, match="branch 1 writes what branch 0 uses"):
-        recorder.assert_no_cross_branch_hazard()
-
-
-def test_hazard_check_passes_independent_branches(recorder):
-    x = torch.randn(4, 8)
-    w0, w1 = torch.randn(8, 8), torch.randn(8, 3)
-    recorder.run(lambda: streams.run_pair("probe", lambda: x @ w0, lambda: x @ w1, 4, None))
-    recorder.assert_no_cross_branch_hazard()
-
-
-def test_hazard_check_ignores_views_of_an_input_both_branches_read(recorder):
-    """Both branches reshape the input they share, as vLLM's CPU GEMM kernels do on some
-    machines: a view aliases its input, it writes nothing."""
-    x = torch.randn(4, 8)
-    w0, w1 = torch.randn(8, 8), torch.randn(8, 3)
-    recorder.run(
-        lambda: streams.run_pair(
-            "probe", lambda: x.view(2, 16).view(4, 8) @ w0, lambda: x.t().t()[:, :8] @ w1, 4, None
-        )
-    )
-    recorder.assert_no_cross_branch_hazard()
-
-
-def test_hazard_check_catches_a_write_through_a_view(recorder):
-    x = torch.randn(4, 8)
-    w0 = torch.randn(8, 8)
-    recorder.run(lambda: streams.run_pair("probe", lambda: x @ w0, lambda: x.view(32)[:8].add_(0), 4, None))
-    with pytest.raises(AssertionError, match="branch 1 writes what branch 0 uses"):
-        recorder.assert_no_cross_branch_hazard()
-
-
-def test_hazard_check_ignores_a_temporary_freed_in_one_branch_and_a_new_tensor_in_the_other(
-    recorder,
-):
-    """Branch 0's products are freed inside the branch; branch 1 then makes tensors of the
-    same sizes, which a CPU allocator tends to place at the freed addresses (glibc's does for
-    some of these sizes). Different tensors, no hazard."""
-    sizes = (8, 16, 24, 32, 48, 64)
-    x = {n: torch.randn(n, n) for n in sizes}
-    w0 = {n: torch.randn(n, n) for n in sizes}
-    w1 = {n: torch.randn(n, n) for n in sizes}
-
-    def branch0():  # each product is a temporary, freed before the branch returns
-        return [(x[n] @ w0[n]).exp().sum() for n in sizes]
-
-    def branch1():  # new tensors of the same sizes
-        return [x[n] @ w1[n] for n in sizes]
-
-    recorder.run(lambda: streams.run_pair("probe", branch0, branch1, 8, None))
-    recorder.assert_no_cross_branch_hazard()
 
 
 def test_hazard_check_catches_a_mutation_inside_a_real_region(

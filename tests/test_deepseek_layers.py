@@ -44,7 +44,7 @@ from deepseek_layers import (
     run_mla_wrapper,
     run_v32,
 )
-from conftest import site_entry, site_runtime, wrap_branch
+from conftest import functions, site_entry, site_runtime, wrap_branch
 from vllm_overlap import rewrite, streams
 
 
@@ -90,13 +90,6 @@ def count_forks(monkeypatch):
     return calls
 
 
-def functions(target: rewrite.Target):
-    """(upstream function, the installed fully rewritten one)."""
-    owner, attr = rewrite.resolve_owner(target)
-    upstream = rewrite._STATE[target].original
-    rewritten = getattr(owner, attr)
-    assert rewritten is not upstream
-    return upstream, rewritten
 
 
 def differential(standins, count_forks, run_upstream, run_rewritten):
@@ -145,9 +138,8 @@ DTYPE_IDS = ["bf16", "fp32"]
 
 def test_every_target_is_rewritten_with_its_stack(deepseek_overlay):
     for target, features in EXPECTED_FEATURES.items():
-        state = rewrite._STATE[target]
-        assert [layer.feature for layer in state.layers] == features
-        assert "_vllm_overlap_" not in state.original_source
+        assert rewrite.applied_features(target) == features
+        assert "_vllm_overlap_" not in rewrite.upstream_source(target)
     assert "_vllm_overlap_deepseek_indexer.a_proj(self, hidden_states)" in rewrite.current_source(
         V32_TARGET
     )
@@ -686,7 +678,7 @@ def test_v32_attention_rewritten_matches_upstream(
 ):
     """``stack``: the forward after deepseek_indexer alone, or after both features."""
     upstream, full = functions(V32_TARGET)
-    layers = rewrite._STATE[V32_TARGET].layers
+    layers = rewrite.installed_layers(V32_TARGET)
     rewritten = full if stack == "both" else layers[0].function
     assert layers[-1].function is full and layers[0].feature == "deepseek_indexer"
     layer = _v32_layer(deepseek_vllm, standins, variant, monkeypatch, prepare_mqa_query)

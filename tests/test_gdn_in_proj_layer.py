@@ -51,7 +51,7 @@ def test_rewritten_forward_matches_upstream(
     cls = getattr(module, CLASS)
     target = rewrite.Target(MODULE, f"{CLASS}.{variant}")
     assert rewrite.applied_features(target) == ["gdn_in_proj"]
-    upstream = rewrite._STATE[target].original
+    upstream = rewrite.original_function(target)
     rewritten = getattr(cls, variant)
     assert rewritten is not upstream
 
@@ -106,6 +106,6 @@ def test_without_a_second_stream_the_rewritten_code_is_the_upstream_statements(
     target = rewrite.Target(MODULE, f"{CLASS}.forward_cpu")
     layer = gdn_layer()
     hidden = torch.randn(4, layer.hidden_size, dtype=torch.bfloat16)
-    expected = rewrite._STATE[target].original(layer, hidden)
+    expected = rewrite.original_function(target)(layer, hidden)
     actual = getattr(module, CLASS).forward_cpu(layer, hidden)
     assert count_forks == [] and torch.equal(actual, expected)

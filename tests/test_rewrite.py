@@ -110,7 +110,7 @@ def synthetic(tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_OVERLAP_CACHE_DIR", str(tmp_path / "cache"))
     module = importlib.import_module(name)
     yield module
-    for target in [t for t in rewrite._STATE if t.module == name]:
+    for target in [t for t in rewrite.rewritten_targets() if t.module == name]:
         rewrite.revert(target)
     sys.modules.pop(name, None)
 

@@ -369,8 +369,18 @@ def original_function(target: Target) -> Any:
 
 
 def applied_features(target: Target) -> list[str]:
+    return [layer.feature for layer in installed_layers(target)]
+
+
+def installed_layers(target: Target) -> tuple[Layer, ...]:
+    """The rewrites installed on ``target``, first applied first (empty: upstream's code)."""
     state = _STATE.get(target)
-    return [layer.feature for layer in state.layers] if state else []
+    return tuple(state.layers) if state else ()
+
+
+def rewritten_targets() -> list[Target]:
+    """Every target that carries at least one rewrite now."""
+    return [target for target, state in _STATE.items() if state.layers]
 
 
 def apply(
