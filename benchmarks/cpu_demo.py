@@ -20,10 +20,7 @@ import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-
-from tiny_models import build  # noqa: E402
+from vllm_overlap.tiny_models import build
 
 
 def run(model: str, overlay: bool, compiled: bool, cache_root: str) -> dict:
@@ -33,7 +30,7 @@ def run(model: str, overlay: bool, compiled: bool, cache_root: str) -> dict:
     # No second stream here: make the overlay take its op path (serially), so the demo runs
     # the code a GPU runs, minus the fork. Without it the CPU simply runs upstream statements.
     env["VLLM_OVERLAP_TEST_OP_PATH"] = "1"
-    cmd = [sys.executable, os.path.join(ROOT, "tests", "llm_runner.py"), model]
+    cmd = [sys.executable, "-m", "vllm_overlap.llm_runner", model]
     if compiled:
         cmd.append("--compile")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -20,8 +20,6 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-
 
 def plot(rows: list[dict], title: str, path: str, gpu: bool) -> None:
     import matplotlib
@@ -78,7 +76,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = args.model
     if model is None:
-        from tiny_models import build
+        from vllm_overlap.tiny_models import build
 
         cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vllm-overlap")
         model = build("qwen3-next", os.path.join(cache, "tiny-models", "qwen3-next-2"))

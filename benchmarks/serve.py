@@ -23,8 +23,6 @@ import time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-
 
 def free_port() -> int:
     sock = socket.socket()
@@ -132,7 +130,7 @@ def main() -> None:
     if args.smoke:
         args.prompts_per_concurrency, args.input_len, args.output_len = 2, 16, 8
         if model is None:
-            from tiny_models import build
+            from vllm_overlap.tiny_models import build
 
             cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vllm-overlap")
             model = build("qwen3-next", os.path.join(cache, "tiny-models", "qwen3-next-2"))

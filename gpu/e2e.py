@@ -5,7 +5,7 @@
                                                # FULL_DECODE_ONLY)
     python gpu/e2e.py --out DIR --smoke        # anywhere: eager and compiled (the CPU has no graphs)
 
-Each run is ``tests/llm_runner.py`` in a fresh process (the overlay is decided when vLLM loads
+Each run is ``python -m vllm_overlap.llm_runner`` in a fresh process (the overlay is decided when vLLM loads
 the plugin), on a tiny random-weight Qwen3-Next (``gpu/model_configs.tiny``: attention
 head_dim 128 for the CUDA kernels). On and off of one mode run side by side (``--jobs``
 processes at a time, each with a small ``gpu_memory_utilization``). A mode passes when both
@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-RUNNER = os.path.join(ROOT, "tests", "llm_runner.py")
+RUNNER = ["-m", "vllm_overlap.llm_runner"]
 
 MODES = {
     "eager": [],
@@ -45,7 +45,7 @@ def run_one(model: str, flags: list[str], switch: str, log_dir: str, cache: str,
     started = time.perf_counter()
     try:
         proc = subprocess.run(
-            [sys.executable, RUNNER, model, *flags],
+            [sys.executable, *RUNNER, model, *flags],
             env=env, capture_output=True, text=True, timeout=timeout,
         )
         rc, out, err = proc.returncode, proc.stdout, proc.stderr
@@ -100,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model:
         model = args.model
     elif args.smoke:
-        sys.path.insert(0, os.path.join(ROOT, "tests"))
-        import tiny_models
+        from vllm_overlap import tiny_models
 
         model = tiny_models.build("qwen3-next", os.path.join(args.out, "tiny-qwen3-next"))
     else:

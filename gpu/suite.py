@@ -80,7 +80,7 @@ STEPS = {
             "e2e",
             "tiny Qwen3-Next through vllm.LLM, on vs off: eager, piecewise, FULL graphs",
             300,
-            ("gpu/e2e.py", "tests/llm_runner.py", "tests/tiny_models.py", "gpu/model_configs.py"),
+            ("gpu/e2e.py", "vllm_overlap/llm_runner.py", "vllm_overlap/tiny_models.py", "gpu/model_configs.py"),
             ("torch", "vllm", "vllm_overlap", "transformers"),
             (("e2e", [PY, "gpu/e2e.py", "--out", "{dir}"], {}),),
         ),

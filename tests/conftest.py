@@ -42,7 +42,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory):
     """Tiny Qwen3-Next checkpoints, built offline once per session, by GDN layer count."""
-    from tiny_models import build
+    from vllm_overlap.tiny_models import build
 
     root = tmp_path_factory.mktemp("models")
     cache: dict[int, str] = {}
@@ -58,7 +58,7 @@ def model_dirs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def deepseek_v3_dir(tmp_path_factory):
     """A tiny DeepSeek-V3 checkpoint (MLA, no indexer), built offline once per session."""
-    from tiny_models import build
+    from vllm_overlap.tiny_models import build
 
     return build("deepseek-v3", str(tmp_path_factory.mktemp("models") / "deepseek-v3"))
 
@@ -161,7 +161,7 @@ def gdn_layer(vllm_context, overlay_applied):
     """Factory of real QwenGatedDeltaNetAttention layers with seeded random weights."""
     import torch
 
-    from tiny_models import qwen3_next_config
+    from vllm_overlap.tiny_models import qwen3_next_config
     from vllm_overlap.layer_bench import build_gdn_layer
 
     def make(interleaved: bool = True, dtype=torch.bfloat16, seed: int = 0):
@@ -242,11 +242,11 @@ def clean_env(extra: dict | None = None) -> dict:
 
 
 def run_llm(model: str, *flags: str, env: dict | None = None, timeout: int = 600) -> dict:
-    """Run tests/llm_runner.py in a fresh process; return its JSON and combined log."""
+    """Run ``python -m vllm_overlap.llm_runner`` in a fresh process; return its JSON and combined log."""
     full_env = dict(os.environ)
     full_env.update(env or {})
     proc = subprocess.run(
-        [sys.executable, os.path.join(TESTS, "llm_runner.py"), model, *flags],
+        [sys.executable, "-m", "vllm_overlap.llm_runner", model, *flags],
         env=full_env,
         capture_output=True,
         text=True,
@@ -314,3 +314,32 @@ def recorder(monkeypatch):
     from fork_join_recorder import Recorder
 
     return Recorder(monkeypatch)
+
+
+class _FakeEvent:
+    def __init__(self, enable_timing=False):
+        assert enable_timing is False
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Pretend an aux stream exists; record what run_pair hands to the fork/join helper
+    (fn0 then fn1 still run in order, on the CPU)."""
+    import threading
+
+    import torch
+
+    from vllm_overlap import streams
+
+    forks = []
+
+    def parallel(fn0, fn1, event0, event1, aux):
+        forks.append((event0, event1, aux, threading.get_ident()))
+        return fn0(), fn1()
+
+    monkeypatch.setattr(streams, "get_aux_stream", lambda: "aux")
+    monkeypatch.setattr(streams, "_parallel_impl", lambda: parallel)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(streams, "_events", {})
+    return forks

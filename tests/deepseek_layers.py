@@ -68,8 +68,8 @@ _built: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (vll
 
 
 def deepseek_v3_config():
-    """The tiny DeepSeek-V3 HF config (``tiny_models.deepseek_v3_config``)."""
-    from tiny_models import deepseek_v3_config as v3
+    """The tiny DeepSeek-V3 HF config (``vllm_overlap.tiny_models.deepseek_v3_config``)."""
+    from vllm_overlap.tiny_models import deepseek_v3_config as v3
 
     return v3()
 
@@ -86,7 +86,7 @@ def deepseek_v32_config():
 def build_checkpoint(out: str) -> str:
     """A tiny DeepSeek-V3 checkpoint in ``out``, for ``standalone_vllm(out)`` (a VllmConfig
     with ``use_mla``, whose CPU MLA backend needs kv_lora_rank 512 + qk_rope_head_dim 64)."""
-    from tiny_models import build
+    from vllm_overlap.tiny_models import build
 
     return build("deepseek-v3", out)
 

@@ -44,7 +44,7 @@ from deepseek_layers import (
     run_mla_wrapper,
     run_v32,
 )
-from conftest import functions, site_entry, site_runtime, wrap_branch
+from conftest import functions, site_runtime, wrap_branch
 from vllm_overlap import rewrite, streams
 
 
@@ -343,77 +343,6 @@ def test_compiled_indexer_forward_is_one_op_and_matches_upstream_eager(
         assert indexer.prefix not in code, code
 
 
-def test_compiled_q_and_k_matches_upstream_statements(deepseek_vllm, standins):
-    q_and_k = site_entry("deepseek_indexer_legacy")
-    rt = site_runtime("deepseek_indexer_legacy")
-
-    hf = deepseek_v32_config()
-    indexer = build_indexer(deepseek_vllm, hf, standins=standins, seed=2)
-    compiled, counter = _compile(lambda h, qr: q_and_k(indexer, h, qr))
-    hidden, qr, _ = _indexer_inputs(hf, 9, torch.bfloat16)
-    with torch.no_grad():
-        expected = rt.site.result(*rt.serial(indexer, hidden, qr))
-        actual = compiled(hidden, qr)
-    assert identical(tuple(expected), tuple(actual))
-    assert len(_op_nodes(one_graph(counter))) == 1
-    assert all(t.is_contiguous() for t in actual)
-
-
-class _IndexerStack(torch.nn.Module):
-    """Indexers called one after another, like the decoder stack does."""
-
-    def __init__(self, indexers, forward_fn, rope):
-        super().__init__()
-        self.indexers = torch.nn.ModuleList(indexers)
-        self.forward_fn = forward_fn
-        self.rope = rope
-
-    def forward(self, hidden_states, qr, positions):
-        for indexer in self.indexers:
-            self.forward_fn(indexer, hidden_states, qr, positions, self.rope)
-
-
-def test_layer_names_are_graph_inputs_one_graph_for_the_stack(
-    deepseek_vllm, standins, traceable_standins
-):
-    """LayerName is hoisted: the graph's code names no indexer, every op gets its own layer
-    (different weights: a mix-up would change the result), one graph for the stack."""
-    import vllm.utils.torch_utils as tu
-
-    if not getattr(tu, "_USE_LAYERNAME", False):
-        pytest.skip("this vLLM/torch has no opaque LayerName; names are plain strings")
-    hf = deepseek_v32_config()
-    upstream, rewritten = functions(INDEXER_TARGET)
-    rope = build_indexer_rope(hf)
-    indexers = [build_indexer(deepseek_vllm, hf, standins=standins, seed=s) for s in (1, 2, 3)]
-    hidden, qr, positions = _indexer_inputs(hf, 6, torch.bfloat16)
-
-    def outputs(fn):
-        results = []
-        for indexer in indexers:  # each indexer has its own top-k buffer
-            indexer.topk_indices_buffer.fill_(-1)
-        from deepseek_layers import _forward_context
-
-        with _forward_context(indexers[0]):
-            fn(hidden, qr, positions)
-        for indexer in indexers:
-            results.append(indexer.topk_indices_buffer[:6].clone())
-        return tuple(results)
-
-    expected = outputs(_IndexerStack(indexers, upstream, rope))
-    assert not identical(expected[:1], expected[1:2])  # the layers really differ
-    compiled, counter = _compile(_IndexerStack(indexers, rewritten, rope))
-    actual = outputs(compiled)
-    assert identical(expected, actual)
-    graph = one_graph(counter)
-    nodes = _op_nodes(graph)
-    assert len(nodes) == 3
-    assert len({n.args[-1] for n in nodes}) == 3  # three distinct LayerName graph inputs
-    assert all(n.args[-1].op == "placeholder" for n in nodes)
-    code = graph.code
-    assert not any(indexer.prefix in code for indexer in indexers), code
-
-
 def test_two_indexers_through_one_compiled_function_share_one_graph(
     deepseek_vllm, standins, traceable_standins
 ):
@@ -445,32 +374,6 @@ def test_two_indexers_through_one_compiled_function_share_one_graph(
     assert not identical(results[0], results[1])
     assert counter.frame_count == 1
     assert len(_op_nodes(one_graph(counter))) == 1
-
-
-def test_str_layer_names_would_be_baked_in(
-    deepseek_vllm, standins, traceable_standins, monkeypatch
-):
-    """Negative control for the two tests above: with plain strings the prefix is a constant
-    in the graph (one graph per layer)."""
-    from vllm_overlap.runtime import layers as ops
-
-    hf = deepseek_v32_config()
-    _, rewritten = functions(INDEXER_TARGET)
-    indexer = build_indexer(deepseek_vllm, hf, standins=standins, seed=1)
-    rope = build_indexer_rope(hf)
-    hidden, qr, positions = _indexer_inputs(hf, 6, torch.bfloat16)
-    run_indexer(rewritten, indexer, hidden, qr, positions, rope)  # prepares the projections
-    monkeypatch.setattr(ops, "encode_layer_name", lambda name: name)
-
-    def forward(layer, hidden_states, qr, positions, rotary_emb):
-        return rewritten(layer, hidden_states, qr, positions, rotary_emb)
-
-    compiled, counter = _compile(forward)
-    try:
-        run_indexer(compiled, indexer, hidden, qr, positions, rope)
-    except Exception as exc:  # the op's schema may refuse a str where it wants LayerName
-        pytest.skip(f"op schema does not take a str here: {type(exc).__name__}")
-    assert indexer.prefix in one_graph(counter).code
 
 
 # --------------------------------------------------------------------------------------------
@@ -669,18 +572,63 @@ def _v32_forks(variant, tokens, stack):
     return [(feature, tokens) for feature in stack]
 
 
+# The sites on DeepseekV32Attention.forward, each alone and both in either order (the
+# overlay applies them in stacking order: deepseek_indexer_v32, then mla_q_b_proj_v32).
+V32_STACKS = {
+    "indexer_alone": ("deepseek_indexer_v32",),
+    "q_b_proj_alone": ("mla_q_b_proj_v32",),
+    "both": ("deepseek_indexer_v32", "mla_q_b_proj_v32"),
+    "both_reversed": ("mla_q_b_proj_v32", "deepseek_indexer_v32"),
+}
+
+
+@pytest.fixture
+def v32_stacked(deepseek_overlay):
+    """``apply(site_ids)``: DeepseekV32Attention.forward rewritten by exactly these sites, in
+    this order, through the plugin; returns the installed function. The overlay's own stack
+    is put back after."""
+    from vllm_overlap import outcomes, plugin
+    from vllm_overlap.patches import FEATURES, SITES
+
+    def apply_site(site, rw):
+        outcome = plugin.apply_rewrite(FEATURES[site.feature], site, rw)
+        assert outcome.status == outcomes.APPLIED, outcome.describe()
+
+    def apply(site_ids):
+        rewrite.revert(V32_TARGET)
+        for site_id in site_ids:
+            site = SITES[site_id]
+            rw = next(r for r in FEATURES[site.feature].rewrites if r.site == site_id and r.target == V32_TARGET)
+            apply_site(site, rw)
+        owner, attr = rewrite.resolve_owner(V32_TARGET)
+        return getattr(owner, attr)
+
+    yield apply
+    rewrite.revert(V32_TARGET)
+    for site, rw in plugin.stacking_order(V32_TARGET.module):
+        if rw.target == V32_TARGET:
+            apply_site(site, rw)
+    assert rewrite.applied_features(V32_TARGET) == EXPECTED_FEATURES[V32_TARGET]
+
+
+def test_the_overlay_stacks_the_v32_sites_in_their_declared_order(deepseek_overlay):
+    from vllm_overlap import plugin
+
+    order = [site.id for site, rw in plugin.stacking_order(V32_TARGET.module) if rw.target == V32_TARGET]
+    assert order == list(V32_STACKS["both"])
+
+
 @pytest.mark.parametrize("prepare_mqa_query", [True, False], ids=["mqa_q", "no_mqa_q"])
 @pytest.mark.parametrize("tokens", [1, 7])
 @pytest.mark.parametrize("variant", V32_VARIANTS)
-@pytest.mark.parametrize("stack", ["deepseek_indexer", "both"])
+@pytest.mark.parametrize("stack", V32_STACKS)
 def test_v32_attention_rewritten_matches_upstream(
-    deepseek_vllm, standins, count_forks, monkeypatch, stack, variant, tokens, prepare_mqa_query
+    deepseek_vllm, standins, count_forks, monkeypatch, v32_stacked, stack, variant, tokens, prepare_mqa_query
 ):
-    """``stack``: the forward after deepseek_indexer alone, or after both features."""
-    upstream, full = functions(V32_TARGET)
-    layers = rewrite.installed_layers(V32_TARGET)
-    rewritten = full if stack == "both" else layers[0].function
-    assert layers[-1].function is full and layers[0].feature == "deepseek_indexer"
+    """Each site alone and both stacked, in either order: bit-identical to upstream, and
+    (with an active indexer) each site forks once, in the forward's order."""
+    upstream, _ = functions(V32_TARGET)
+    rewritten = v32_stacked(V32_STACKS[stack])
     layer = _v32_layer(deepseek_vllm, standins, variant, monkeypatch, prepare_mqa_query)
     positions, hidden, _ = make_inputs(deepseek_v32_config(), tokens)
 
@@ -691,8 +639,8 @@ def test_v32_attention_rewritten_matches_upstream(
         lambda: run_probed(rewritten, layer, positions, hidden),
     )
     assert up_calls == V32_STANDINS and rw_calls == V32_STANDINS
-    features = ["deepseek_indexer_v32"] + (["mla_q_b_proj_v32"] if stack == "both" else [])
-    assert forks == _v32_forks(variant, tokens, features)
+    in_forward_order = [s for s in V32_STACKS["both"] if s in V32_STACKS[stack]]
+    assert forks == _v32_forks(variant, tokens, in_forward_order)
     assert len(expected) > 2 + 20  # output, top-k rows and the stand-ins' tensors
     assert identical(expected, actual)
 

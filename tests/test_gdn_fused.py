@@ -24,7 +24,7 @@ def fused_twin(vllm_context, overlay_applied):
     one of them), then vLLM's own weight post-processing (on both), which picks this
     machine's GEMM path for whatever projections each layer then has. ``process=False``
     stops before that last step, where the fusing has happened and nothing is repacked."""
-    from tiny_models import qwen3_next_config
+    from vllm_overlap.tiny_models import qwen3_next_config
     from vllm_overlap.layer_bench import build_gdn_layer, process_weights_like_the_loader
 
     def make(interleaved=True, process=True):

@@ -83,16 +83,6 @@ def test_projection_outputs_are_those_of_the_two_linears(gdn_layer):
     assert qkvz.is_contiguous() and ba.is_contiguous()
 
 
-def test_lora_wrapped_projection_keeps_the_serial_statements(gdn_layer, count_forks, monkeypatch):
-    layer = gdn_layer()
-    hidden = torch.randn(3, layer.hidden_size, dtype=torch.bfloat16)
-    expected = (layer.in_proj_qkvz(hidden)[0], layer.in_proj_ba(hidden)[0])
-    monkeypatch.setattr(layer.in_proj_qkvz, "base_layer", torch.nn.Identity(), raising=False)
-    qkvz, ba = site_entry("gdn_in_proj")(layer, hidden)
-    assert count_forks == []
-    assert torch.equal(qkvz, expected[0]) and torch.equal(ba, expected[1])
-
-
 def test_without_a_second_stream_the_rewritten_code_is_the_upstream_statements(
     gdn_layer, kernel_standins, count_forks, monkeypatch
 ):

@@ -1,12 +1,24 @@
 """One harness over the declared sites: for each, a tiny real vLLM layer and the entry the
-rewritten code calls.
+rewritten code calls. A site supplies a builder (below); everything else is generic.
 
+For every site:
 - the overlapped path (the stream primitive, serial on this CPU) gives exactly what the
   serial path, compiled from upstream's matched statements, gives;
-- each branch's output reaches the result: perturbing it makes the comparison fail;
-- without a second stream, and with a LoRA-wrapped projection, nothing forks.
+- each branch's effect reaches the result: perturbing its output (or skipping a branch that
+  returns nothing) makes the comparison fail;
+- fork/join: the entry forks once, and no storage one branch writes is read or written by
+  the other (``fork_join_recorder``, storages followed by lifetime);
+- serial fallbacks: no second stream, a LoRA-wrapped projection, an inactive layer (only the
+  branch upstream's condition does not guard runs), both token bounds of the site's
+  configured range, a dual-batch-overlap micro-batch thread;
 
-The forwards around the sites are compared with upstream's in the per-model layer tests.
+and for every ``op`` site: opcheck and an exact fake kernel at 0, 1, 7, 256 and 1025 tokens in
+bf16 and fp32, a symbolic token count, the real op refusing what the fake did not promise, and
+one compiled graph for any number of layers with ``LayerName`` inputs (a ``str`` name, the
+negative control, is baked into the graph).
+
+The forwards around the sites are compared with upstream's in the per-model layer tests
+(``test_gdn_in_proj_layer``, ``test_deepseek_layers``), which also cover each stacking order.
 """
 
 from __future__ import annotations
@@ -15,13 +27,21 @@ import pytest
 import torch
 
 from conftest import site_entry, site_runtime, wrap_branch
-from vllm_overlap import streams
+from vllm_overlap import active_config, streams
+from vllm_overlap.config import LoadedConfig, OverlayConfig
 from vllm_overlap.patches import SITES
 
+BF16 = torch.bfloat16
 
-def _gdn(request, tokens):
-    layer = request.getfixturevalue("gdn_layer")()
-    return layer, torch.randn(tokens, layer.hidden_size, dtype=torch.bfloat16)
+# ---------------------------------------------------------------------------------------------
+# Builders: site id -> builder(request, tokens, dtype, seed) -> the entry's arguments, the layer
+# first (``seed``: the layer's weights)
+# ---------------------------------------------------------------------------------------------
+
+
+def _gdn(request, tokens, dtype=BF16, seed=0):
+    layer = request.getfixturevalue("gdn_layer")(dtype=dtype, seed=seed)
+    return layer, torch.randn(tokens, layer.hidden_size, dtype=dtype)
 
 
 def _deepseek(request):
@@ -30,43 +50,91 @@ def _deepseek(request):
     return request.getfixturevalue("deepseek_vllm"), request.getfixturevalue("standins"), deepseek_v32_config()
 
 
-def _indexer(request, tokens):
+def _indexer(request, tokens, dtype=BF16, seed=1):
     from deepseek_layers import build_indexer, make_inputs
 
     vllm_config, standins, hf = _deepseek(request)
-    indexer = build_indexer(vllm_config, hf, standins=standins, seed=1)
-    _, hidden, qr = make_inputs(hf, tokens)
+    indexer = build_indexer(vllm_config, hf, standins=standins, seed=seed, dtype=dtype)
+    _, hidden, qr = make_inputs(hf, tokens, dtype=dtype)
     return indexer, hidden, qr
 
 
-def _v32(request, tokens):
+def _v32(request, tokens, dtype=BF16, seed=0):
     from deepseek_layers import build_v32_attention, make_inputs
 
     vllm_config, standins, hf = _deepseek(request)
-    layer = build_v32_attention(vllm_config, hf, True, standins=standins)
-    return layer, make_inputs(hf, tokens)[1]
+    layer = build_v32_attention(vllm_config, hf, True, standins=standins, dtype=dtype, seed=seed)
+    return layer, make_inputs(hf, tokens, dtype=dtype)[1]
 
 
-def _v32_q(request, tokens):
-    layer, _ = _v32(request, tokens)
-    q_c = torch.randn(tokens, layer.q_lora_rank, dtype=torch.bfloat16)
+def _v32_q(request, tokens, dtype=BF16, seed=0):
+    layer, _ = _v32(request, tokens, dtype, seed)
+    q_c = torch.randn(tokens, layer.q_lora_rank, dtype=dtype)
     return layer, q_c, True
 
 
-# site id -> builder(request, tokens) of the entry's arguments, the layer first
+def _mla_wrapper(request, tokens, dtype=BF16, seed=0):
+    """What ``MultiHeadLatentAttentionWrapper.forward`` hands the site: its q projection and
+    (normed) q_c, positions, k_pe with its head axis, hidden states, q_c."""
+    from deepseek_layers import build_mla_wrapper, make_inputs
+
+    vllm_config, standins, hf = _deepseek(request)
+    wrapper = build_mla_wrapper(vllm_config, hf, True, standins=standins, dtype=dtype, seed=seed)
+    positions, hidden, q_c = make_inputs(hf, tokens, dtype=dtype)
+    k_pe = torch.randn(tokens, 1, hf.qk_rope_head_dim, dtype=dtype)
+    return wrapper, wrapper.q_b_proj, q_c, positions, k_pe, hidden, q_c
+
+
 BUILDERS = {
     "gdn_in_proj": _gdn,
     "deepseek_indexer_legacy": _indexer,
     "deepseek_indexer_v32": _v32,
     "mla_q_b_proj_v32": _v32_q,
+    "mla_q_b_proj_legacy": _mla_wrapper,
 }
-# Not in the harness yet: its entry's arguments come from the middle of the MLA wrapper's
-# forward (tests/test_deepseek_layers.py covers it through that forward).
-NOT_YET = {"mla_q_b_proj_legacy"}
 
 
-def test_every_site_has_a_builder_or_says_why_not():
-    assert set(BUILDERS) | NOT_YET == set(SITES)
+def _topk_rows(args):
+    return args[0].topk_indices_buffer[: args[5].shape[0]].clone()
+
+
+def _clear_topk(args):
+    args[0].topk_indices_buffer.fill_(-1)
+
+
+# Sites whose branch writes layer state instead of returning it: (reset before a run, what to
+# compare after it). The MLA wrapper's indexer call fills the shared top-k buffer.
+EFFECTS = {"mla_q_b_proj_legacy": (_clear_topk, _topk_rows)}
+
+
+def _skip_topk(args):
+    args[0].skip_topk = True
+
+
+# How to make a layer inactive, for every site whose form has upstream's ``active`` condition.
+DEACTIVATE = {
+    "deepseek_indexer_v32": _skip_topk,
+    "mla_q_b_proj_v32": _skip_topk,
+    "mla_q_b_proj_legacy": _skip_topk,
+}
+
+OP_SITES = sorted(s.id for s in SITES.values() if s.dynamo == "op")
+TOKEN_COUNTS = [0, 1, 7, 256, 1025]
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def test_every_site_has_a_builder():
+    assert set(BUILDERS) == set(SITES)
+
+
+def test_every_gated_site_says_how_to_deactivate_its_layer():
+    gated = {s.id for s in SITES.values() if any(form.active for form in s.forms)}
+    assert set(DEACTIVATE) == gated
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a site
+# ---------------------------------------------------------------------------------------------
 
 
 def _tensors(value) -> list[torch.Tensor]:
@@ -84,12 +152,46 @@ def _same(a, b) -> bool:
     )
 
 
+def _fresh(args) -> tuple:
+    """The arguments with new tensors (a branch may rotate an input in place, as upstream's
+    RoPE does), so every run starts from the same values."""
+    return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _run(fn, site_id, args):
+    """``fn(*args)`` on fresh arguments, with the site's layer-state effect appended."""
+    args = _fresh(args)
+    reset, observe = EFFECTS.get(site_id, (None, None))
+    if reset:
+        reset(args)
+    with torch.no_grad():
+        result = fn(*args)
+    return (result, observe(args)) if observe else result
+
+
+def _serial(site_id):
+    rt = site_runtime(site_id)
+    return lambda *args: rt.site.result(*rt.serial(*args))
+
+
 def _perturbed(value):
     if isinstance(value, torch.Tensor):
         return value * 1.01 + 0.01
     if isinstance(value, tuple):
         return tuple(_perturbed(v) for v in value)
     return value
+
+
+def _own(sites: list[str], site_id: str) -> list[str]:
+    """The forks of ``site_id`` (a site's branch may call a layer with a site of its own: the
+    MLA wrapper's indexer call runs the legacy indexer's)."""
+    return [s for s in sites if s == site_id]
+
+
+def _forked_sites(fake_gpu) -> list[str]:
+    """The site of each fork ``fake_gpu`` recorded, from the events it was handed."""
+    site_of = {id(pair[0]): key[0] for key, pair in streams._events.items()}
+    return [site_of[id(event0)] for event0, *_ in fake_gpu]
 
 
 @pytest.fixture
@@ -100,15 +202,32 @@ def forks(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def token_range():
+    """``token_range(feature, lo, hi)``: load a config with that feature's range (restored)."""
+    before = active_config.loaded()
+
+    def narrow(feature, lo, hi):
+        data = OverlayConfig().model_dump()
+        data["features"][feature].update(min_tokens=lo, max_tokens=hi)
+        active_config.set_loaded(LoadedConfig(OverlayConfig.model_validate(data), "harness"))
+
+    yield narrow
+    active_config.set_loaded(before)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every site
+# ---------------------------------------------------------------------------------------------
+
+
 @pytest.mark.parametrize("tokens", [1, 7])
 @pytest.mark.parametrize("site_id", sorted(BUILDERS))
 def test_overlapped_path_equals_the_serial_statements(request, deepseek_overlay, site_id, tokens, forks):
-    rt = site_runtime(site_id)
     args = BUILDERS[site_id](request, tokens)
-    with torch.no_grad():
-        expected = rt.site.result(*rt.serial(*args))
-        actual = site_entry(site_id)(*args)
-    assert forks == [site_id]
+    expected = _run(_serial(site_id), site_id, args)
+    actual = _run(site_entry(site_id), site_id, args)
+    assert _own(forks, site_id) == [site_id]
     assert _same(expected, actual) and _tensors(expected)
 
 
@@ -117,10 +236,24 @@ def test_overlapped_path_equals_the_serial_statements(request, deepseek_overlay,
 def test_a_perturbed_branch_changes_the_result(request, deepseek_overlay, site_id, which, monkeypatch):
     rt = site_runtime(site_id)
     args = BUILDERS[site_id](request, 5)
-    with torch.no_grad():
-        expected = rt.site.result(*rt.serial(*args))
+    expected = _run(_serial(site_id), site_id, args)
+    if getattr(rt.site.forms[rt.compiled.form_index], which).returns == "None":
+        # its effect is layer state: the mutation is not running it
+        monkeypatch.setattr(rt.compiled, which, lambda *a: None)
+    else:
         wrap_branch(monkeypatch, site_id, which, _perturbed)
-        assert not _same(expected, site_entry(site_id)(*args))
+    assert not _same(expected, _run(site_entry(site_id), site_id, args))
+
+
+@pytest.mark.parametrize("tokens", [1, 7])
+@pytest.mark.parametrize("site_id", sorted(BUILDERS))
+def test_branches_share_no_storage_that_either_writes(request, deepseek_overlay, site_id, tokens, recorder):
+    args = BUILDERS[site_id](request, tokens)
+    expected = _run(_serial(site_id), site_id, args)
+    actual = recorder.run(lambda: _run(site_entry(site_id), site_id, args))
+    assert _own(recorder.forks, site_id) == [site_id]
+    recorder.assert_no_cross_branch_hazard()  # nested sites' forks included
+    assert _same(expected, actual)
 
 
 @pytest.mark.parametrize("site_id", sorted(BUILDERS))
@@ -129,13 +262,249 @@ def test_no_second_stream_or_lora_runs_serially(request, deepseek_overlay, site_
 
     rt = site_runtime(site_id)
     args = BUILDERS[site_id](request, 3)
-    with torch.no_grad():
-        expected = rt.site.result(*rt.serial(*args))
+    expected = _run(_serial(site_id), site_id, args)
+    with monkeypatch.context() as m:
+        m.setattr(gates, "_OVERLAP_POSSIBLE", False)
+        assert _same(expected, _run(site_entry(site_id), site_id, args))
+    projections = rt.compiled.projections(*args)
+    assert projections  # the branches call modules of the layer
+    for projection in projections:  # each one LoRA-wrapped alone
         with monkeypatch.context() as m:
-            m.setattr(gates, "_OVERLAP_POSSIBLE", False)
-            assert _same(expected, site_entry(site_id)(*args))
-        projections = rt.compiled.projections(*args)
-        assert projections  # the branches call modules of the layer
-        monkeypatch.setattr(projections[-1], "base_layer", torch.nn.Identity(), raising=False)
-        assert _same(expected, site_entry(site_id)(*args))
-    assert forks == []
+            m.setattr(projection, "base_layer", torch.nn.Identity(), raising=False)
+            assert _same(expected, _run(site_entry(site_id), site_id, args))
+    assert _own(forks, site_id) == []
+
+
+@pytest.mark.parametrize("site_id", sorted(DEACTIVATE))
+def test_an_inactive_layer_runs_only_the_ungated_branch(request, deepseek_overlay, site_id, forks, monkeypatch):
+    rt = site_runtime(site_id)
+    gated = rt.compiled.gated
+    assert gated in ("current", "aux")
+    ungated = "aux" if gated == "current" else "current"
+    args = BUILDERS[site_id](request, 4)
+    DEACTIVATE[site_id](args)
+    monkeypatch.setattr(rt.compiled, gated, lambda *a: pytest.fail(f"the gated {gated} branch ran"))
+    with torch.no_grad():
+        alone = getattr(rt.compiled, ungated)(*_fresh(args))
+    expected = rt.site.result(*((None, alone) if gated == "current" else (alone, None)))
+    if site_id in EFFECTS:  # the layer state stays as reset: the gated branch wrote it
+        reset, observe = EFFECTS[site_id]
+        reset(args)
+        expected = (expected, observe(args))
+    actual = _run(site_entry(site_id), site_id, args)
+    assert _own(forks, site_id) == []
+    assert _same(expected, actual) and _tensors(expected)
+
+
+@pytest.mark.parametrize("tokens, forked", [(3, False), (4, True), (16, True), (17, False)])
+@pytest.mark.parametrize("site_id", sorted(BUILDERS))
+def test_the_sites_token_range_gates_the_fork_at_both_bounds(
+    request, deepseek_overlay, site_id, tokens, forked, fake_gpu, token_range
+):
+    token_range(SITES[site_id].feature, 4, 16)
+    args = BUILDERS[site_id](request, tokens)
+    expected = _run(_serial(site_id), site_id, args)
+    assert _same(expected, _run(site_entry(site_id), site_id, args))
+    assert _own(_forked_sites(fake_gpu), site_id) == [site_id] * forked
+
+
+@pytest.mark.parametrize("site_id", sorted(BUILDERS))
+def test_micro_batch_threads_run_serially(request, deepseek_overlay, site_id, fake_gpu, monkeypatch):
+    monkeypatch.setattr(streams, "in_micro_batch_thread", lambda: True)
+    args = BUILDERS[site_id](request, 8)
+    expected = _run(_serial(site_id), site_id, args)
+    assert _same(expected, _run(site_entry(site_id), site_id, args))
+    assert fake_gpu == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Op sites: the generated custom op, its fake kernel, and torch.compile
+# ---------------------------------------------------------------------------------------------
+
+
+def _op(site_id):
+    rt = site_runtime(site_id)
+    return rt, getattr(torch.ops.vllm_overlap, rt.site.op)
+
+
+# Each op output's width on one rank, by the models' formulas on the tiny configs
+# (tiny_models.qwen3_next_config: 2 key heads, 4 value heads, head dims 128;
+# deepseek_layers.INDEXER_ATTRS: 4 index heads, index head dim 128), not read from the layer.
+WIDTHS = {
+    # qkvz: q and k per key head, v and z per value head; ba: b and a per value head
+    "gdn_in_proj": (2 * 2 * 128 + 2 * 4 * 128, 2 * 4),
+    # q: n_head * head_dim; kw: wk (head_dim) fused with weights_proj (n_head); k: head_dim
+    "deepseek_indexer_legacy": (4 * 128, 128 + 4, 128),
+}
+
+
+def test_op_sites_are_the_declared_ones():
+    assert OP_SITES == sorted(WIDTHS) == ["deepseek_indexer_legacy", "gdn_in_proj"]
+
+
+@pytest.mark.parametrize("site_id", OP_SITES)
+def test_op_widths_are_the_per_rank_output_sizes(request, deepseek_overlay, site_id):
+    rt, _ = _op(site_id)
+    assert rt.widths(BUILDERS[site_id](request, 1)[0]) == WIDTHS[site_id]
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("tokens", TOKEN_COUNTS)
+@pytest.mark.parametrize("site_id", OP_SITES)
+def test_opcheck(request, deepseek_overlay, site_id, tokens, dtype):
+    rt, op = _op(site_id)
+    args = BUILDERS[site_id](request, tokens, dtype)
+    torch.library.opcheck(op.default, rt.op_args(*args))
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("tokens", TOKEN_COUNTS)
+@pytest.mark.parametrize("site_id", OP_SITES)
+def test_fake_kernel_matches_real_outputs(request, deepseek_overlay, site_id, tokens, dtype):
+    """Shapes, dtypes and strides of the fake kernel equal those of the real op, and the real
+    outputs are the serial statements' results, contiguous."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    rt, op = _op(site_id)
+    args = BUILDERS[site_id](request, tokens, dtype)
+    op_args = rt.op_args(*args)
+    with torch.no_grad():
+        real = op(*op_args)
+        current, aux = rt.serial(*args)
+    with FakeTensorMode() as mode:
+        fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in op_args))
+    assert len(real) == len(fake) == len(rt.site.outputs)
+    for r, f, width in zip(real, fake, rt.widths(args[0])):
+        assert (tuple(f.shape), f.dtype, f.stride()) == (tuple(r.shape), r.dtype, r.stride())
+        assert tuple(r.shape) == (tokens, width) and r.dtype == dtype and r.is_contiguous()
+    assert _same(tuple(real), tuple(t.contiguous() for t in _tensors((current, aux))))
+
+
+@pytest.mark.parametrize("site_id", OP_SITES)
+def test_fake_kernel_keeps_a_symbolic_token_count(request, deepseek_overlay, site_id):
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    rt, op = _op(site_id)
+    args = BUILDERS[site_id](request, 9)
+    op_args = rt.op_args(*args)
+    tensors = [a for a in op_args if isinstance(a, torch.Tensor)]
+    with FakeTensorMode(shape_env=ShapeEnv()) as mode:
+        ctx = StatelessSymbolicContext(
+            dynamic_sizes=[DimDynamic.DYNAMIC] + [DimDynamic.STATIC] * (tensors[0].dim() - 1)
+        )
+        first = mode.from_tensor(tensors[0], symbolic_context=ctx, source=ConstantSource("x"))
+        tokens = first.shape[0]
+        assert isinstance(tokens, torch.SymInt)
+        fakes = [first] + [mode.from_tensor(t).new_empty((tokens, *t.shape[1:])) for t in tensors[1:]]
+        outs = op(*fakes, *op_args[len(tensors):])
+    for out, width in zip(outs, op_args[len(tensors) : len(tensors) + len(outs)]):
+        assert str(out.shape[0]) == str(tokens)
+        assert out.shape[1] == width and out.stride() == (width, 1)
+
+
+@pytest.mark.parametrize("site_id", OP_SITES)
+def test_real_op_refuses_an_output_the_fake_did_not_promise(request, deepseek_overlay, site_id):
+    rt, op = _op(site_id)
+    args = BUILDERS[site_id](request, 3)  # the registry holds its layer weakly: keep it
+    op_args = list(rt.op_args(*args))
+    first_width = len(op_args) - 1 - len(rt.site.outputs)
+    for i in range(len(rt.site.outputs)):
+        wrong = list(op_args)
+        wrong[first_width + i] += 1
+        with pytest.raises(RuntimeError, match="fake kernel promised"):
+            op(*wrong)
+
+
+@pytest.mark.parametrize("site_id", OP_SITES)
+def test_unknown_layer_name_is_a_clear_error(request, deepseek_overlay, site_id):
+    from vllm_overlap.runtime.layers import encode_layer_name
+
+    rt, op = _op(site_id)
+    args = BUILDERS[site_id](request, 2)
+    op_args = list(rt.op_args(*args))
+    op_args[-1] = encode_layer_name(rt.layer_name(args[0]) + ".nope")
+    with pytest.raises(KeyError, match="no layer named"):
+        op(*op_args)
+
+
+class _Stack(torch.nn.Module):
+    """N layers' sites called in sequence on the same inputs, as a decoder stack does."""
+
+    def __init__(self, site_id, layers):
+        super().__init__()
+        self.site_id = site_id
+        self.layers = torch.nn.ModuleList(layers)
+
+    def forward(self, *tensors):
+        entry = site_entry(self.site_id)
+        sums = []
+        for layer in self.layers:
+            total = tensors[0].new_zeros((), dtype=torch.float32)
+            for out in _tensors(entry(layer, *tensors)):
+                total = total + out.float().sum()
+            sums.append(total)
+        return torch.stack(sums)
+
+
+def _compile_and_run(request, site_id, layers, token_counts):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    stack = _Stack(site_id, layers)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(stack, backend=counter, fullgraph=True, dynamic=True)
+    for n in token_counts:
+        tensors = BUILDERS[site_id](request, n)[1:]
+        with torch.no_grad():
+            expected = stack(*tensors)
+            torch.testing.assert_close(compiled(*tensors), expected, rtol=0, atol=0)
+        # each layer has its own weights: an op given another layer's name would show
+        assert len(set(expected.tolist())) == len(layers), expected
+    return counter
+
+
+def _layers(request, site_id, n):
+    return [BUILDERS[site_id](request, 1, seed=seed)[0] for seed in range(1, n + 1)]
+
+
+@pytest.mark.parametrize("num_layers", [2, 4])
+@pytest.mark.parametrize("site_id", OP_SITES)
+def test_one_graph_for_any_number_of_layers_and_tokens(request, deepseek_overlay, site_id, num_layers):
+    """fullgraph=True (no graph break), one graph for all token counts, one op per layer,
+    each resolving its own layer."""
+    rt, op = _op(site_id)
+    counter = _compile_and_run(request, site_id, _layers(request, site_id, num_layers), [3, 7, 64])
+    assert counter.frame_count == 1
+    nodes = [n for n in counter.graphs[0].graph.nodes if n.target in (op, op.default)]
+    assert len(nodes) == num_layers
+
+
+@pytest.mark.parametrize("site_id", OP_SITES)
+def test_layer_names_are_graph_inputs_not_constants(request, deepseek_overlay, site_id):
+    """LayerName is hoisted: the graph's code names no layer, so every layer's slice of the
+    graph is identical (a str name is baked in per layer: upstream's 4x cold-compile bug)."""
+    import vllm.utils.torch_utils as tu
+
+    if not getattr(tu, "_USE_LAYERNAME", False):
+        pytest.skip("this vLLM/torch has no opaque LayerName; names are plain strings")
+    rt, _ = _op(site_id)
+    layers = _layers(request, site_id, 3)
+    code = _compile_and_run(request, site_id, layers, [5]).graphs[0].code
+    assert not any(rt.layer_name(layer) in code for layer in layers), code
+
+
+@pytest.mark.parametrize("site_id", OP_SITES)
+def test_str_layer_names_would_be_baked_in(request, deepseek_overlay, site_id, monkeypatch):
+    """Negative control for the test above: with plain strings the names appear as constants."""
+    from vllm_overlap.runtime import layers as layer_names
+
+    rt, _ = _op(site_id)
+    layers = _layers(request, site_id, 2)
+    monkeypatch.setattr(layer_names, "encode_layer_name", lambda name: name)
+    try:
+        counter = _compile_and_run(request, site_id, layers, [5])
+    except Exception as exc:  # the op's schema may refuse a str where it wants LayerName
+        pytest.skip(f"op schema does not take a str here: {type(exc).__name__}")
+    assert all(rt.layer_name(layer) in counter.graphs[0].code for layer in layers)

@@ -26,28 +26,6 @@ def test_no_aux_stream_runs_serially_in_order(monkeypatch):
     assert streams.serial_reason(8, FEATURE, None) == "no aux stream"
 
 
-class _FakeEvent:
-    def __init__(self, enable_timing=False):
-        assert enable_timing is False
-
-
-@pytest.fixture
-def fake_gpu(monkeypatch):
-    """Pretend an aux stream exists; record what run_pair hands to the fork/join helper."""
-    forks = []
-
-    def parallel(fn0, fn1, event0, event1, aux):
-        forks.append((event0, event1, aux, threading.get_ident()))
-        return fn0(), fn1()
-
-    monkeypatch.setattr(streams, "get_aux_stream", lambda: "aux")
-    monkeypatch.setattr(streams, "_parallel_impl", lambda: parallel)
-    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    monkeypatch.setattr(streams, "_events", {})
-    return forks
-
-
 @pytest.mark.parametrize("num_tokens, forks", [(3, 0), (4, 1), (16, 1), (17, 0)])
 def test_token_range_gates_the_fork_at_both_bounds(fake_gpu, num_tokens, forks):
     order = []

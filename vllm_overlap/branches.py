@@ -89,7 +89,7 @@ def _within(stmts: list[ast.stmt], spans: list[tuple[int, int]]) -> bool:
     return any(a <= stmts[0].lineno and stmts[-1].end_lineno <= b for a, b in spans)
 
 
-def _compile_function(text: str, name: str, globals_: dict, filename: str, line: int) -> Callable:
+def compile_function(text: str, name: str, globals_: dict, filename: str, line: int) -> Callable:
     """``text`` (one def) compiled with its def on ``line`` of ``filename``."""
     namespace: dict[str, Any] = {}
     exec(compile("\n" * (line - 1) + text, filename, "exec"), globals_, namespace)
@@ -146,7 +146,7 @@ def compile_form(
         ]
         found[which] = dict(
             match=match,
-            fn=_compile_function(text, fname, func_globals, filename, first_lineno + first.lineno - 2),
+            fn=compile_function(text, fname, func_globals, filename, first_lineno + first.lineno - 2),
             reads=free & params,
             stores=stores,
             calls=calls,
@@ -164,7 +164,7 @@ def compile_form(
     if form.active:
         active, gated = _gate(site, form, func, found, func_globals, filename, first_lineno)
     calls = list(dict.fromkeys(found["current"]["calls"] + found["aux"]["calls"]))
-    projections = _compile_function(
+    projections = compile_function(
         f"def {site.id}__projections({', '.join(site.params)}):\n"
         f"    return ({''.join(c + ', ' for c in calls)})\n",
         f"{site.id}__projections",
@@ -212,5 +212,5 @@ def _gate(site, form, func, found, func_globals, filename, first_lineno):
     if unknown:
         raise RewriteSkipped(f"{site.id}: the active condition reads {', '.join(unknown)}")
     text = f"def {site.id}__active({layer}):\n    return {ast.unparse(node.test)}\n"
-    fn = _compile_function(text, f"{site.id}__active", func_globals, filename, first_lineno + node.lineno - 2)
+    fn = compile_function(text, f"{site.id}__active", func_globals, filename, first_lineno + node.lineno - 2)
     return fn, which

@@ -118,11 +118,11 @@ class Site:
     facts: Facts
     outputs: tuple[Output, ...] = ()  # "op" sites only
     op_name: str = ""  # "op" sites: torch.ops.vllm_overlap.<op_name> (default: the site id)
-    layer_name: str = "self.prefix"  # how an op finds its layer again (LayerName)
+    layer_name_expr: str = "self.prefix"  # how an op finds its layer again (LayerName)
     # Where several sites rewrite one target: lower applies first (then declaration order).
     stack: int = 0
     # The op's layer is not in vLLM's forward context: the post-load step registers every
-    # instance of the target's class under ``layer_name``.
+    # instance of the target's class under ``layer_name_expr``.
     registry: bool = False
     # What the entry returns, from the current branch's and the aux branch's results.
     result: Callable[[Any, Any], Any] = _pair

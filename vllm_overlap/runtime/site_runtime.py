@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .. import active_config, streams
-from ..branches import CompiledForm
+from ..branches import CompiledForm, compile_function
 from ..site import Site
 from . import gates, layers
 
@@ -97,7 +97,7 @@ class SiteRuntime:
             return site.result(*c.serial(*args))
         if torch.compiler.is_compiling():
             if self._op is not None:  # Dynamo must see one opaque op, not streams
-                return site.result(*self._unflatten(self._op(*args[1:], *self.widths(args[0]), layers.encode_layer_name(self.layer_name(args[0])))))
+                return site.result(*self._unflatten(self._op(*self.op_args(*args))))
             return site.result(*c.serial(*args))
         # Eager: the op's body without the dispatcher round trip and without the output
         # check, which guards the fake kernel's promise to compiled graphs.
@@ -119,6 +119,12 @@ class SiteRuntime:
         )
 
     # -- the op's pieces ------------------------------------------------------------------------
+
+    def op_args(self, *args) -> tuple:
+        """The op's arguments for the entry's: its tensors, each output's width on this rank,
+        and the layer's ``LayerName``."""
+        layer = args[0]
+        return (*args[1:], *self.widths(layer), layers.encode_layer_name(self.layer_name(layer)))
 
     def widths(self, layer) -> tuple[int, ...]:
         return tuple(layers.per_rank_width(w) for w in self._widths(layer))
@@ -158,12 +164,9 @@ _op_runtimes: dict[str, SiteRuntime] = {}
 
 def _expression(site: Site, exprs: list[str], what: str) -> Callable:
     """A function of the layer computing ``exprs`` (declared on the site, not upstream code)."""
-    layer = site.params[0]
     name = f"{site.id}__{what}"
-    text = f"def {name}({layer}):\n    return ({''.join(e + ', ' for e in exprs)})\n"
-    namespace: dict[str, Any] = {}
-    exec(compile(text, f"<vllm-overlap {site.id} {what}>", "exec"), {}, namespace)
-    return namespace[name]
+    text = f"def {name}({site.params[0]}):\n    return ({''.join(e + ', ' for e in exprs)})\n"
+    return compile_function(text, name, {}, f"<vllm-overlap {site.id} {what}>", 1)
 
 
 def _make_op(rt: SiteRuntime):
@@ -171,7 +174,7 @@ def _make_op(rt: SiteRuntime):
     site = rt.site
     widths = _expression(site, [o.width for o in site.outputs], "widths")
     rt._widths = widths
-    name_of = _expression(site, [site.layer_name], "layer_name")
+    name_of = _expression(site, [site.layer_name_expr], "layer_name")
     rt._layer_name = lambda layer: name_of(layer)[0]
     tensors = site.params[1:]
     width_args = [f"{o.name}_width" for o in site.outputs]

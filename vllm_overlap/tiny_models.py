@@ -1,7 +1,7 @@
 """Build tiny random-weight models and a tokenizer offline (no hub access).
 
-    python tests/tiny_models.py qwen3-next OUT_DIR [--gdn-layers N]
-    python tests/tiny_models.py deepseek-v3 OUT_DIR
+    python -m vllm_overlap.tiny_models qwen3-next OUT_DIR [--gdn-layers N]
+    python -m vllm_overlap.tiny_models deepseek-v3 OUT_DIR
 
 Sizes are the smallest the vLLM CPU backend runs: bf16, GDN key/value head dims 128,
 attention head_dim >= 32 (see shared TESTENV.md).

@@ -1,6 +1,6 @@
 """Generate greedily with a tiny model through ``vllm.LLM``, in this process, and print JSON.
 
-    python tests/llm_runner.py MODEL_DIR [--compile [--cudagraph-mode MODE]] [--tp 2] [--multiproc]
+    python -m vllm_overlap.llm_runner MODEL_DIR [--compile [--cudagraph-mode MODE]] [--tp 2] [--multiproc]
                                          [--max-tokens 8] [--gpu-memory-utilization 0.2]
 
 The overlay is whatever the environment says (VLLM_OVERLAP, VLLM_OVERLAP_CONFIG): run it
@@ -15,8 +15,6 @@ import json
 import os
 import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def main() -> None:
@@ -40,7 +38,7 @@ def main() -> None:
     if args.tp > 1:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i) for i in range(args.tp)))
 
-    from tiny_models import prompts
+    from vllm_overlap.tiny_models import prompts
     from vllm import LLM, SamplingParams
 
     extra = {}
