@@ -1,7 +1,11 @@
-"""Per-layer latency of each feature's overlapped region, overlay on vs off, across token counts.
+"""Per-layer latency of each site's overlapped region, overlay on vs off, across token counts.
 
     python benchmarks/layers.py                      # CPU smoke: tiny Qwen3-Next, serial path
     python benchmarks/layers.py --model Qwen/Qwen3-Next-80B-A3B-Instruct --tp 4   # on a GPU
+    python benchmarks/layers.py --model deepseek-ai/DeepSeek-V3.2 --tp 8          # on a GPU
+
+Every site the model's layers run is timed on its real vLLM layer (``vllm_overlap.site_layers``);
+a site that cannot be timed outside the engine is listed with the reason.
 
 On a GPU every region is captured in a CUDA graph and timed with device events over replays:
 ``on/off`` below 1 is a speed-up, and ``bound`` (critical path / serial sum of the two
@@ -66,6 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="HF id or path (default: a tiny offline Qwen3-Next)")
     parser.add_argument("--tp", type=int, default=1, help="per-rank shapes of this TP size")
+    parser.add_argument("--hf-overrides", default=None, help="JSON, as vLLM's --hf-overrides")
     parser.add_argument("--tokens", default=",".join(map(str, (1, 2, 4, 8, 16, 64, 256, 1024, 4096))))
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--out", default=os.path.join(ROOT, "out", "benchmarks"))
@@ -81,30 +86,39 @@ def main() -> None:
         cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vllm-overlap")
         model = build("qwen3-next", os.path.join(cache, "tiny-models", "qwen3-next-2"))
     token_counts = [int(t) for t in args.tokens.split(",")]
-    from vllm_overlap.layer_bench import measure_gdn_in_proj
+    overrides = json.loads(args.hf_overrides) if args.hf_overrides else None
+    from vllm_overlap.layer_bench import measure_model
 
-    rows, where = measure_gdn_in_proj(model, args.tp, token_counts, args.reps, device)
-
+    results, where = measure_model(model, args.tp, token_counts, args.reps, device, overrides)
+    if not results:
+        sys.exit(f"no site of vllm-overlap runs in {model}'s layers")
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"layers-gdn_in_proj-{device}")
-    title = f"gdn_in_proj region on {where}: {os.path.basename(model.rstrip('/'))}, TP {args.tp}"
-    with open(stem + ".json", "w") as fh:
-        json.dump({"where": where, "model": model, "tp": args.tp, "rows": rows}, fh, indent=1)
-    plot(rows, title, stem + ".png", device == "cuda")
-    print(f"saved {stem}.png and {stem}.json")
-    if device == "cpu":
-        above = [r for r in rows if abs(r["on/off"] - 1) > r["noise"]]
-        print(
-            f"CPU: overlay on/off {min(r['on/off'] for r in rows):.3f}..{max(r['on/off'] for r in rows):.3f}, "
-            f"off-vs-off noise up to {max(r['noise'] for r in rows):.3f}: "
-            + (
-                "within noise at every token count (|on/off - 1| <= noise)"
-                if not above
-                else "ABOVE noise at " + ", ".join(f"{r['tokens']} tokens" for r in above)
+    name = os.path.basename(model.rstrip("/"))
+    for site_id, rows in results.items():
+        if isinstance(rows, str):
+            print(f"{site_id}: not measured: {rows}")
+            continue
+        stem = os.path.join(args.out, f"layers-{site_id}-{device}")
+        title = f"{site_id} region on {where}: {name}, TP {args.tp}"
+        with open(stem + ".json", "w") as fh:
+            json.dump({"where": where, "model": model, "tp": args.tp, "site": site_id, "rows": rows}, fh, indent=1)
+        plot(rows, title, stem + ".png", device == "cuda")
+        print(f"saved {stem}.png and {stem}.json")
+        if device == "cpu":
+            above = [r for r in rows if abs(r["on/off"] - 1) > r["noise"]]
+            print(
+                f"CPU: overlay on/off {min(r['on/off'] for r in rows):.3f}..{max(r['on/off'] for r in rows):.3f}, "
+                f"off-vs-off noise up to {max(r['noise'] for r in rows):.3f}: "
+                + (
+                    "within noise at every token count (|on/off - 1| <= noise)"
+                    if not above
+                    else "ABOVE noise at " + ", ".join(f"{r['tokens']} tokens" for r in above)
+                )
             )
-        )
-    print(f"\n{title} (median of {args.reps}; times in microseconds)")
-    print(table(rows, device == "cuda"))
+    for site_id, rows in results.items():  # the tables last
+        if not isinstance(rows, str):
+            print(f"\n{site_id} region on {where}: {name}, TP {args.tp} (median of {args.reps}; times in microseconds)")
+            print(table(rows, device == "cuda"))
 
 
 if __name__ == "__main__":

@@ -162,7 +162,7 @@ def gdn_layer(vllm_context, overlay_applied):
     import torch
 
     from vllm_overlap.tiny_models import qwen3_next_config
-    from vllm_overlap.layer_bench import build_gdn_layer
+    from vllm_overlap.site_layers import build_gdn_layer
 
     def make(interleaved: bool = True, dtype=torch.bfloat16, seed: int = 0):
         return build_gdn_layer(

@@ -31,9 +31,7 @@ Self-check: ``python tests/deepseek_layers.py`` (see the bottom of this file).
 
 from __future__ import annotations
 
-import copy
 import functools
-import itertools
 import math
 import weakref
 from collections import Counter
@@ -58,7 +56,6 @@ INDEXER_BRANCHES = ("rocm_inplace", "fused_q", "default")
 FP8 = torch.float8_e4m3fn  # current_platform.fp8_dtype() on the CPU
 FP8_MAX = torch.finfo(FP8).max
 
-_model_ids = itertools.count()  # vLLM refuses two layers of one name in a config
 _built: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (vllm_config, hf_config)
 
 
@@ -501,180 +498,52 @@ class DeepseekStandins:
 # --------------------------------------------------------------------------------------------
 
 
-def _prefix() -> str:
-    """A fresh attention-layer prefix with layer index 0 (vLLM reads the index from it)."""
-    return f"deepseek{next(_model_ids)}.layers.0.self_attn"
-
-
-def _topk_buffer(vllm_config, hf_config) -> torch.Tensor:
-    """The shared top-k indices buffer, shaped as DeepseekV2Model allocates it."""
-    rows = vllm_config.scheduler_config.max_num_batched_tokens
-    return torch.full((rows, hf_config.index_topk), -1, dtype=torch.int32)
-
-
-def _finish(layer: nn.Module, vllm_config, hf_config, seed: int, dtype: torch.dtype) -> None:
-    """Seeded weights (norm weights near 1), then what vLLM's loader does after loading:
-    vLLM's own weight post-processing (the quant methods', which pick the machine's GEMM
-    path, then the attention layers', which sets W_UK_T / W_UV from kv_b_proj)."""
-    from vllm_overlap.layer_bench import process_weights_like_the_loader
-
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in layer.named_parameters():
-            noise = torch.randn(param.shape, generator=gen) * 0.05
-            param.copy_(noise + 1.0 if param.dim() == 1 and name.endswith("weight") else noise)
-    process_weights_like_the_loader(layer, vllm_config)
+def _register(layer: nn.Module, vllm_config, hf_config) -> None:
     _built[layer] = (vllm_config, hf_config)
 
 
-@contextmanager
-def _building(vllm_config, dtype: torch.dtype):
-    """What a layer's ``__init__`` runs under in vLLM's loader: the config and default dtype."""
-    from vllm.config import set_current_vllm_config
-    from vllm.utils.torch_utils import set_default_torch_dtype
-
-    with set_current_vllm_config(vllm_config), set_default_torch_dtype(dtype):
-        yield
-
-
 def build_indexer_rope(hf_config, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """The indexer's rotary embedding, as DeepseekV2MLAAttention builds ``indexer_rope_emb``."""
-    from vllm.model_executor.layers.rotary_embedding import get_rope
-    from vllm.utils.torch_utils import set_default_torch_dtype
+    from vllm_overlap.site_layers import build_indexer_rope as build
 
-    with set_default_torch_dtype(dtype):
-        return get_rope(
-            hf_config.qk_rope_head_dim,
-            max_position=hf_config.max_position_embeddings,
-            rope_parameters=hf_config.rope_parameters,
-            is_neox_style=not getattr(hf_config, "indexer_rope_interleave", False),
-        )
+    return build(hf_config, dtype)
 
 
-def build_indexer(
-    vllm_config,
-    hf_config,
-    *,
-    standins: DeepseekStandins,
-    dtype: torch.dtype = torch.bfloat16,
-    seed: int = 0,
-    prefix: str | None = None,
-    topk_indices_buffer: torch.Tensor | None = None,
-):
-    """A real deepseek_v2 ``Indexer`` (``hf_config`` with the indexer attributes) with seeded
-    weights and its ``indexer_op`` stood in. Its forward takes the ``default`` branch on the
-    CPU; see ``DeepseekStandins.select_indexer_branch`` for the others."""
-    from vllm.model_executor.models.deepseek_v2 import Indexer
+def build_indexer(vllm_config, hf_config, *, standins: DeepseekStandins, **kwargs):
+    """``site_layers.build_indexer`` with its ``indexer_op`` stood in. Its forward takes the
+    ``default`` branch on the CPU; see ``DeepseekStandins.select_indexer_branch`` for the
+    others."""
+    from vllm_overlap import site_layers
 
-    from vllm_overlap.runtime.layers import register_layer
-
-    if topk_indices_buffer is None:
-        topk_indices_buffer = _topk_buffer(vllm_config, hf_config)
-    with _building(vllm_config, dtype):
-        indexer = Indexer(
-            vllm_config,
-            hf_config,
-            hf_config.hidden_size,
-            hf_config.q_lora_rank,
-            None,
-            vllm_config.cache_config,
-            topk_indices_buffer,
-            prefix or f"{_prefix()}.indexer",
-            is_inplace_rope=False,
-        )
-    _finish(indexer, vllm_config, hf_config, seed, dtype)
-    register_layer(indexer.prefix, indexer)  # as the overlay's post-load hook does
+    indexer = site_layers.build_indexer(vllm_config, hf_config, **kwargs)
+    _register(indexer, vllm_config, hf_config)
     standins.attach_indexer(indexer)
     return indexer
 
 
-def build_mla_wrapper(
-    vllm_config,
-    hf_config,
-    with_indexer: bool,
-    *,
-    standins: DeepseekStandins,
-    dtype: torch.dtype = torch.bfloat16,
-    seed: int = 0,
-):
-    """A real ``MultiHeadLatentAttentionWrapper``, built by ``DeepseekV2MLAAttention`` as for
-    DeepSeek-V3 (the CPU platform refuses a sparse MLA backend); ``with_indexer`` then makes it
-    V3.2's: a real ``Indexer`` (seed + 1), its rope, the shared top-k buffer and
-    ``is_sparse``, set as the wrapper's ``__init__`` sets them."""
-    from vllm.model_executor.models.deepseek_v2 import DeepseekV2MLAAttention
+def build_mla_wrapper(vllm_config, hf_config, with_indexer: bool, *, standins: DeepseekStandins, **kwargs):
+    """``site_layers.build_mla_wrapper`` with its MLA attention (and indexer) stood in."""
+    from vllm_overlap import site_layers
 
-    dense_config = copy.deepcopy(hf_config)
-    for name in INDEXER_ATTRS:
-        if hasattr(dense_config, name):
-            delattr(dense_config, name)
-    prefix = _prefix()
-    with _building(vllm_config, dtype):
-        attention = DeepseekV2MLAAttention(
-            vllm_config,
-            dense_config,
-            hidden_size=hf_config.hidden_size,
-            num_heads=hf_config.num_attention_heads,
-            qk_nope_head_dim=hf_config.qk_nope_head_dim,
-            qk_rope_head_dim=hf_config.qk_rope_head_dim,
-            v_head_dim=hf_config.v_head_dim,
-            q_lora_rank=hf_config.q_lora_rank,
-            kv_lora_rank=hf_config.kv_lora_rank,
-            max_position_embeddings=hf_config.max_position_embeddings,
-            cache_config=vllm_config.cache_config,
-            prefix=prefix,
-        )
-    wrapper = attention.mla_attn
-    _finish(wrapper, vllm_config, hf_config, seed, dtype)
-    buffer = None
+    wrapper = site_layers.build_mla_wrapper(vllm_config, hf_config, with_indexer, **kwargs)
+    _register(wrapper, vllm_config, hf_config)
     if with_indexer:
-        buffer = _topk_buffer(vllm_config, hf_config)
-        wrapper.indexer = build_indexer(
-            vllm_config,
-            hf_config,
-            standins=standins,
-            dtype=dtype,
-            seed=seed + 1,
-            prefix=f"{prefix}.indexer",
-            topk_indices_buffer=buffer,
-        )
-        wrapper.indexer_rope_emb = build_indexer_rope(hf_config, dtype)
-        wrapper.is_sparse = True
-        wrapper.topk_tokens = hf_config.index_topk
-        wrapper.topk_indices_buffer = buffer
-        wrapper.mla_attn.indexer = wrapper.indexer
-        wrapper.mla_attn.use_sparse = True
-    standins.attach_mla_attn(wrapper.mla_attn, buffer)
+        _register(wrapper.indexer, vllm_config, hf_config)
+        standins.attach_indexer(wrapper.indexer)
+    standins.attach_mla_attn(wrapper.mla_attn, wrapper.topk_indices_buffer if with_indexer else None)
     return wrapper
 
 
-def build_v32_attention(
-    vllm_config,
-    hf_config,
-    with_indexer: bool = True,
-    *,
-    standins: DeepseekStandins,
-    dtype: torch.dtype = torch.bfloat16,
-    seed: int = 0,
-):
-    """A real ``DeepseekV32Attention`` (``hf_config`` with the indexer attributes). Without an
-    indexer it is an IndexCache shared layer (``index_topk_pattern`` "S": ``indexer`` None,
-    reusing the top-k buffer); for the runtime toggle set ``layer.skip_topk = True`` on a layer
-    with one. The backend is the CPU MLA one, passed as ``attn_backend`` (the CPU platform
-    refuses sparse MLA); its impl is wrapped with counted batch hooks."""
-    from vllm.models.deepseek_v32.attention import DeepseekV32Attention
-    from vllm.v1.attention.backends.mla.cpu_mla import CPUMLABackend
+def build_v32_attention(vllm_config, hf_config, with_indexer: bool = True, *, standins: DeepseekStandins, **kwargs):
+    """``site_layers.build_v32_attention`` on the CPU MLA backend (passed as ``attn_backend``:
+    the CPU platform refuses sparse MLA), its sparse indexer + attention stood in and its impl
+    wrapped with counted batch hooks. Without an indexer it is an IndexCache shared layer;
+    for the runtime toggle set ``layer.skip_topk = True`` on a layer with one."""
+    from vllm_overlap import site_layers
 
-    config = copy.deepcopy(hf_config)
-    config.index_topk_pattern = "F" if with_indexer else "S"
-    with _building(vllm_config, dtype):
-        layer = DeepseekV32Attention(
-            vllm_config,
-            config,
-            _prefix(),
-            topk_indices_buffer=_topk_buffer(vllm_config, config),
-            attn_backend=CPUMLABackend,
-        )
-    _finish(layer, vllm_config, hf_config, seed, dtype)
+    layer = site_layers.build_v32_attention(
+        vllm_config, hf_config, with_indexer, attn_backend=site_layers.cpu_mla_backend("cpu"), **kwargs
+    )
+    _register(layer, vllm_config, hf_config)
     standins.attach_v32(layer)
     return layer
 

@@ -38,6 +38,22 @@ def test_layer_benchmark_smoke(tmp_path):
     print("\n" + "\n".join(lines[-14:]))
 
 
+def test_layer_benchmark_times_the_deepseek_v32_sites(tmp_path, deepseek_v3_dir):
+    overrides = '{"index_topk": 16, "index_n_heads": 4, "index_head_dim": 128}'
+    out = run_script(
+        "benchmarks/layers.py", "--model", deepseek_v3_dir, "--hf-overrides", overrides,
+        "--tokens", "1,16", "--reps", "6", "--out", str(tmp_path),
+    )
+    for site in ("deepseek_indexer_v32", "mla_q_b_proj_v32"):
+        assert (tmp_path / f"layers-{site}-cpu.png").read_bytes()[:8] == PNG
+        data = json.loads((tmp_path / f"layers-{site}-cpu.json").read_text())
+        assert data["site"] == site and [r["tokens"] for r in data["rows"]] == [1, 16]
+    assert "mla_q_b_proj_legacy: not measured: its current branch is the whole indexer call" in out
+    lines = out.rstrip().splitlines()
+    assert lines[-4].startswith("tokens") and lines[-1].split()[0] == "16"  # a table is last
+    print("\n" + "\n".join(lines[-12:]))
+
+
 def test_serve_benchmark_smoke(tmp_path):
     out = run_script("benchmarks/serve.py", "--smoke", "--out", str(tmp_path), timeout=1500)
     assert (tmp_path / "serve-cpu-smoke.png").read_bytes()[:8] == PNG

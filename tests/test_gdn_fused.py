@@ -25,7 +25,7 @@ def fused_twin(vllm_context, overlay_applied):
     machine's GEMM path for whatever projections each layer then has. ``process=False``
     stops before that last step, where the fusing has happened and nothing is repacked."""
     from vllm_overlap.tiny_models import qwen3_next_config
-    from vllm_overlap.layer_bench import build_gdn_layer, process_weights_like_the_loader
+    from vllm_overlap.site_layers import build_gdn_layer, process_weights_like_the_loader
 
     def make(interleaved=True, process=True):
         plain, fused = (

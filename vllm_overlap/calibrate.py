@@ -51,6 +51,24 @@ def write(config: OverlayConfig, path: str, header: str) -> None:
     load_config_file(path)  # what we wrote must load
 
 
+def plan(results: dict, margin: float, reps: int) -> tuple[dict[str, tuple[int, int] | None], list[str]]:
+    """From ``layer_bench.measure_model``'s results (site id -> rows, or why not measured):
+    each measured feature's range, and the header lines that show why."""
+    from .patches import SITES
+
+    ranges: dict[str, tuple[int, int] | None] = {}
+    lines = []
+    for site_id, rows in results.items():
+        feature = SITES[site_id].feature
+        if isinstance(rows, str):
+            lines.append(f"# {site_id} ({feature}): not measured: {rows}")
+            continue
+        ranges[feature] = choose_range(rows, margin)
+        lines.append(f"# {site_id} ({feature}) region, median of {reps} CUDA-graph replays:")
+        lines += [f"#   {r['tokens']:>5} tokens: on/off {r['on/off']:.3f}" for r in rows]
+    return ranges, lines
+
+
 def main(args) -> int:
     import torch
 
@@ -61,16 +79,25 @@ def main(args) -> int:
             file=sys.stderr,
         )
         return NO_GPU_EXIT
-    from .layer_bench import TOKEN_COUNTS, measure_gdn_in_proj
+    from .layer_bench import TOKEN_COUNTS, measure_model
 
-    rows, where = measure_gdn_in_proj(args.model, args.tp, TOKEN_COUNTS, args.reps, "cuda")
-    span = choose_range(rows, args.margin)
-    config = calibrated_config({"gdn_in_proj": span})
-    lines = "\n".join(f"#   {r['tokens']:>5} tokens: on/off {r['on/off']:.3f}" for r in rows)
+    results, where = measure_model(args.model, args.tp, TOKEN_COUNTS, args.reps, "cuda")
+    ranges, lines = plan(results, args.margin, args.reps)
+    if not ranges:
+        print(
+            f"vllm-overlap calibrate: no site of this overlay could be measured in {args.model}'s "
+            f"layers; no config written (wanted {args.out}).\n" + "\n".join(lines),
+            file=sys.stderr,
+        )
+        return 2
     header = (
         f"# vllm-overlap calibrate: {args.model}, TP {args.tp}, {where}, margin {args.margin}\n"
-        f"# gdn_in_proj region, median of {args.reps} CUDA-graph replays:\n{lines}\n"
+        + "\n".join(lines)
+        + "\n"
     )
-    write(config, args.out, header)
-    print(header + f"wrote {args.out}: gdn_in_proj " + (f"{span[0]}..{span[1]} tokens" if span else "disabled"))
+    write(calibrated_config(ranges), args.out, header)
+    kept = ", ".join(
+        f"{feature} " + (f"{span[0]}..{span[1]} tokens" if span else "disabled") for feature, span in ranges.items()
+    )
+    print(header + f"wrote {args.out}: {kept}")
     return 0

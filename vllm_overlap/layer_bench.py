@@ -1,4 +1,4 @@
-"""Build a feature's real vLLM layer outside the engine and time its region, overlay on vs off.
+"""Time each site's region on its real vLLM layer (``site_layers``), overlay on vs off.
 
 Used by ``benchmarks/layers.py``, ``vllm-overlap calibrate`` and the tests. On a GPU each
 region is captured in a CUDA graph and timed with device events over replays; on the CPU it
@@ -8,7 +8,6 @@ read against the spread of "off" over interleaved rounds).
 
 from __future__ import annotations
 
-import itertools
 import socket
 import statistics
 import time
@@ -21,17 +20,18 @@ from . import active_config
 from .config import LoadedConfig, OverlayConfig
 
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 64, 256, 1024, 4096)
-_layer_ids = itertools.count()  # vLLM refuses two layers of one name in a config
 
 
 @contextmanager
-def standalone_vllm(model: str, dtype: str = "bfloat16") -> Iterator:
-    """A current VllmConfig for ``model`` and a one-rank model-parallel group."""
+def standalone_vllm(model: str, dtype: str = "bfloat16", hf_overrides: dict | None = None) -> Iterator:
+    """A current VllmConfig for ``model`` (with vLLM's ``hf_overrides``) and a one-rank
+    model-parallel group."""
     from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
     from vllm.distributed import init_distributed_environment, initialize_model_parallel
     from vllm.distributed.parallel_state import model_parallel_is_initialized
 
-    vllm_config = VllmConfig(model_config=ModelConfig(model=model, dtype=dtype))
+    model_config = ModelConfig(model=model, dtype=dtype, hf_overrides=hf_overrides or {})
+    vllm_config = VllmConfig(model_config=model_config)
     with set_current_vllm_config(vllm_config):
         if not torch.distributed.is_initialized():
             sock = socket.socket()
@@ -48,60 +48,6 @@ def standalone_vllm(model: str, dtype: str = "bfloat16") -> Iterator:
         if not model_parallel_is_initialized():
             initialize_model_parallel(1, 1)
         yield vllm_config
-
-
-def process_weights_like_the_loader(module: torch.nn.Module, vllm_config) -> None:
-    """What vLLM's loader runs on a model after loading its weights, run on ``module``: vLLM's
-    own ``process_weights_after_loading`` (quant methods, then deferred attention layers).
-
-    This is where vLLM picks a platform's GEMM path (on the CPU: by ISA and vendor, packing
-    or dropping ``weight``), so a layer built by hand runs what a loaded model runs only
-    after it, whichever machine this is. The layer goes in as the one child of a plain
-    container, as it sits inside a model: the loader's model-level hook is for models."""
-    from vllm.model_executor.model_loader.utils import process_weights_after_loading
-
-    device = next(module.parameters()).device
-    model = torch.nn.ModuleDict({"layer": module})
-    process_weights_after_loading(model, vllm_config.model_config, device)
-
-
-def build_gdn_layer(
-    vllm_config,
-    hf_config=None,
-    *,
-    interleaved: bool | None = None,
-    dtype: torch.dtype = torch.bfloat16,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-    process_weights: bool = True,
-):
-    """A real QwenGatedDeltaNetAttention with seeded random weights, findable by the
-    overlay's ops under its prefix, and post-processed like vLLM's loader does (unless
-    ``process_weights`` is false: then as the loader has it just before that step)."""
-    from vllm.config import set_current_vllm_config
-    from vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn import (
-        QwenGatedDeltaNetAttention,
-    )
-
-    from .runtime.layers import register_layer
-
-    hf_config = hf_config or vllm_config.model_config.hf_text_config
-    if interleaved is None:  # Qwen3-Next stores qkvz interleaved; Qwen3.5 does not
-        interleaved = getattr(hf_config, "model_type", "") == "qwen3_next"
-    prefix = f"overlay.layers.{next(_layer_ids)}.linear_attn"
-    with set_current_vllm_config(vllm_config):
-        layer = QwenGatedDeltaNetAttention(
-            hf_config, vllm_config, prefix=prefix, gqa_interleaved_layout=interleaved
-        )
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in layer.parameters():
-            param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
-    layer = layer.to(device=device, dtype=dtype)
-    if process_weights:
-        process_weights_like_the_loader(layer, vllm_config)
-    register_layer(prefix, layer)
-    return layer
 
 
 @contextmanager
@@ -222,37 +168,72 @@ def bench_site(rt, make_args, token_counts=TOKEN_COUNTS, reps: int = 50, rounds:
     return rows
 
 
-def bench_gdn_in_proj(layer, token_counts=TOKEN_COUNTS, reps: int = 50, rounds: int = 5) -> list[dict]:
-    """``bench_site`` for the gdn_in_proj site on ``layer``."""
-    device = next(layer.parameters()).device
-    dtype = next(layer.parameters()).dtype
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a parent package is absent
+        return False
+
+
+def measured_sites(hf_config) -> list[tuple[str, str]]:
+    """(site id, "" or why it is not measured) for every site this model's layers run: per
+    feature the model uses, its sites whose target module this vLLM has, newest first; only
+    the first measurable one is timed (older forms of the same region say so)."""
+    from .patches import FEATURES
+    from .site_layers import SITE_LAYERS
+
+    out = []
+    for feature in FEATURES.values():
+        if feature.model_check is not None and feature.model_check(hf_config) is not None:
+            continue
+        timed = False
+        for site in feature.sites:
+            module = site.targets[0].module
+            if not _has_module(module):
+                out.append((site.id, f"this vLLM has no {module}"))
+            elif SITE_LAYERS[site.id].unmeasured:
+                out.append((site.id, SITE_LAYERS[site.id].unmeasured))
+            elif timed:
+                out.append((site.id, f"{feature.name} is timed at a newer site of this vLLM"))
+            else:
+                out.append((site.id, ""))
+                timed = True
+    return out
+
+
+def bench_site_layer(site_id: str, vllm_config, hf_config, token_counts=TOKEN_COUNTS, reps: int = 50,
+                     device: str = "cpu", dtype: torch.dtype = torch.bfloat16, rounds: int = 5) -> list[dict]:
+    """``bench_site`` on ``site_id``'s real layer built from ``hf_config``."""
+    from .site_layers import SITE_LAYERS
+
+    spec = SITE_LAYERS[site_id]
+    layer = spec.build(vllm_config, hf_config, dtype, device, 0)
+    gen = torch.Generator().manual_seed(0)
 
     def make_args(n):
-        return layer, torch.randn(n, layer.hidden_size, dtype=dtype, device=device)
+        return spec.inputs(layer, hf_config, n, dtype, device, gen)
 
-    return bench_site(site_runtime("gdn_in_proj"), make_args, token_counts, reps, rounds)
-
-
-def scaled_for_tp(hf_config, tp: int):
-    """The per-rank GDN shapes of tensor parallel ``tp``, on one device: heads divided by tp."""
-    import copy
-
-    cfg = copy.deepcopy(hf_config)
-    for name in ("linear_num_key_heads", "linear_num_value_heads"):
-        value = getattr(cfg, name)
-        if value % tp:
-            raise ValueError(f"{name}={value} is not divisible by tensor parallel size {tp}")
-        setattr(cfg, name, value // tp)
-    return cfg
+    return bench_site(site_runtime(site_id), make_args, token_counts, reps, rounds)
 
 
-def measure_gdn_in_proj(
-    model: str, tp: int = 1, token_counts=TOKEN_COUNTS, reps: int = 50, device: str = "cpu"
-) -> tuple[list[dict], str]:
-    """Build ``model``'s GDN layer at its per-rank TP shapes and benchmark its region."""
-    with standalone_vllm(model) as vllm_config:
-        hf = scaled_for_tp(vllm_config.model_config.hf_text_config, tp)
-        layer = build_gdn_layer(vllm_config, hf, dtype=torch.bfloat16, device=device)
-        rows = bench_gdn_in_proj(layer, token_counts, reps)
+def measure_model(
+    model: str, tp: int = 1, token_counts=TOKEN_COUNTS, reps: int = 50, device: str = "cpu",
+    hf_overrides: dict | None = None,
+) -> tuple[dict[str, list[dict] | str], str]:
+    """Every site ``model`` runs, at its per-rank TP shapes: site id -> rows, or the reason it
+    was not measured; and where it ran."""
+    from .site_layers import SITE_LAYERS, scaled_for_tp
+
+    results: dict[str, list[dict] | str] = {}
+    with standalone_vllm(model, hf_overrides=hf_overrides) as vllm_config:
+        hf = vllm_config.model_config.hf_text_config
+        for site_id, why_not in measured_sites(hf):
+            if why_not:
+                results[site_id] = why_not
+                continue
+            scaled = scaled_for_tp(hf, tp, SITE_LAYERS[site_id].tp_heads)
+            results[site_id] = bench_site_layer(site_id, vllm_config, scaled, token_counts, reps, device)
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU (serial path)"
-    return rows, where
+    return results, where
