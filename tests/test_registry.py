@@ -64,3 +64,23 @@ def test_doctor_has_a_row_per_target_of_each_site(site_id, deepseek_overlay):
     rows = {(r["feature"], r["module"], r["target"]) for r in collect()["rows"]}
     for target in site.targets:
         assert (site.feature, target.module, target.qualname) in rows
+
+
+def test_compat_has_a_row_per_target_of_each_site():
+    """Over the installed vLLM's sources (what compat reads out of each release's wheel)."""
+    import importlib.util
+
+    from vllm_overlap.compat import release_rows
+
+    def read(module):
+        spec = importlib.util.find_spec(module)
+        if spec is None or spec.origin is None:
+            raise ModuleNotFoundError(module)
+        with open(spec.origin, encoding="utf-8") as fh:
+            return fh.read()
+
+    rows = {(r["feature"], r["target"]): r["result"] for r in release_rows("installed", read)}
+    for site in SITES.values():
+        for target in site.targets:
+            assert (site.feature, target.qualname) in rows, (site.id, target)
+    assert rows[("gdn_in_proj", "QwenGatedDeltaNetAttention.forward_cuda")] == "applies"

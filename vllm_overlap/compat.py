@@ -48,21 +48,27 @@ def wheel_reader(path: str):
     return read
 
 
+def release_rows(release: str, read) -> list[dict]:
+    """One row per feature x target for the release whose modules ``read(name)`` returns."""
+    rows = []
+    for feature in FEATURES.values():
+        _, results = feature_diff(feature, read)
+        for target, result in results.items():
+            rows.append(
+                {
+                    "feature": feature.name,
+                    "release": release,
+                    "target": target.rsplit(".", 2)[-2] + "." + target.rsplit(".", 1)[-1],
+                    "result": result if result == "applies" else f"skipped: {result}",
+                }
+            )
+    return rows
+
+
 def matrix(releases: list[str], directory: str | None = None) -> list[dict]:
     rows = []
     for release in releases:
-        read = wheel_reader(find_wheel(release, directory or wheel_dir()))
-        for feature in FEATURES.values():
-            _, results = feature_diff(feature, read)
-            for target, result in results.items():
-                rows.append(
-                    {
-                        "feature": feature.name,
-                        "release": release,
-                        "target": target.rsplit(".", 2)[-2] + "." + target.rsplit(".", 1)[-1],
-                        "result": result if result == "applies" else f"skipped: {result}",
-                    }
-                )
+        rows += release_rows(release, wheel_reader(find_wheel(release, directory or wheel_dir())))
     return rows
 
 

@@ -53,30 +53,30 @@ SITE = Site(
     modes=(("fused", ModeEntry("fused_in_proj", "vllm_overlap.runtime.gdn_fuse:fused_in_proj")),),
     facts=Facts(
         why=(
-        "At decode sizes the two input projections of every GDN layer are small GEMMs that "
-        "leave most of the GPU idle, and vLLM runs them back to back on one stream; upstream "
-        "measured +2 to +8 % decode tokens/s from running them together."
-    ),
+            "At decode sizes the two input projections of every GDN layer are small GEMMs that "
+            "leave most of the GPU idle, and vLLM runs them back to back on one stream; upstream "
+            "measured +2 to +8 % decode tokens/s from running them together."
+        ),
         how=(
-        "mode dual_stream: the two statements become one call of "
-        "torch.ops.vllm_overlap.gdn_in_proj (opaque to "
-        "torch.compile, exact fake kernel from the per-rank output sizes, layer passed as "
-        "LayerName), which forks in_proj_ba onto vLLM's aux stream within the configured "
-        "token range and runs both serially elsewhere (CPU, outside the range, breakable "
-        "capture, DBO micro-batch threads). LoRA-wrapped projections keep the serial path. "
-        "mode fused: after loading, each layer's two weights are concatenated once into one "
-        "projection (the originals released) and the statements become one GEMM and a split; "
-        "layers that cannot be fused run the configured fallback."
-    ),
+            "mode dual_stream: the two statements become one call of "
+            "torch.ops.vllm_overlap.gdn_in_proj (opaque to "
+            "torch.compile, exact fake kernel from the per-rank output sizes, layer passed as "
+            "LayerName), which forks in_proj_ba onto vLLM's aux stream within the configured "
+            "token range and runs both serially elsewhere (CPU, outside the range, breakable "
+            "capture, DBO micro-batch threads). LoRA-wrapped projections keep the serial path. "
+            "mode fused: after loading, each layer's two weights are concatenated once into one "
+            "projection (the originals released) and the statements become one GEMM and a split; "
+            "layers that cannot be fused run the configured fallback."
+        ),
         upstream=(
-        "vllm-project/vllm#36795 (dual-stream, reverted in #38152: a str layer name compiled "
-        "one graph per layer); #38123 (LayerName); re-land attempts #39748, #42301; "
-        "single-GEMM alternative #41457."
-    ),
+            "vllm-project/vllm#36795 (dual-stream, reverted in #38152: a str layer name compiled "
+            "one graph per layer); #38123 (LayerName); re-land attempts #39748, #42301; "
+            "single-GEMM alternative #41457."
+        ),
         remove_when=(
-        "vLLM runs in_proj_qkvz and in_proj_ba concurrently itself (a gdn_in_proj op or "
-        "maybe_execute_in_parallel in these forwards) or fuses them into one GEMM (#41457)."
-    ),
+            "vLLM runs in_proj_qkvz and in_proj_ba concurrently itself (a gdn_in_proj op or "
+            "maybe_execute_in_parallel in these forwards) or fuses them into one GEMM (#41457)."
+        ),
     ),
 )
 
