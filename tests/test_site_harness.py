@@ -39,9 +39,19 @@ BF16 = torch.bfloat16
 # ---------------------------------------------------------------------------------------------
 
 
+def _inputs(site_id, layer, hf, tokens, dtype):
+    """The entry's arguments as the layer benchmark makes them (``site_layers``), seeded."""
+    from vllm_overlap.site_layers import SITE_LAYERS
+
+    gen = torch.Generator().manual_seed(tokens)
+    return SITE_LAYERS[site_id].inputs(layer, hf, tokens, dtype, "cpu", gen)
+
+
 def _gdn(request, tokens, dtype=BF16, seed=0):
-    layer = request.getfixturevalue("gdn_layer")(dtype=dtype, seed=seed)
-    return layer, torch.randn(tokens, layer.hidden_size, dtype=dtype)
+    from vllm_overlap.tiny_models import qwen3_next_config
+
+    layer = request.getfixturevalue("gdn_layer")(dtype=dtype, seed=seed)  # qwen3_next_config(2)
+    return _inputs("gdn_in_proj", layer, qwen3_next_config(2), tokens, dtype)
 
 
 def _deepseek(request):
@@ -51,45 +61,39 @@ def _deepseek(request):
 
 
 def _indexer(request, tokens, dtype=BF16, seed=1):
-    from deepseek_layers import build_indexer, make_inputs
+    from deepseek_layers import build_indexer
 
     vllm_config, standins, hf = _deepseek(request)
     indexer = build_indexer(vllm_config, hf, standins=standins, seed=seed, dtype=dtype)
-    _, hidden, qr = make_inputs(hf, tokens, dtype=dtype)
-    return indexer, hidden, qr
+    return _inputs("deepseek_indexer_legacy", indexer, hf, tokens, dtype)
 
 
-def _v32(request, tokens, dtype=BF16, seed=0):
-    from deepseek_layers import build_v32_attention, make_inputs
+def _v32_site(site_id):
+    def build(request, tokens, dtype=BF16, seed=0):
+        from deepseek_layers import build_v32_attention
 
-    vllm_config, standins, hf = _deepseek(request)
-    layer = build_v32_attention(vllm_config, hf, True, standins=standins, dtype=dtype, seed=seed)
-    return layer, make_inputs(hf, tokens, dtype=dtype)[1]
+        vllm_config, standins, hf = _deepseek(request)
+        layer = build_v32_attention(vllm_config, hf, True, standins=standins, dtype=dtype, seed=seed)
+        return _inputs(site_id, layer, hf, tokens, dtype)
 
-
-def _v32_q(request, tokens, dtype=BF16, seed=0):
-    layer, _ = _v32(request, tokens, dtype, seed)
-    q_c = torch.randn(tokens, layer.q_lora_rank, dtype=dtype)
-    return layer, q_c, True
+    return build
 
 
 def _mla_wrapper(request, tokens, dtype=BF16, seed=0):
     """What ``MultiHeadLatentAttentionWrapper.forward`` hands the site: its q projection and
     (normed) q_c, positions, k_pe with its head axis, hidden states, q_c."""
-    from deepseek_layers import build_mla_wrapper, make_inputs
+    from deepseek_layers import build_mla_wrapper
 
     vllm_config, standins, hf = _deepseek(request)
     wrapper = build_mla_wrapper(vllm_config, hf, True, standins=standins, dtype=dtype, seed=seed)
-    positions, hidden, q_c = make_inputs(hf, tokens, dtype=dtype)
-    k_pe = torch.randn(tokens, 1, hf.qk_rope_head_dim, dtype=dtype)
-    return wrapper, wrapper.q_b_proj, q_c, positions, k_pe, hidden, q_c
+    return _inputs("mla_q_b_proj_legacy", wrapper, hf, tokens, dtype)
 
 
 BUILDERS = {
     "gdn_in_proj": _gdn,
     "deepseek_indexer_legacy": _indexer,
-    "deepseek_indexer_v32": _v32,
-    "mla_q_b_proj_v32": _v32_q,
+    "deepseek_indexer_v32": _v32_site("deepseek_indexer_v32"),
+    "mla_q_b_proj_v32": _v32_site("mla_q_b_proj_v32"),
     "mla_q_b_proj_legacy": _mla_wrapper,
 }
 

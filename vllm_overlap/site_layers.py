@@ -295,16 +295,13 @@ def _randn(generator, device, dtype, *shape):
     return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
 
 
-def _gdn_inputs(layer, hf, tokens, dtype, device, gen):
+def _hidden_inputs(layer, hf, tokens, dtype, device, gen):
+    """The layer and its hidden states (GDN's in_proj pair, V3.2's A-projection pair)."""
     return layer, _randn(gen, device, dtype, tokens, hf.hidden_size)
 
 
 def _indexer_inputs(layer, hf, tokens, dtype, device, gen):
     return layer, _randn(gen, device, dtype, tokens, hf.hidden_size), _randn(gen, device, dtype, tokens, hf.q_lora_rank)
-
-
-def _v32_inputs(layer, hf, tokens, dtype, device, gen):
-    return layer, _randn(gen, device, dtype, tokens, hf.hidden_size)
 
 
 def _v32_q_inputs(layer, hf, tokens, dtype, device, gen):
@@ -343,8 +340,8 @@ GDN_HEADS = ("linear_num_key_heads", "linear_num_value_heads")
 MLA_HEADS = ("num_attention_heads",)
 
 SITE_LAYERS: dict[str, SiteLayer] = {
-    "gdn_in_proj": SiteLayer(_gdn_layer, _gdn_inputs, GDN_HEADS),
-    "deepseek_indexer_v32": SiteLayer(_v32_layer, _v32_inputs, MLA_HEADS),
+    "gdn_in_proj": SiteLayer(_gdn_layer, _hidden_inputs, GDN_HEADS),
+    "deepseek_indexer_v32": SiteLayer(_v32_layer, _hidden_inputs, MLA_HEADS),
     "mla_q_b_proj_v32": SiteLayer(_v32_layer, _v32_q_inputs, MLA_HEADS),
     "deepseek_indexer_legacy": SiteLayer(_indexer_layer, _indexer_inputs, MLA_HEADS),
     "mla_q_b_proj_legacy": SiteLayer(
