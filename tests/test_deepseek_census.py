@@ -1,5 +1,6 @@
-"""After loading: the legacy indexers are registered by prefix, and the census counts the MLA
-layers that have an indexer to overlap with (both code shapes), and those that do not."""
+"""After loading: the legacy indexers are registered by prefix, the site census counts per site
+the layers that overlap and names why the others do not, and the DeepSeek census counts the
+MLA layers that have an indexer to overlap with (both code shapes), and those that do not."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from deepseek_layers import (
 def test_census_and_registration(deepseek_vllm, standins, monkeypatch):
     from vllm_overlap import census
     from vllm_overlap.runtime import layers
+    from vllm_overlap.runtime import site_census
     from vllm_overlap.runtime.deepseek_census import NO_INDEXER, post_load
 
     v32 = deepseek_v32_config()
@@ -33,23 +35,54 @@ def test_census_and_registration(deepseek_vllm, standins, monkeypatch):
     model.append(skipping)
     monkeypatch.setattr(layers, "_layers", type(layers._layers)())  # forget what the builders registered
     monkeypatch.setattr(census, "post_load_reports", {})
+    monkeypatch.setattr(census, "site_reports", {})
 
+    sites = site_census.post_load(model)
     report = post_load(model)
 
-    assert report == {
-        "mla_layers": 5,
-        "with_indexer": 2,
-        "serial": {NO_INDEXER: 3},
-        "registered_indexers": 1,  # the legacy Indexer; the V3.2 path needs no lookup
-    }
-    assert layers.resolve_layer(with_indexer.indexer.prefix) is with_indexer.indexer
+    assert report == {"mla_layers": 5, "with_indexer": 2, "serial": {NO_INDEXER: 3}}
     assert census.post_load_reports == {"deepseek_indexer": report, "mla_q_b_proj": report}
+    # the legacy Indexer is registered by its prefix; the V3.2 path needs no lookup
+    assert list(layers.registered_layers()) == [with_indexer.indexer.prefix]
+    assert layers.resolve_layer(with_indexer.indexer.prefix) is with_indexer.indexer
+
+    v32_inactive = {"inactive: not (self.indexer is not None and not self.skip_topk)": 2}
+    legacy_inactive = {"inactive: not (self.indexer and self.is_sparse and not self.skip_topk)": 1}
+    row = {"mode": "dual_stream"}
+    assert sites == {
+        # the wrappers: one with an indexer, the DeepSeek-V3 one without
+        "mla_q_b_proj_legacy": {**row, "feature": "mla_q_b_proj", "layers": 2, "overlap": 1, "serial": legacy_inactive},
+        # the one legacy Indexer, inside the first wrapper
+        "deepseek_indexer_legacy": {**row, "feature": "deepseek_indexer", "layers": 1, "overlap": 1, "serial": {}},
+        # the V3.2 layers: with an indexer, without one, and one that skips its top-k
+        "deepseek_indexer_v32": {**row, "feature": "deepseek_indexer", "layers": 3, "overlap": 1, "serial": v32_inactive},
+        "mla_q_b_proj_v32": {**row, "feature": "mla_q_b_proj", "layers": 3, "overlap": 1, "serial": v32_inactive},
+    }
+    assert census.site_reports == sites
+
+
+def test_a_disabled_feature_has_no_census_rows(deepseek_vllm, standins, monkeypatch):
+    from vllm_overlap import active_config, census
+    from vllm_overlap.config import LoadedConfig, OverlayConfig
+    from vllm_overlap.runtime import site_census
+
+    data = OverlayConfig().model_dump()
+    data["features"]["mla_q_b_proj"]["enabled"] = False
+    off = OverlayConfig.model_validate(data)
+    monkeypatch.setattr(active_config, "_loaded", LoadedConfig(off, "test"))
+    monkeypatch.setattr(census, "site_reports", {})
+    layer = build_v32_attention(deepseek_vllm, deepseek_v32_config(), True, standins=standins)
+    assert sorted(site_census.post_load(layer)) == ["deepseek_indexer_v32"]
 
 
 def test_a_model_without_mla_layers_reports_nothing(monkeypatch):
     from vllm_overlap import census
     from vllm_overlap.runtime.deepseek_census import post_load
 
+    from vllm_overlap.runtime import site_census
+
     monkeypatch.setattr(census, "post_load_reports", {})
-    assert post_load(nn.Sequential(nn.Linear(2, 2)))["mla_layers"] == 0
-    assert census.post_load_reports == {}
+    monkeypatch.setattr(census, "site_reports", {})
+    model = nn.Sequential(nn.Linear(2, 2))
+    assert post_load(model)["mla_layers"] == 0 and site_census.post_load(model) == {}
+    assert census.post_load_reports == {} and census.site_reports == {}

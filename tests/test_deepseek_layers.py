@@ -458,7 +458,6 @@ def test_mla_wrapper_without_indexer_matches_upstream_serially(
         "mla_layers": 1,
         "with_indexer": 0,
         "serial": {census.NO_INDEXER: 1},
-        "registered_indexers": 0,
     }
     assert census.NO_INDEXER == "no indexer"
     assert reports.post_load_reports == {"deepseek_indexer": report, "mla_q_b_proj": report}
@@ -467,14 +466,15 @@ def test_mla_wrapper_without_indexer_matches_upstream_serially(
 def test_mla_wrapper_census_with_an_indexer(deepseek_vllm, standins, monkeypatch):
     from vllm_overlap import census as reports
     from vllm_overlap.runtime import deepseek_census as census
-    from vllm_overlap.runtime import layers
+    from vllm_overlap.runtime import layers, site_census
 
     wrapper = build_mla_wrapper(deepseek_vllm, deepseek_v32_config(), True, standins=standins)
     monkeypatch.setattr(reports, "post_load_reports", {})
     monkeypatch.setattr(layers, "_layers", layers._layers.__class__())  # empty registry
     report = census.post_load(wrapper)
-    assert report == {"mla_layers": 1, "with_indexer": 1, "serial": {}, "registered_indexers": 1}
-    assert layers.registered_layers()[wrapper.indexer.prefix] is wrapper.indexer
+    assert report == {"mla_layers": 1, "with_indexer": 1, "serial": {}}
+    site_census.post_load(wrapper)
+    assert layers.registered_layers() == {wrapper.indexer.prefix: wrapper.indexer}
 
 
 @pytest.mark.parametrize("output", ["q", "k_pe", "no_indexer_call"])

@@ -35,6 +35,15 @@ def _check_on_run(run: dict) -> None:
         assert report["mla_layers"] == 2 and report["with_indexer"] == 0
         assert report["serial"] == {NO_INDEXER: 2}, report
     assert "0 of 2 MLA layers have an indexer to overlap with; 2 run upstream's statements: no indexer" in run["log"]
+    # the site census: the two MLA wrappers run the legacy mla_q_b_proj site, serially (no
+    # indexer: upstream's condition is false); no layer runs the indexer sites
+    inactive = "inactive: not (self.indexer and self.is_sparse and not self.skip_topk)"
+    assert run["sites"] == {
+        "mla_q_b_proj_legacy": {
+            "feature": "mla_q_b_proj", "mode": "dual_stream", "layers": 2, "overlap": 0, "serial": {inactive: 2}
+        }
+    }
+    assert f"vllm-overlap site mla_q_b_proj_legacy: 0 of 2 layers overlap (serial: 2 {inactive})" in run["log"]
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])

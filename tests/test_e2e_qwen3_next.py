@@ -41,6 +41,15 @@ def test_eager_on_off_identical(model_dirs):
     assert len(on["token_ids"]) == 4 and all(len(t) == 8 for t in on["token_ids"])
     assert "gdn_in_proj applied (4/4 targets)" in on["summary"]
     assert "gdn_in_proj off" in off["summary"] and not _applied_pids(off["log"])
+    # the site census: both GDN layers of the tiny model run the site and overlap
+    row = {"feature": "gdn_in_proj", "mode": "dual_stream", "layers": 2, "overlap": 2, "serial": {}}
+    assert on["sites"] == on_default["sites"] == {"gdn_in_proj": row}
+    assert "vllm-overlap site gdn_in_proj: 2 of 2 layers overlap\n" in on["log"]
+    assert (
+        "vllm-overlap site gdn_in_proj: 2 of 2 layers overlap; this platform has no second "
+        "stream: upstream's statements run serially" in on_default["log"]
+    )
+    assert off["sites"] == {}
     print(f"\neager on/off identical; generate {on['generate_s']}s / {off['generate_s']}s")
 
 

@@ -11,6 +11,8 @@ For every site:
 - serial fallbacks: no second stream, a LoRA-wrapped projection, an inactive layer (only the
   branch upstream's condition does not guard runs), both token bounds of the site's
   configured range, a dual-batch-overlap micro-batch thread;
+- the census: a model holding the site's layer has a row for the site, counting the layer as
+  overlapping, or (inactive) as serial with upstream's condition as the reason;
 
 and for every ``op`` site: opcheck and an exact fake kernel at 0, 1, 7, 256 and 1025 tokens in
 bf16 and fp32, a symbolic token count, the real op refusing what the fake did not promise, and
@@ -298,6 +300,36 @@ def test_an_inactive_layer_runs_only_the_ungated_branch(request, deepseek_overla
     actual = _run(site_entry(site_id), site_id, args)
     assert _own(forks, site_id) == []
     assert _same(expected, actual) and _tensors(expected)
+
+
+@pytest.mark.parametrize(
+    "site_id, active",
+    [(s, True) for s in sorted(BUILDERS)] + [(s, False) for s in sorted(DEACTIVATE)],
+)
+def test_the_census_counts_the_sites_layer(request, deepseek_overlay, site_id, active, monkeypatch):
+    """Every site has a census row for a model holding its layer: the layer overlaps, or (made
+    inactive) runs serially with upstream's condition named as the reason."""
+    from vllm_overlap import census
+    from vllm_overlap.runtime import site_census
+
+    monkeypatch.setattr(census, "site_reports", {})
+    args = BUILDERS[site_id](request, 1)
+    if not active:
+        DEACTIVATE[site_id](args)
+    rows = site_census.post_load(torch.nn.ModuleList([args[0]]))
+    site = SITES[site_id]
+    serial = {}
+    if not active:
+        form = site.forms[site_runtime(site_id).compiled.form_index]
+        serial = {f"inactive: not ({form.active})": 1}
+    assert rows[site_id] == {
+        "feature": site.feature,
+        "mode": "dual_stream",
+        "layers": 1,
+        "overlap": int(active),
+        "serial": serial,
+    }
+    assert census.site_reports == rows
 
 
 @pytest.mark.parametrize("tokens, forked", [(3, False), (4, True), (16, True), (17, False)])

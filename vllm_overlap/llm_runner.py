@@ -84,6 +84,7 @@ def main() -> None:
         "generate_s": round(t_gen, 3),
         "summary": summary_line(),
         "post_load": census.post_load_reports,
+        "sites": census.site_reports,
         "outcomes": {f"{o.feature}:{o.target}": o.describe() for o in outcomes.outcomes.values()},
     }
     print(json.dumps(result))

@@ -59,11 +59,15 @@ def register() -> None:
 
 
 LOADER_MODULE = "vllm.model_executor.model_loader.base_loader"
+SITE_CENSUS = "vllm_overlap.runtime.site_census:post_load"
 
 
 def _install_post_load_hooks() -> None:
-    """Run each enabled feature's post-load step before vLLM post-processes the weights."""
+    """Run the site census and each enabled feature's post-load step before vLLM
+    post-processes the weights."""
     steps = []
+    if any(_enabled(feature) for feature in FEATURES.values()):
+        steps.append(SITE_CENSUS)  # first: it registers the layers ops find by name
     for feature in FEATURES.values():
         cfg = active_config.feature_config(feature.name)
         if cfg.enabled and feature.post_load and cfg.mode in feature.post_load_modes:

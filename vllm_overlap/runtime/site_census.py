@@ -1,0 +1,139 @@
+"""After loading, per site: how many of the model's layers run it, how many of those overlap,
+and why the others run upstream's statements. Built from the declarations, for every site.
+
+Runs once per model from the post-load hook (before vLLM post-processes the weights),
+whatever the features' modes:
+
+- Registration: an ``op`` site whose layer is not in vLLM's forward context (``Site.registry``)
+  finds it by ``LayerName`` in the overlay's weak registry; every instance of its target's
+  class is registered here, at load time, since a compiled graph is traced once, for the first
+  layer, and then serves them all.
+- Census: a layer of a rewritten target's class runs the site. It overlaps where the feature
+  is in mode ``dual_stream`` and upstream's own ``active`` condition holds; otherwise the
+  census names why not (the mode, or the condition that is false). What is decided per call
+  (a second stream, the token range, CUDA-graph capture, DBO threads, LoRA, which vLLM wraps
+  after this step) is not a layer's property: the log line names the platform's answer for
+  the second stream, and the per-call rules are the ladder's (``site_runtime``).
+
+``census.site_reports`` keeps one row per site with layers in the model; one INFO line per
+site says it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+
+import torch
+
+from .. import active_config, census
+from ..log import logger
+from . import gates, installed
+from .layers import register_layer
+
+
+def applied_sites() -> list:
+    """Every site whose rewritten code runs in this process, in the order they were applied."""
+    sites: dict[str, object] = {}
+    for rt in installed.runtimes():
+        sites.setdefault(rt.site.id, rt.site)
+    return [site for site in sites.values() if site_classes(site)]
+
+
+def site_classes(site) -> list[tuple[type, object]]:
+    """(class, runtime) of each target of ``site`` (a Site) rewritten now (one per class: a
+    site's variants of one class share it)."""
+    from ..rewrite import applied_features, resolve_owner
+
+    out: list[tuple[type, object]] = []
+    for target in site.targets:
+        rt = installed.runtime(site.id, target.module)
+        if rt is None or target.module not in sys.modules:
+            continue
+        if site.feature not in applied_features(target):  # reverted since
+            continue
+        cls = resolve_owner(target)[0]
+        if all(cls is not known for known, _ in out):
+            out.append((cls, rt))
+    return out
+
+
+def layers_running(model: torch.nn.Module, site) -> list[tuple[torch.nn.Module, object]]:
+    """(layer, runtime) for every module of ``model`` that runs ``site``'s rewritten code."""
+    classes = site_classes(site)
+    found = []
+    for module in model.modules():
+        for cls, rt in classes:
+            if isinstance(module, cls):
+                found.append((module, rt))
+                break
+    return found
+
+
+def register_layers(model: torch.nn.Module) -> int:
+    """Register every layer an applied ``registry`` site's op must find by name."""
+    count = 0
+    for site in applied_sites():
+        if site.registry:
+            for layer, rt in layers_running(model, site):
+                register_layer(rt.layer_name(layer), layer)
+                count += 1
+    return count
+
+
+def inactive_reason(rt) -> str:
+    """Why a layer whose ``active`` condition is false runs only the ungated branch."""
+    form = rt.site.forms[rt.compiled.form_index]
+    return f"inactive: not ({form.active})"
+
+
+def site_report(model: torch.nn.Module, site) -> dict | None:
+    """The census row of one site in ``model`` (None: no layer of the model runs it)."""
+    found = layers_running(model, site)
+    if not found:
+        return None
+    mode = active_config.feature_config(site.feature).mode
+    serial: Counter = Counter()
+    for layer, rt in found:
+        if mode != "dual_stream":
+            serial[f"mode {mode}"] += 1
+        elif rt.compiled.active is not None and not rt.compiled.active(layer):
+            serial[inactive_reason(rt)] += 1
+    return {
+        "feature": site.feature,
+        "mode": mode,
+        "layers": len(found),
+        "overlap": len(found) - sum(serial.values()),
+        "serial": dict(serial),
+    }
+
+
+def site_census(model: torch.nn.Module) -> dict[str, dict]:
+    """One row per applied, enabled site that layers of ``model`` run."""
+    rows = {}
+    for site in applied_sites():
+        if active_config.feature_config(site.feature).enabled:
+            row = site_report(model, site)
+            if row is not None:
+                rows[site.id] = row
+    return rows
+
+
+def post_load(model: torch.nn.Module) -> dict[str, dict]:
+    """Register the layers ``registry`` sites find by name; report, log and return the census."""
+    register_layers(model)
+    rows = site_census(model)
+    census.site_reports.update(rows)
+    second_stream = gates.overlap_possible()
+    for site_id, row in rows.items():
+        serial = "; ".join(f"{n} {why}" for why, n in row["serial"].items())
+        logger().info(
+            "vllm-overlap site %s: %d of %d layers overlap%s%s",
+            site_id,
+            row["overlap"],
+            row["layers"],
+            f" (serial: {serial})" if serial else "",
+            "" if second_stream else "; this platform has no second stream: upstream's "
+            "statements run serially",
+        )
+    return rows
