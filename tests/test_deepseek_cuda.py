@@ -35,7 +35,7 @@ from deepseek_layers import (
     run_mla_wrapper,
     run_v32,
 )
-from conftest import functions, site_entry
+from conftest import functions, site_entry, site_runtime
 from vllm_overlap import rewrite, streams
 
 pytestmark = pytest.mark.cuda
@@ -63,11 +63,11 @@ def forks(monkeypatch, deepseek_overlay):
 @pytest.fixture
 def cuda_standins(monkeypatch, deepseek_overlay):
     """The CPU tests' stand-ins, their fixed projections made on the GPU."""
-    import deepseek_layers
+    import deepseek_standins
 
-    real = deepseek_layers._projection
+    real = deepseek_standins._projection
     monkeypatch.setattr(
-        deepseek_layers, "_projection", lambda inputs, width: real(inputs, width).cuda()
+        deepseek_standins, "_projection", lambda inputs, width: real(inputs, width).cuda()
     )
     standins = DeepseekStandins()
     standins.install(monkeypatch)
@@ -254,10 +254,13 @@ def _flat(result):
     return tuple(t for item in result for t in _flat(item))
 
 
-def _replay_equals_eager(region, upstream, shapes, forks):
+def _replay_equals_eager(site_id, layer, shapes, forks, *extra):
+    """Capture the site's entry on ``layer`` in a CUDA graph; each replay on fresh inputs gives
+    exactly what upstream's statements (the serial path compiled from the anchor) give eagerly."""
+    entry, rt = site_entry(site_id), site_runtime(site_id)
     gen = torch.Generator(device="cuda").manual_seed(11)
     static = [torch.randn(s, device="cuda", dtype=torch.bfloat16, generator=gen) for s in shapes]
-    graph, outputs = _captured(region, static)
+    graph, outputs = _captured(lambda *inputs: entry(layer, *inputs, *extra), static)
     assert len(forks) == 2  # warm-up and capture both forked onto the aux stream
     aux = streams.get_aux_stream()
     assert all(stream == aux for stream in forks)
@@ -267,40 +270,19 @@ def _replay_equals_eager(region, upstream, shapes, forks):
             s.copy_(f)
         graph.replay()
         torch.cuda.synchronize()
-        expected = upstream(*fresh)
+        expected = rt.site.result(*rt.serial(layer, *fresh, *extra))
         assert identical(_flat(outputs), _flat(expected))
 
 
 @pytest.mark.parametrize("tokens", [1, 16, 256])
 def test_q_and_k_replays_in_a_cuda_graph(deepseek_overlay, forks, tokens):
-    q_and_k = site_entry("deepseek_indexer_legacy")
-
-    indexer = _legacy_indexer_like()
-
-    def upstream(hidden_states, qr):  # Indexer.forward's statements, in upstream's order
-        q, _ = indexer.wq_b(qr)
-        kw, _ = indexer.wk_weights_proj(hidden_states)
-        k = kw[:, : indexer.head_dim]
-        k = indexer.k_norm(k)
-        return q, kw, k
-
-    _replay_equals_eager(
-        lambda h, qr: q_and_k(indexer, h, qr), upstream, [(tokens, HIDDEN), (tokens, Q_LORA)], forks
-    )
+    shapes = [(tokens, HIDDEN), (tokens, Q_LORA)]
+    _replay_equals_eager("deepseek_indexer_legacy", _legacy_indexer_like(), shapes, forks)
 
 
 @pytest.mark.parametrize("tokens", [1, 16, 256])
 def test_a_proj_replays_in_a_cuda_graph(deepseek_overlay, forks, tokens):
-    a_proj = site_entry("deepseek_indexer_v32")
-
-    layer = _v32_like()
-
-    def upstream(hidden_states):
-        qkv_lora = layer.fused_qkv_a_proj(hidden_states)[0]
-        kw = layer.indexer.wk_weights_proj(hidden_states)[0]
-        return qkv_lora, kw
-
-    _replay_equals_eager(lambda h: a_proj(layer, h), upstream, [(tokens, HIDDEN)], forks)
+    _replay_equals_eager("deepseek_indexer_v32", _v32_like(), [(tokens, HIDDEN)], forks)
 
 
 @pytest.mark.parametrize("prepare_mqa_query", [True, False])
@@ -308,24 +290,5 @@ def test_a_proj_replays_in_a_cuda_graph(deepseek_overlay, forks, tokens):
 def test_q_b_proj_beside_index_q_replays_in_a_cuda_graph(
     deepseek_overlay, forks, tokens, prepare_mqa_query
 ):
-    q_b_proj_beside_index_q = site_entry("mla_q_b_proj_v32")
-
-    self = _v32_like()
-
-    def upstream(q_c):  # DeepseekV32Attention.forward's statements
-        q = self.q_b_proj(q_c)[0].view(-1, self.num_local_heads, self.qk_head_dim)
-        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        if prepare_mqa_query:
-            ql_nope = torch.bmm(q_nope.transpose(0, 1), self.W_UK_T).transpose(0, 1)
-        else:
-            ql_nope = q_nope
-        index_q = self.indexer.wq_b(q_c)[0]
-        index_q = index_q.view(-1, self.indexer.n_head, self.indexer.head_dim)
-        return (q, q_nope, q_pe, ql_nope), index_q
-
-    _replay_equals_eager(
-        lambda q_c: q_b_proj_beside_index_q(self, q_c, prepare_mqa_query),
-        upstream,
-        [(tokens, Q_LORA)],
-        forks,
-    )
+    shapes = [(tokens, Q_LORA)]
+    _replay_equals_eager("mla_q_b_proj_v32", _v32_like(), shapes, forks, prepare_mqa_query)

@@ -266,10 +266,10 @@ def test_indexer_without_a_second_stream_runs_upstream_statements(
 def traceable_standins(monkeypatch):
     """The stand-ins' fixed random projections, looked up in a table instead of made with a
     torch.Generator (an opaque object Dynamo refuses to create inside a graph)."""
-    import deepseek_layers
+    import deepseek_standins
 
     table = {}
-    real = deepseek_layers._projection
+    real = deepseek_standins._projection
 
     def projection(inputs, width):
         key = (inputs, width)
@@ -279,7 +279,7 @@ def traceable_standins(monkeypatch):
             table[key] = real(inputs, width)
         return table[key]
 
-    monkeypatch.setattr(deepseek_layers, "_projection", projection)
+    monkeypatch.setattr(deepseek_standins, "_projection", projection)
     return table
 
 
@@ -711,21 +711,23 @@ def _perturb_a_proj(monkeypatch, layer, what: str, module: str) -> None:
     wrap_branch(monkeypatch, "deepseek_indexer_v32", "aux", mutated, module)
 
 
-class _FusedAttentionStandin:
-    """The ROCm forward's ``_fused_attention`` (AITER kernels): a signature of every input
-    written into ``output``; counted; its tensor arguments recorded in ``seen``."""
+def _fused_attention_standin(layer, calls: Counter, seen: list):
+    """The ROCm forward's ``_fused_attention`` (AITER kernels), called with its real signature:
+    a signature of every tensor it is given written into ``output``; counted; its tensor
+    arguments recorded in ``seen``."""
+    import functools
 
-    def __init__(self, calls: Counter):
-        self.calls = calls
-        self.seen: list = []
+    from deepseek_standins import _mix
+    from kernel_standin import standin
+    from vllm.models.deepseek_v32.amd.rocm import DeepseekV32MLAAttention
 
-    def __call__(self, positions, q_c, kv_c, k_pe, index_k, index_weights, output):
-        from deepseek_layers import _mix
-
-        self.calls["rocm._fused_attention"] += 1
+    def fused_attention(*, output, **tensors):
         tokens, width = output.shape
-        output.copy_(_mix(tokens, width, positions, q_c, kv_c, k_pe, index_k, index_weights))
-        self.seen += _clones([positions, q_c, kv_c, k_pe, index_k, index_weights])
+        output.copy_(_mix(tokens, width, *tensors.values()))
+        seen.extend(_clones(list(tensors.values())))
+
+    real = functools.partial(DeepseekV32MLAAttention._fused_attention, layer)
+    return standin(real, fused_attention, calls, "rocm._fused_attention")
 
 
 @pytest.mark.parametrize("tokens", [1, 7])
@@ -737,13 +739,14 @@ def test_rocm_forward_rewritten_matches_upstream(
     DeepseekV32Attention, whose attributes it shares, with ``_fused_attention`` stood in."""
     upstream, rewritten = functions(ROCM_TARGET)
     layer = _v32_layer(deepseek_vllm, standins, variant, monkeypatch)
-    fused = _FusedAttentionStandin(standins.calls)
+    seen: list = []
+    fused = _fused_attention_standin(layer, standins.calls, seen)
     monkeypatch.setattr(layer, "_fused_attention", fused, raising=False)
     positions, hidden, _ = make_inputs(deepseek_v32_config(), tokens)
 
     def run(forward_fn):
-        fused.seen.clear()
-        return run_v32(forward_fn, layer, positions, hidden) + tuple(fused.seen)
+        seen.clear()
+        return run_v32(forward_fn, layer, positions, hidden) + tuple(seen)
 
     expected, actual, up_calls, rw_calls, forks = differential(
         standins, count_forks, lambda: run(upstream), lambda: run(rewritten)
@@ -760,7 +763,7 @@ def test_rocm_comparison_fails_on_a_perturbed_a_proj(
 ):
     upstream, rewritten = functions(ROCM_TARGET)
     layer = _v32_layer(deepseek_vllm, standins, "indexer", monkeypatch)
-    fused = _FusedAttentionStandin(standins.calls)
+    fused = _fused_attention_standin(layer, standins.calls, [])
     monkeypatch.setattr(layer, "_fused_attention", fused, raising=False)
     positions, hidden, _ = make_inputs(deepseek_v32_config(), 7)
     expected = run_v32(upstream, layer, positions, hidden)  # the output alone, here
