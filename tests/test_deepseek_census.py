@@ -1,4 +1,4 @@
-"""After loading: the legacy indexers are registered by prefix, the site census counts per site
+"""The legacy indexers are registered by prefix as they are built; after loading, the site census counts per site
 the layers that overlap and names why the others do not, and the DeepSeek census counts the
 MLA layers that have an indexer to overlap with (both code shapes), and those that do not."""
 
@@ -20,6 +20,7 @@ def test_census_and_registration(deepseek_vllm, standins, monkeypatch):
     from vllm_overlap.runtime import site_census
     from vllm_overlap.runtime.deepseek_census import NO_INDEXER, post_load
 
+    monkeypatch.setattr(layers, "_layers", type(layers._layers)())  # only what is built here
     v32 = deepseek_v32_config()
     with_indexer = build_mla_wrapper(deepseek_vllm, v32, True, standins=standins)
     model = nn.ModuleList(
@@ -33,7 +34,6 @@ def test_census_and_registration(deepseek_vllm, standins, monkeypatch):
     skipping = build_v32_attention(deepseek_vllm, v32, True, standins=standins)
     skipping.skip_topk = True  # reuses an earlier layer's top-k: nothing to overlap
     model.append(skipping)
-    monkeypatch.setattr(layers, "_layers", type(layers._layers)())  # forget what the builders registered
     monkeypatch.setattr(census, "post_load_reports", {})
     monkeypatch.setattr(census, "site_reports", {})
 
@@ -42,7 +42,7 @@ def test_census_and_registration(deepseek_vllm, standins, monkeypatch):
 
     assert report == {"mla_layers": 5, "with_indexer": 2, "serial": {NO_INDEXER: 3}}
     assert census.post_load_reports == {"deepseek_indexer": report, "mla_q_b_proj": report}
-    # the legacy Indexer is registered by its prefix; the V3.2 path needs no lookup
+    # the legacy Indexer registered itself by its prefix when built; the V3.2 path needs no lookup
     assert list(layers.registered_layers()) == [with_indexer.indexer.prefix]
     assert layers.resolve_layer(with_indexer.indexer.prefix) is with_indexer.indexer
 

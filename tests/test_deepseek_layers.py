@@ -466,15 +466,13 @@ def test_mla_wrapper_without_indexer_matches_upstream_serially(
 def test_mla_wrapper_census_with_an_indexer(deepseek_vllm, standins, monkeypatch):
     from vllm_overlap import census as reports
     from vllm_overlap.runtime import deepseek_census as census
-    from vllm_overlap.runtime import layers, site_census
+    from vllm_overlap.runtime import layers
 
     wrapper = build_mla_wrapper(deepseek_vllm, deepseek_v32_config(), True, standins=standins)
     monkeypatch.setattr(reports, "post_load_reports", {})
-    monkeypatch.setattr(layers, "_layers", layers._layers.__class__())  # empty registry
     report = census.post_load(wrapper)
     assert report == {"mla_layers": 1, "with_indexer": 1, "serial": {}}
-    site_census.post_load(wrapper)
-    assert layers.registered_layers() == {wrapper.indexer.prefix: wrapper.indexer}
+    assert layers.registered_layers()[wrapper.indexer.prefix] is wrapper.indexer
 
 
 @pytest.mark.parametrize("output", ["q", "k_pe", "no_indexer_call"])

@@ -193,10 +193,11 @@ POST_LOAD = '''
 FEATURES["gdn_in_proj"] = dataclasses.replace(
     FEATURES["gdn_in_proj"], post_load="fw_runtime_ok:broken_post_load", post_load_modes=("dual_stream",)
 )
-from vllm.model_executor.model_loader import base_loader
+from vllm.model_executor.model_loader import base_loader, utils
 def loader_step(model, *args):  # stands for vLLM's step, which the plugin wraps
     print("vLLM's post-processing ran")
-base_loader.process_weights_after_loading = loader_step
+utils.process_weights_after_loading = loader_step
+base_loader.process_weights_after_loading = loader_step  # bound by name, as the loaders do
 import vllm_overlap
 vllm_overlap.register()
 import torch

@@ -102,3 +102,31 @@ def test_unfused_layer_runs_the_configured_fallback(gdn_layer, monkeypatch, fall
     qkvz, ba = fused_in_proj(layer, hidden)
     assert len(calls) == forks
     assert torch.equal(qkvz, layer.in_proj_qkvz(hidden)[0]) and torch.equal(ba, layer.in_proj_ba(hidden)[0])
+
+
+def test_a_layer_the_post_load_step_never_saw_says_so_and_runs_the_fallback(gdn_layer, monkeypatch, caplog):
+    """A loader that skips vLLM's post-processing (so the fusing step never ran): the layer
+    runs the configured fallback, and a warning names it once; a layer the step looked at and
+    could not fuse runs it silently (the step's own line said why)."""
+    from vllm_overlap import active_config
+    from vllm_overlap.config import LoadedConfig, parse_config
+
+    cfg = parse_config("features: {gdn_in_proj: {mode: fused, fused_fallback: serial}}", "x")
+    monkeypatch.setattr(active_config, "loaded", lambda: LoadedConfig(cfg, "test"))
+    monkeypatch.setattr(gdn_fuse, "_warned", set())
+    never_seen, seen = gdn_layer(), gdn_layer(seed=1)
+    seen.prefix = "model.layers.1.linear_attn"
+    width = seen.in_proj_ba.output_size_per_partition  # a zero bias: not fusable, same results
+    seen.in_proj_ba.bias = torch.nn.Parameter(torch.zeros(width, dtype=torch.bfloat16), requires_grad=False)
+    gdn_fuse.fuse_model(seen)
+    hidden = torch.randn(3, never_seen.hidden_size, dtype=torch.bfloat16)
+    with caplog.at_level("WARNING"):
+        for layer in (never_seen, never_seen, seen):
+            qkvz, ba = fused_in_proj(layer, hidden)
+            assert torch.equal(qkvz, layer.in_proj_qkvz(hidden)[0])
+            assert torch.equal(ba, layer.in_proj_ba(hidden)[0])
+    warnings = [r.getMessage() for r in caplog.records if "was never fused" in r.getMessage()]
+    assert warnings == [
+        f"vllm-overlap gdn_in_proj fused: layer {never_seen.prefix} was never fused (the "
+        "post-load step did not run for its model); it runs serial"
+    ]

@@ -56,13 +56,13 @@ def test_register_is_cheap_and_idempotent():
     )
     assert proc.returncode == 0, proc.stderr
     from vllm_overlap.patches import FEATURES
-    from vllm_overlap.plugin import LOADER_MODULE
+    from vllm_overlap.plugin import LOADER_UTILS
 
     targets = sorted({m for f in FEATURES.values() for m in f.modules()})
     assert GDN in targets and "vllm.model_executor.layers.mla" in targets
     # one hook for the cache key (vLLM's config module), one for the post-load steps (the
     # DeepSeek features register their layers there), one per target module
-    hooks = ["vllm.config.vllm", LOADER_MODULE, *targets]
+    hooks = ["vllm.config.vllm", LOADER_UTILS, *targets]
     assert f"heavy [] hooks {hooks}" in proc.stdout
 
 
@@ -198,3 +198,41 @@ def test_a_runtime_that_fails_to_import_is_a_skip_not_a_broken_vllm_import():
         "skipped: internal error: ModuleNotFoundError: No module named 'vllm_overlap.no_such_runtime'"
         " (importing vllm_overlap.no_such_runtime)" in proc.stdout
     )
+
+
+def test_post_load_steps_run_once_per_model_whichever_loader_reaches_vllms_step():
+    """vLLM's loaders reach its post-processing through ``model_loader.utils``'s function, some
+    through a name bound at import (BaseModelLoader, the weight-cache daemon and IPC loader):
+    the steps run before it on every path, once per model."""
+    proc = run_py(
+        """
+        import torch
+        from vllm.model_executor.model_loader import base_loader, utils
+        from vllm.model_executor.model_loader.weight_cache import daemon, ipc_loader
+        import vllm_overlap.runtime.deepseek_census as deepseek_census
+        import vllm_overlap.runtime.site_census as site_census
+        seen = []
+        site_census.post_load = lambda model: seen.append("census")
+        deepseek_census.post_load = lambda model: seen.append("deepseek")
+        callers = {"utils": utils, "base_loader": base_loader, "daemon": daemon, "ipc_loader": ipc_loader}
+        for name, module in callers.items():  # as vLLM has them: one function, bound by name
+            assert module.process_weights_after_loading is utils.process_weights_after_loading, name
+        def vllm_step(model, model_config, target_device):  # stands for vLLM's function
+            seen.append("vllm")
+        for module in callers.values():
+            module.process_weights_after_loading = vllm_step
+        import vllm_overlap
+        vllm_overlap.register()
+        models = [torch.nn.Linear(2, 2) for _ in callers]
+        for model, (name, module) in zip(models, callers.items()):
+            assert module.process_weights_after_loading.__wrapped__ is vllm_step, name
+            seen.append(name)
+            for again in range(2):  # a loader may run it twice (the IPC loader does)
+                module.process_weights_after_loading(model, None, None)
+        print(seen)
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    per_model = ["census", "deepseek", "vllm", "vllm"]
+    expected = [x for name in ("utils", "base_loader", "daemon", "ipc_loader") for x in [name, *per_model]]
+    assert str(expected) in proc.stdout, proc.stdout + proc.stderr[-2000:]

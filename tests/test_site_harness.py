@@ -544,3 +544,48 @@ def test_str_layer_names_would_be_baked_in(request, deepseek_overlay, site_id, m
     except Exception as exc:  # the op's schema may refuse a str where it wants LayerName
         pytest.skip(f"op schema does not take a str here: {type(exc).__name__}")
     assert all(rt.layer_name(layer) in counter.graphs[0].code for layer in layers)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry sites: the op finds a layer vLLM's forward context does not hold by name
+# ---------------------------------------------------------------------------------------------
+
+REGISTRY_SITES = sorted(s.id for s in SITES.values() if s.registry)
+
+
+def test_registry_sites_are_op_sites():
+    assert REGISTRY_SITES and set(REGISTRY_SITES) <= set(OP_SITES)
+
+
+@pytest.mark.parametrize("site_id", REGISTRY_SITES)
+def test_a_registry_sites_layer_registers_itself_when_built(request, deepseek_overlay, site_id, monkeypatch):
+    """Whatever loader builds the model (and whether or not a post-load step runs), each
+    instance is findable by its name as soon as it is built."""
+    from vllm_overlap.runtime import layers
+
+    monkeypatch.setattr(layers, "_layers", type(layers._layers)())
+    layer = BUILDERS[site_id](request, 1)[0]
+    assert layers.registered_layers() == {site_runtime(site_id).layer_name(layer): layer}
+
+
+@pytest.mark.parametrize("site_id", REGISTRY_SITES)
+def test_an_unregistered_layer_is_traced_as_upstreams_statements(
+    request, deepseek_overlay, site_id, monkeypatch, caplog
+):
+    """A layer the op could not find: the compiled graph runs upstream's statements for it
+    (no op, no KeyError in the forward pass) and a warning names it."""
+    from vllm_overlap.runtime import layers
+
+    rt, op = _op(site_id)
+    built = _layers(request, site_id, 2)
+    monkeypatch.delitem(built[1].__dict__, layers.REGISTERED)
+    monkeypatch.delitem(layers._layers, rt.layer_name(built[1]))
+    with caplog.at_level("WARNING"):
+        counter = _compile_and_run(request, site_id, built, [3, 7])
+    # (tracing upstream's statements, Dynamo restarts once to make float attributes graph
+    # inputs: that first attempt reaches the backend as an empty graph)
+    graphs = [g for g in counter.graphs if len(g.graph.nodes)]
+    assert len(graphs) == 1
+    nodes = [n for n in graphs[0].graph.nodes if n.target in (op, op.default)]
+    assert len(nodes) == 1  # the registered layer's op; the other runs upstream's statements
+    assert f"layer {rt.layer_name(built[1])} is not in the overlay's registry" in caplog.text

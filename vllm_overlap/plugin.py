@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import threading
+import weakref
 
 import wrapt
 
@@ -58,16 +60,20 @@ def register() -> None:
                 wrapt.register_post_import_hook(_on_import, module)
 
 
-LOADER_MODULE = "vllm.model_executor.model_loader.base_loader"
+# Every loader reaches vLLM's post-processing through this function (BaseModelLoader, the
+# weight-cache daemon and IPC loaders call it directly); modules that imported it by name
+# before the hook ran are rebound to the wrapped one.
+LOADER_UTILS = "vllm.model_executor.model_loader.utils"
+POST_PROCESS = "process_weights_after_loading"
 SITE_CENSUS = "vllm_overlap.runtime.site_census:post_load"
 
 
 def _install_post_load_hooks() -> None:
     """Run the site census and each enabled feature's post-load step before vLLM
-    post-processes the weights."""
+    post-processes the weights, once per model, whichever loader loads it."""
     steps = []
     if any(_enabled(feature) for feature in FEATURES.values()):
-        steps.append(SITE_CENSUS)  # first: it registers the layers ops find by name
+        steps.append(SITE_CENSUS)  # first: the census registers layers ops find by name
     for feature in FEATURES.values():
         cfg = active_config.feature_config(feature.name)
         if cfg.enabled and feature.post_load and cfg.mode in feature.post_load_modes:
@@ -75,18 +81,29 @@ def _install_post_load_hooks() -> None:
                 steps.append(feature.post_load)
     if not steps:
         return
+    done: weakref.WeakSet = weakref.WeakSet()  # models whose steps ran (a loader may re-run)
 
     def wrapper(wrapped, instance, args, kwargs):
         model = args[0] if args else kwargs["model"]
-        for step in steps:
-            _run_post_load_step(step, model)
+        if model not in done:
+            done.add(model)
+            for step in steps:
+                _run_post_load_step(step, model)
         return wrapped(*args, **kwargs)
 
     @_firewalled
     def hook(module) -> None:
-        wrapt.wrap_function_wrapper(module, "process_weights_after_loading", wrapper)
+        original = vars(module).get(POST_PROCESS)
+        if original is None or isinstance(original, wrapt.FunctionWrapper):
+            return
+        wrapped = wrapt.FunctionWrapper(original, wrapper)
+        for name, other in list(sys.modules.items()):  # itself, and loaders that bound it
+            namespace = getattr(other, "__dict__", None)
+            if name.startswith("vllm.") and isinstance(namespace, dict):
+                if namespace.get(POST_PROCESS) is original:
+                    setattr(other, POST_PROCESS, wrapped)
 
-    wrapt.register_post_import_hook(hook, LOADER_MODULE)
+    wrapt.register_post_import_hook(hook, LOADER_UTILS)
 
 
 def _run_post_load_step(step: str, model) -> None:

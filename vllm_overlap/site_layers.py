@@ -39,7 +39,9 @@ def process_weights_like_the_loader(module: torch.nn.Module, vllm_config) -> Non
 
     device = next(module.parameters()).device
     model = torch.nn.ModuleDict({"layer": module})
-    process_weights_after_loading(model, vllm_config.model_config, device)
+    # vLLM's own, not the plugin's wrapper of it: building a layer is not loading a model
+    vllm_step = getattr(process_weights_after_loading, "__wrapped__", process_weights_after_loading)
+    vllm_step(model, vllm_config.model_config, device)
 
 
 def build_gdn_layer(

@@ -21,6 +21,9 @@ from ..log import logger
 from .gates import is_lora
 
 FUSED = "vllm_overlap_in_proj_qkvz_ba"  # the fused projection's submodule name on the layer
+# Set on every layer fuse_model looked at, fused or not: a layer without it was loaded by a
+# path that skipped the post-load step (a loader that never post-processes weights).
+CONSIDERED = "_vllm_overlap_fuse_considered"
 
 
 def why_not_fusable(layer: torch.nn.Module) -> str | None:
@@ -84,6 +87,7 @@ def fuse_model(model: torch.nn.Module) -> dict:
     skipped: Counter = Counter()
     report = {"layers": len(layers), "fused": 0, "bytes_before": 0, "bytes_after": 0}
     for layer in layers:
+        layer.__dict__[CONSIDERED] = True
         if FUSED in layer._modules:
             report["fused"] += 1
             continue
@@ -112,6 +116,20 @@ def fuse_model(model: torch.nn.Module) -> dict:
     return report
 
 
+@torch.compiler.assume_constant_result  # said while tracing, not per call in a graph
+def _warn_not_fused(prefix: str, fallback: str) -> bool:
+    if prefix not in _warned:
+        _warned.add(prefix)
+        logger().warning(
+            "vllm-overlap gdn_in_proj fused: layer %s was never fused (the post-load step did "
+            "not run for its model); it runs %s", prefix, fallback,
+        )
+    return True
+
+
+_warned: set[str] = set()
+
+
 def fused_in_proj(site_runtime):
     """The mode's entry for the gdn_in_proj site: one GEMM over the concatenated weights, then
     a split. Outputs are made contiguous (a no-op for one token, where the split halves
@@ -123,6 +141,8 @@ def fused_in_proj(site_runtime):
     def entry(layer, hidden_states):
         fused = getattr(layer, FUSED, None)
         if fused is None:
+            if not getattr(layer, CONSIDERED, False):
+                _warn_not_fused(layer.prefix, active_config.site_config(site).fused_fallback)
             if active_config.site_config(site).fused_fallback == "dual_stream":
                 return site_runtime(layer, hidden_states)
             return site.result(*site_runtime.serial(layer, hidden_states))

@@ -63,6 +63,12 @@ def prepare(feature: Feature, site: Site, mode: str):
         )
         if rt is None:
             rt = _runtimes[(site.id, module)] = SiteRuntime(compiled)
+        if site.registry:  # its op finds the layer by name: every instance registers itself
+            from ..rewrite import Target, resolve_owner
+            from .layers import register_instances
+
+            owner, _ = resolve_owner(Target(module, func.__qualname__))
+            register_instances(owner, rt.layer_name)
         ns = _namespaces.setdefault((feature.name, module), types.SimpleNamespace())
         name, entry = _entry(site, rt, mode)
         setattr(ns, name, entry)

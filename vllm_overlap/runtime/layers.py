@@ -3,12 +3,15 @@
 A layer goes into a custom op as vLLM's ``LayerName`` opaque value where vLLM has it (hoisted
 to a graph input, so one compiled graph serves every layer), and comes out of vLLM's forward
 context, or of the weak registry below for modules vLLM does not keep there (the legacy
-DeepSeek ``Indexer``; tests and benchmarks).
+DeepSeek ``Indexer``; tests and benchmarks). Such a site's class registers each instance as
+its ``__init__`` returns (:func:`register_instances`): whatever loader builds the model, and
+before a compiled graph cached on disk is loaded without tracing.
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -40,6 +43,54 @@ except ImportError:  # pragma: no cover - every supported vLLM has it
 def register_layer(name: str, layer: torch.nn.Module) -> None:
     """Make ``layer`` findable by name outside a vLLM forward context."""
     _layers[name] = layer
+    layer.__dict__[REGISTERED] = True
+
+
+# Set on a layer the registry holds: a plain attribute the rewritten code reads while tracing
+# (its value is the same for every registered layer, so no per-layer guard or graph).
+REGISTERED = "_vllm_overlap_registered"
+
+
+def is_registered(layer: torch.nn.Module) -> bool:
+    return bool(getattr(layer, REGISTERED, False))
+
+
+@torch.compiler.assume_constant_result
+def warn_unregistered(site_id: str, name: str) -> bool:
+    """Say (once per trace) that a site's layer is not in the registry; run at trace time."""
+    from ..log import logger
+
+    logger().warning(
+        "vllm-overlap %s: layer %s is not in the overlay's registry; it runs upstream's "
+        "statements", site_id, name,
+    )
+    return True
+
+
+_registering: "weakref.WeakSet[type]" = weakref.WeakSet()  # classes whose __init__ registers
+
+
+def register_instances(cls: type, name_of: Callable[[Any], str]) -> None:
+    """Register every instance of ``cls`` built from now on under ``name_of(instance)``, as its
+    ``__init__`` returns (once per class; never raises into vLLM's model construction)."""
+    import wrapt
+
+    init = cls.__dict__.get("__init__")
+    if init is None or cls in _registering:
+        return
+
+    def registering(wrapped, instance, args, kwargs):
+        result = wrapped(*args, **kwargs)
+        try:
+            register_layer(name_of(instance), instance)
+        except Exception as exc:  # the site's trace-time check runs it serially then
+            from ..log import logger
+
+            logger().warning("vllm-overlap: a %s was not registered: %r", cls.__name__, exc)
+        return result
+
+    cls.__init__ = wrapt.FunctionWrapper(init, registering)
+    _registering.add(cls)
 
 
 def registered_layers() -> dict[str, torch.nn.Module]:

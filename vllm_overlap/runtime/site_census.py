@@ -2,15 +2,9 @@
 and why the others run upstream's statements. Built from the declarations, for every site.
 
 Runs once per model from the post-load hook (before vLLM post-processes the weights),
-whatever the features' modes:
-
-- Registration: an ``op`` site whose layer is not in vLLM's forward context (``Site.registry``)
-  finds it by ``LayerName`` in the overlay's weak registry; every instance of its target's
-  class is registered here, at load time, since a compiled graph is traced once, for the first
-  layer, and then serves them all.
-- Census: a layer of a rewritten target's class runs the site. It overlaps where the feature
-  is in mode ``dual_stream`` and upstream's own ``active`` condition holds; otherwise the
-  census names why not (the mode, or the condition that is false). What is decided per call
+whatever the features' modes. A layer of a rewritten target's class runs the site. It
+overlaps where the feature is in mode ``dual_stream`` and upstream's own ``active`` condition
+holds; otherwise the census names why not (the mode, or the condition that is false). What is decided per call
   (a second stream, the token range, CUDA-graph capture, DBO threads, LoRA, which vLLM wraps
   after this step) is not a layer's property: the log line names the platform's answer for
   the second stream, and the per-call rules are the ladder's (``site_runtime``).
@@ -29,7 +23,6 @@ import torch
 from .. import active_config, census
 from ..log import logger
 from . import gates, installed
-from .layers import register_layer
 
 
 def applied_sites() -> list:
@@ -68,17 +61,6 @@ def layers_running(model: torch.nn.Module, site) -> list[tuple[torch.nn.Module, 
                 found.append((module, rt))
                 break
     return found
-
-
-def register_layers(model: torch.nn.Module) -> int:
-    """Register every layer an applied ``registry`` site's op must find by name."""
-    count = 0
-    for site in applied_sites():
-        if site.registry:
-            for layer, rt in layers_running(model, site):
-                register_layer(rt.layer_name(layer), layer)
-                count += 1
-    return count
 
 
 def inactive_reason(rt) -> str:
@@ -120,8 +102,7 @@ def site_census(model: torch.nn.Module) -> dict[str, dict]:
 
 
 def post_load(model: torch.nn.Module) -> dict[str, dict]:
-    """Register the layers ``registry`` sites find by name; report, log and return the census."""
-    register_layers(model)
+    """Report, log and return the census."""
     rows = site_census(model)
     census.site_reports.update(rows)
     second_stream = gates.overlap_possible()

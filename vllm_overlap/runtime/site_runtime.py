@@ -7,8 +7,9 @@ The ladder, in order (the first that holds decides):
    guard runs, as upstream; the guarded branch's result is None;
 2. no second stream on this platform, or a projection the branches call is LoRA-wrapped:
    upstream's statements, serially, in upstream's order;
-3. under torch.compile: an ``op`` site calls its custom op (Dynamo sees one opaque node);
-   the others run upstream's statements (a ``plain`` site's code is never traced by vLLM; a
+3. under torch.compile: an ``op`` site calls its custom op (Dynamo sees one opaque node),
+   unless its layer is one the op could not find by name (then upstream's statements, with
+   a warning); the others run upstream's statements (a ``plain`` site's code is never traced by vLLM; a
    ``serial`` site's fork would span a CUDA-graph splitting op);
 4. otherwise the stream primitive: the current branch on the current stream beside the aux
    branch on vLLM's aux stream, within the configured token range (``streams.run_pair``
@@ -96,12 +97,21 @@ class SiteRuntime:
         if not gates.overlap_possible() or gates.any_lora(c.projections(*args)):
             return site.result(*c.serial(*args))
         if torch.compiler.is_compiling():
-            if self._op is not None:  # Dynamo must see one opaque op, not streams
+            if self._op is not None and self._findable(args[0]):  # one opaque op, not streams
                 return site.result(*self._unflatten(self._op(*self.op_args(*args))))
             return site.result(*c.serial(*args))
         # Eager: the op's body without the dispatcher round trip and without the output
         # check, which guards the fake kernel's promise to compiled graphs.
         return site.result(*self.overlapped(*args))
+
+    def _findable(self, layer) -> bool:
+        """Whether the op will find ``layer`` by name: a ``registry`` site's layer must be in
+        the overlay's registry, else upstream's statements are traced instead (with a warning),
+        never a KeyError in the forward pass."""
+        if not self.site.registry or layers.is_registered(layer):
+            return True
+        layers.warn_unregistered(self.site.id, self.layer_name(layer))
+        return False
 
     def serial(self, *args):
         """Upstream's statements for these arguments: (current result, aux result)."""
