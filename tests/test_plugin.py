@@ -74,11 +74,14 @@ def test_hook_applies_on_import_and_logs_one_line():
         import {GDN} as m
         vllm_overlap.register()
         from vllm_overlap import outcomes
-        print(sorted({{o.status for o in outcomes.feature_outcomes("gdn_in_proj")}}))
+        mine = {{o.status for o in outcomes.feature_outcomes("gdn_in_proj") if o.target.startswith("{GDN}.")}}
+        others = {{o.status for o in outcomes.feature_outcomes("gdn_in_proj") if not o.target.startswith("{GDN}.")}}
+        print(sorted(mine), sorted(others))
         """
     )
     assert proc.returncode == 0, proc.stderr
-    assert "['applied']" in proc.stdout
+    # the other release's module (0.20/0.21's GatedDeltaNetAttention) is never imported here
+    assert "['applied'] ['pending']" in proc.stdout
     lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "vllm-overlap 0.1.0 [pid" in ln]
     assert len(lines) == 1 and "gdn_in_proj applied (4/4 targets)" in lines[0], lines
 
@@ -170,7 +173,7 @@ def test_unimplemented_mode_is_skipped_not_silently_replaced(tmp_path):
         vllm_overlap.register()
         import {GDN}
         from vllm_overlap import outcomes
-        print({{o.describe() for o in outcomes.feature_outcomes("gdn_in_proj")}})
+        print({{o.describe() for o in outcomes.feature_outcomes("gdn_in_proj") if o.target.startswith("{GDN}.")}})
         """,
         env={"VLLM_OVERLAP_CONFIG": str(cfg)},
     )

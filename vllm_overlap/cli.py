@@ -86,20 +86,27 @@ def collect(model: str | None = None) -> dict:
             try:
                 importlib.import_module(module)  # the post-import hook applies the rewrites
             except Exception as exc:
+                absent = isinstance(exc, ModuleNotFoundError) and module.startswith(exc.name or "?")
                 for rewrite in feature.rewrites_in(module):
                     outcomes.record(
                         outcomes.Outcome(
                             feature.name,
                             str(rewrite.target),
-                            outcomes.SKIPPED,
-                            f"module not importable: {type(exc).__name__}: {exc}",
+                            outcomes.ABSENT if absent else outcomes.SKIPPED,
+                            f"module {exc.name} not in this vLLM"
+                            if absent
+                            else f"module not importable: {type(exc).__name__}: {exc}",
                         )
                     )
-    rows = []
+    rows, absent, ok = [], [], True
     for feature in FEATURES.values():
         enabled = loaded.config.feature(feature.name).enabled
         for rewrite in feature.rewrites:
             outcome = outcomes.outcomes[(feature.name, str(rewrite.target))]
+            if outcome.status == outcomes.ABSENT:  # another release's code shape of a site
+                absent.append(f"{feature.name} {rewrite.target}: {outcome.reason}")
+                continue
+            ok = ok and (not enabled or outcome.status == outcomes.APPLIED)
             rows.append(
                 {
                     "feature": feature.name,
@@ -110,7 +117,6 @@ def collect(model: str | None = None) -> dict:
                     "result": outcome.describe(),
                 }
             )
-    ok = all(r["result"] == outcomes.APPLIED for r in rows if r["enabled"])
     from .streams import DBO_POLICY
 
     return {
@@ -120,6 +126,7 @@ def collect(model: str | None = None) -> dict:
         "config_fingerprint": loaded.config.fingerprint(),
         "strict": loaded.config.strict,
         "rows": rows,
+        "absent": absent,
         "ok": ok,
         **({"model": model_rows(model)} if model else {}),
     }
@@ -142,6 +149,11 @@ def doctor_report(report: dict) -> str:
     table = format_table(rows, ["feature", "target", "enabled", "anchors", "result"])
     verdict = "all enabled features applied" if report["ok"] else "NOT all enabled features applied"
     text = "\n".join(head) + table + f"\n\n{verdict}"
+    if report["absent"]:
+        text += (
+            f"\n({len(report['absent'])} targets are other vLLM releases' code, not in this one: "
+            "--json lists them)"
+        )
     if "model" in report:
         model = report["model"]
         text += f"\n\nmodel:    {model['path']} ({model['model_type']})\n"
@@ -157,7 +169,7 @@ def cmd_doctor(args) -> int:
 
 def cmd_diff(args) -> int:
     from .patches import FEATURES
-    from .sources import feature_diff, read_installed
+    from .sources import ABSENT, APPLIES, feature_diff, read_installed
 
     names = [args.feature] if args.feature else list(FEATURES)
     unknown = [n for n in names if n not in FEATURES]
@@ -167,7 +179,7 @@ def cmd_diff(args) -> int:
     for name in names:
         diff, results = feature_diff(FEATURES[name], read_installed)
         for target, result in results.items():
-            if result != "applies":
+            if result != APPLIES and not result.startswith(ABSENT):  # another release's shape
                 print(f"# {name}: {target} skipped: {result}", file=sys.stderr)
         sys.stdout.write(diff)
     return 0
@@ -177,7 +189,7 @@ def cmd_compat(args) -> int:
     from .compat import matrix, matrix_table
 
     rows = matrix(args.releases, args.wheel_dir)
-    print(matrix_table(rows, markdown=args.markdown))
+    print(matrix_table(rows, markdown=args.markdown, by_site=args.by_site))
     return 0
 
 
@@ -185,6 +197,13 @@ def cmd_calibrate(args) -> int:
     from .calibrate import main as calibrate
 
     return calibrate(args)
+
+
+# The releases the support matrix covers (one per minor, its newest patch; 0.20.0 too).
+SUPPORTED_RELEASES = (
+    "0.20.0", "0.20.2", "0.21.0", "0.22.1", "0.23.0", "0.24.0", "0.25.1", "0.26.0", "0.27.1",
+    "0.28.0", "0.29.0", "0.30.0", "0.31.0", "0.32.0", "0.33.0",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,9 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser(
         "compat", help="which rewrites apply to vLLM releases (downloads their wheels, no install)"
     )
-    p.add_argument("releases", nargs="*", default=["0.30.0", "0.31.0", "0.32.0", "0.33.0"])
+    p.add_argument("releases", nargs="*", default=list(SUPPORTED_RELEASES))
     p.add_argument("--wheel-dir", default=None, help="where wheels are kept (default: the cache)")
     p.add_argument("--markdown", action="store_true")
+    p.add_argument("--by-site", action="store_true", help="one row per site, not per target")
     p.set_defaults(func=cmd_compat)
     p = sub.add_parser(
         "calibrate", help="measure on this GPU and write a config with per-feature token ranges"

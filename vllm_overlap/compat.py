@@ -2,7 +2,8 @@
 
 ``vllm-overlap compat 0.30.0 0.33.0`` downloads each ``vllm`` wheel once (``pip download
 --no-deps``, cached), reads the target modules straight out of the zip, and runs every
-feature's anchor matching on them: a matrix of feature x release x target.
+site's anchor matching on them: a matrix of site x target x release (``--by-site``: one row
+per site, ``applies`` where any of its code shapes does).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 import zipfile
 
 from .patches import FEATURES
-from .sources import feature_diff
+from .sources import ABSENT, APPLIES, feature_diff
 from .tables import format_table
 
 
@@ -48,20 +49,35 @@ def wheel_reader(path: str):
     return read
 
 
+def _short(module: str, qualname: str) -> str:
+    """``<package>.<module>:<qualname>``: enough to tell a site's code shapes apart."""
+    return ".".join(module.split(".")[-2:]) + ":" + qualname
+
+
 def release_rows(release: str, read) -> list[dict]:
-    """One row per feature x target for the release whose modules ``read(name)`` returns."""
+    """One row per site x target for the release whose modules ``read(name)`` returns:
+    ``applies``, ``absent`` (this release has no such module, class or method: another
+    release's code shape) or ``skipped: <why>``."""
     rows = []
     for feature in FEATURES.values():
         _, results = feature_diff(feature, read)
-        for target, result in results.items():
-            rows.append(
-                {
-                    "feature": feature.name,
-                    "release": release,
-                    "target": target.rsplit(".", 2)[-2] + "." + target.rsplit(".", 1)[-1],
-                    "result": result if result == "applies" else f"skipped: {result}",
-                }
-            )
+        for site in feature.sites:
+            for target in site.targets:
+                result = results[str(target)]
+                if result.startswith(ABSENT):
+                    result = ABSENT
+                elif result != APPLIES:
+                    result = f"skipped: {result}"
+                rows.append(
+                    {
+                        "feature": feature.name,
+                        "site": site.id,
+                        "release": release,
+                        "module": target.module,
+                        "target": target.qualname,
+                        "result": result,
+                    }
+                )
     return rows
 
 
@@ -72,17 +88,31 @@ def matrix(releases: list[str], directory: str | None = None) -> list[dict]:
     return rows
 
 
-def matrix_table(rows: list[dict], markdown: bool = False) -> str:
-    """Feature x target rows, one column per release."""
+def site_result(results: list[str]) -> str:
+    """One site's cell from its targets' results: ``applies`` if any target does, ``-`` if
+    the release has none of them, else the first reason it does not apply."""
+    if APPLIES in results:
+        return APPLIES
+    skipped = [r for r in results if r != ABSENT]
+    return skipped[0] if skipped else "-"
+
+
+def matrix_table(rows: list[dict], markdown: bool = False, by_site: bool = False) -> str:
+    """Site x target rows (or one row per site), one column per release."""
     releases = list(dict.fromkeys(r["release"] for r in rows))
-    keyed: dict[tuple[str, str], dict[str, str]] = {}
+    keyed: dict[tuple[str, ...], dict[str, list[str]]] = {}
     for r in rows:
-        keyed.setdefault((r["feature"], r["target"]), {})[r["release"]] = r["result"]
-    table = [
-        {"feature": f, "target": t, **{rel: cells.get(rel, "-") for rel in releases}}
-        for (f, t), cells in keyed.items()
-    ]
-    columns = ["feature", "target", *releases]
+        key = (r["site"],) if by_site else (r["site"], _short(r["module"], r["target"]))
+        keyed.setdefault(key, {}).setdefault(r["release"], []).append(r["result"])
+    head = ["site"] if by_site else ["site", "target"]
+    table = []
+    for key, cells in keyed.items():
+        row = dict(zip(head, key))
+        for rel in releases:
+            results = cells.get(rel, [])
+            row[rel] = site_result(results) if by_site else ("-" if results == [ABSENT] else results[0])
+        table.append(row)
+    columns = [*head, *releases]
     if markdown:
         lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
         lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in table]

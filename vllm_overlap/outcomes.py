@@ -5,13 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 APPLIED, SKIPPED, OFF, PENDING = "applied", "skipped", "off", "pending"
+# A target of another vLLM release (a site's alternative module, class or method) that this
+# vLLM does not have: nothing to rewrite, and nothing wrong.
+ABSENT = "absent"
 
 
 @dataclass(frozen=True)
 class Outcome:
     feature: str
     target: str
-    status: str  # applied / skipped / off / pending
+    status: str  # applied / skipped / absent / off / pending
     reason: str = ""
     path: str = ""  # the rewritten source file, when applied
 

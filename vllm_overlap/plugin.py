@@ -25,7 +25,7 @@ from . import __version__, active_config, cache_key, census, outcomes
 from .config import OverlayStop, load_config
 from .log import logger
 from .patches import FEATURES
-from .rewrite import RewriteSkipped, apply, internal_error
+from .rewrite import RewriteSkipped, TargetAbsent, apply, internal_error
 from .site import Feature, Site
 
 _lock = threading.RLock()
@@ -193,6 +193,8 @@ def apply_rewrite(feature: Feature, site: Site, rewrite) -> outcomes.Outcome:
             older=rewrite.older,
         )
         outcome = outcomes.Outcome(feature.name, target, outcomes.APPLIED, path=path)
+    except TargetAbsent as exc:
+        outcome = outcomes.Outcome(feature.name, target, outcomes.ABSENT, str(exc))
     except RewriteSkipped as exc:
         outcome = outcomes.Outcome(feature.name, target, outcomes.SKIPPED, str(exc))
     except Exception as exc:  # ours: a bad declaration or an engine bug
@@ -223,7 +225,8 @@ def _enforce_strict(results: list[outcomes.Outcome]) -> None:
 
 
 def feature_summary(feature: Feature) -> str:
-    """One feature's state in a few words, e.g. ``applied (4/4 targets)``."""
+    """One feature's state in a few words, e.g. ``applied (4/4 targets)``: of the targets in
+    modules this process imported, not counting those of other releases (absent here)."""
     outs = outcomes.feature_outcomes(feature.name)
     statuses = {o.status for o in outs}
     if statuses == {outcomes.OFF}:
@@ -233,8 +236,8 @@ def feature_summary(feature: Feature) -> str:
     if not applied and not skipped:
         return "not loaded (its model code was not imported in this process)"
     parts = []
-    if applied:
-        parts.append(f"applied ({len(applied)}/{len(outs)} targets)")
+    if applied:  # of the targets this process imported that this vLLM has
+        parts.append(f"applied ({len(applied)}/{len(applied) + len(skipped)} targets)")
     for o in skipped:
         parts.append(f"skipped {o.target.rsplit('.', 1)[-1]}: {o.reason}")
     return "; ".join(parts)

@@ -43,6 +43,10 @@ class RewriteSkipped(Exception):
     """The target was left untouched; ``str(exc)`` is the reason."""
 
 
+class TargetAbsent(RewriteSkipped):
+    """This vLLM does not define the target (a module, class or method of another release)."""
+
+
 def internal_error(exc: BaseException, context: str = "") -> str:
     """The skip reason for a failure of ours (a bad declaration, an engine bug, a runtime that
     does not import): ``internal error: <type>: <message>``."""
@@ -310,9 +314,9 @@ def resolve_owner(target: Target) -> tuple[Any, str]:
     for part in path:
         owner = getattr(owner, part, None)
         if owner is None:
-            raise RewriteSkipped(f"{target.module} has no {'.'.join(path)}")
+            raise TargetAbsent(f"{target.module} has no {'.'.join(path)}")
     if attr not in vars(owner):
-        raise RewriteSkipped(f"{target.qualname} is not defined in {target.module}")
+        raise TargetAbsent(f"{target.qualname} is not defined in {target.module}")
     return owner, attr
 
 

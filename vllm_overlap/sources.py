@@ -17,6 +17,9 @@ from .site import Feature, Rewrite
 from .rewrite import RewriteSkipped, internal_error, rewrite_first
 
 APPLIES = "applies"
+# A target this release does not have (its module, class or method): another release's code
+# shape of the site, nothing to rewrite here. Results start with it: "absent: <why>".
+ABSENT = "absent"
 
 
 def find_function(tree: ast.Module, qualname: str):
@@ -49,7 +52,7 @@ def rewrite_module_text(text: str, rewrites: list[Rewrite]) -> tuple[str, dict[s
         qualname = rewrite.target.qualname
         node = find_function(tree, qualname)
         if node is None:
-            results[qualname] = f"{qualname} is not defined in {rewrite.target.module}"
+            results[qualname] = f"{ABSENT}: {qualname} is not defined in {rewrite.target.module}"
             continue
         start = (node.decorator_list[0].lineno if node.decorator_list else node.lineno) - 1
         segment = "".join(lines[start : node.end_lineno])
@@ -86,7 +89,7 @@ def feature_diff(feature: Feature, read_module) -> tuple[str, dict[str, str]]:
             old = read_module(module)
         except (OSError, KeyError, ModuleNotFoundError) as exc:
             for rewrite in feature.rewrites_in(module):
-                results[str(rewrite.target)] = f"module not found ({type(exc).__name__})"
+                results[str(rewrite.target)] = f"{ABSENT}: no module {module}"
             continue
         new, per_target = rewrite_module_text(old, feature.rewrites_in(module))
         results.update({f"{module}.{q}": r for q, r in per_target.items()})

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..rewrite import Anchor, Target
 from ..settings import FeatureConfig
 from ..site import Branch, Facts, Feature, Form, Output, Site, text_config
 
 V32_MODULE = "vllm.models.deepseek_v32.attention"
 V32_ROCM_MODULE = "vllm.models.deepseek_v32.amd.rocm"
+# vLLM 0.25 and 0.26: the V3.2 CUDA path's module before it moved up (the same statements;
+# opt-in through model_class_overrides until 0.29).
+V32_NVIDIA_MODULE = "vllm.models.deepseek_v32.nvidia.attention"
 LEGACY_MODULE = "vllm.model_executor.models.deepseek_v2"
 
 # V3.2 CUDA path (and its ROCm subclass): the A-projection, its split, and the indexer's
@@ -115,6 +120,7 @@ V32 = Site(
     targets=(
         Target(V32_MODULE, "DeepseekV32Attention.forward"),
         Target(V32_ROCM_MODULE, "DeepseekV32MLAAttention.forward"),
+        Target(V32_NVIDIA_MODULE, "DeepseekV32Attention.forward"),
     ),
     forms=(
         Form(
@@ -149,12 +155,14 @@ LEGACY = Site(
     feature="deepseek_indexer",
     summary="legacy Indexer: wq_b(qr) beside wk_weights_proj(h) + k_norm, as a custom op",
     targets=(Target(LEGACY_MODULE, "Indexer.forward"),),
-    forms=(
+    forms=tuple(
         Form(
-            (LEGACY_Q, LEGACY_K),
+            (LEGACY_Q, replace(LEGACY_K, count=branches)),
             current=Branch("q, _ = self.wq_b(qr)", returns="q"),
             aux=Branch(LEGACY_K.find, returns="$kw, $k"),
-        ),
+        )
+        # three branches since 0.25; two in 0.21-0.24 (no fused indexer-q); one in 0.20
+        for branches in (3, 2, 1)
     ),
     entry="q_and_k",
     params=("self", "hidden_states", "qr"),

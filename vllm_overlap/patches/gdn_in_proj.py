@@ -8,6 +8,10 @@ from ..site import Branch, Facts, Feature, Form, ModeEntry, Output, Site, text_c
 
 MODULE = "vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn"
 CLASS = "QwenGatedDeltaNetAttention"
+# vLLM 0.20 and 0.21: the same layer before the gdn/ package split (0.22), same statements.
+# (0.20 defines only forward_cuda and forward_xpu: the others are absent there.)
+OLD_MODULE = "vllm.model_executor.layers.mamba.gdn_linear_attn"
+OLD_CLASS = "GatedDeltaNetAttention"
 # Every forward variant of the layer that runs the two projections back to back.
 VARIANTS = ("forward_cuda", "forward_hip", "forward_xpu", "forward_cpu")
 
@@ -34,7 +38,10 @@ SITE = Site(
     id="gdn_in_proj",
     feature="gdn_in_proj",
     summary="in_proj_qkvz on the current stream beside in_proj_ba on the aux stream",
-    targets=tuple(Target(MODULE, f"{CLASS}.{v}") for v in VARIANTS),
+    targets=(
+        *(Target(MODULE, f"{CLASS}.{v}") for v in VARIANTS),
+        *(Target(OLD_MODULE, f"{OLD_CLASS}.{v}") for v in VARIANTS),
+    ),
     forms=(
         Form(
             (IN_PROJ_PAIR,),

@@ -52,6 +52,27 @@ V32_Q_PATHS_BMM_ALWAYS = Anchor(
     """,
 )
 
+# vLLM 0.28: the same, with the q_nope transpose a statement of its own before the bmm.
+V32_Q_PATHS_TRANSPOSE_FIRST = Anchor(
+    find="""
+        q = self.q_b_proj(q_c)[0].view(-1, self.num_local_heads, self.qk_head_dim)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_nope = q_nope.transpose(0, 1)
+        ql_nope = torch.bmm(q_nope, self.W_UK_T).transpose(0, 1)
+
+        if self.indexer is not None and not self.skip_topk:
+            index_q = self.indexer.wq_b(q_c)[0]
+            index_q = index_q.view(-1, self.indexer.n_head, self.indexer.head_dim)
+        else:
+            index_q = None
+    """,
+    replace="""
+        (q, q_nope, q_pe, ql_nope), index_q = (
+            __site__.q_b_proj_beside_index_q(self, q_c, True)
+        )
+    """,
+)
+
 # Legacy path: q projection, its view, the MLA RoPE, then the indexer call.
 LEGACY_Q_AND_INDEXER = Anchor(
     find="""
@@ -134,6 +155,19 @@ V32 = Site(
                 V32_Q_PATH
                 + """
     ql_nope = torch.bmm(q_nope.transpose(0, 1), self.W_UK_T).transpose(0, 1)
+    """,
+                returns="q, q_nope, q_pe, ql_nope",
+            ),
+            active=V32_ACTIVE,
+        ),
+        Form(
+            (V32_Q_PATHS_TRANSPOSE_FIRST,),
+            current=V32_INDEX_Q,
+            aux=Branch(
+                V32_Q_PATH
+                + """
+    q_nope = q_nope.transpose(0, 1)
+    ql_nope = torch.bmm(q_nope, self.W_UK_T).transpose(0, 1)
     """,
                 returns="q, q_nope, q_pe, ql_nope",
             ),

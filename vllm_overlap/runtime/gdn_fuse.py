@@ -76,14 +76,14 @@ def fuse_layer(layer: torch.nn.Module) -> tuple[int, int]:
 
 def fuse_model(model: torch.nn.Module) -> dict:
     """Fuse every eligible GDN layer of ``model``; log and return what happened."""
-    from vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn import (
-        QwenGatedDeltaNetAttention,
-    )
+    from ..patches import SITES
+    from .site_census import layers_running
 
     config = active_config.feature_config("gdn_in_proj")
-    layers = [m for m in model.modules() if isinstance(m, QwenGatedDeltaNetAttention)]
-    applied = outcomes.feature_outcomes("gdn_in_proj")
-    every_variant = bool(applied) and all(o.status == outcomes.APPLIED for o in applied)
+    # the GDN layers whose forwards the site rewrote (whichever class this release has)
+    layers = [layer for layer, _ in layers_running(model, SITES["gdn_in_proj"])]
+    statuses = {o.status for o in outcomes.feature_outcomes("gdn_in_proj")}
+    every_variant = outcomes.APPLIED in statuses and outcomes.SKIPPED not in statuses
     skipped: Counter = Counter()
     report = {"layers": len(layers), "fused": 0, "bytes_before": 0, "bytes_after": 0}
     for layer in layers:
