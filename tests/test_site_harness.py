@@ -281,6 +281,30 @@ def test_no_second_stream_or_lora_runs_serially(request, deepseek_overlay, site_
     assert _own(forks, site_id) == []
 
 
+@pytest.mark.parametrize("site_id", sorted(BUILDERS))
+def test_a_projection_that_is_not_stream_safe_runs_serially(request, deepseek_overlay, site_id, fake_gpu, monkeypatch):
+    """Each module the branches call judged not stream-safe in turn (its kernel keeps a
+    per-device workspace): upstream's statements, no fork; and the census says why."""
+    from vllm_overlap import census
+    from vllm_overlap.runtime import site_census, stream_safety
+
+    rt = site_runtime(site_id)
+    args = BUILDERS[site_id](request, 5)
+    expected = _run(_serial(site_id), site_id, args)
+    assert _same(expected, _run(site_entry(site_id), site_id, args))
+    assert _own(_forked_sites(fake_gpu), site_id) == [site_id]  # safe: it forks
+    for projection in rt.compiled.projections(*args):
+        fake_gpu.clear()
+        with monkeypatch.context() as m:
+            m.setitem(projection.__dict__, stream_safety.VERDICT, "TestKernel: a per-device workspace")
+            assert _same(expected, _run(site_entry(site_id), site_id, args))
+            assert _own(_forked_sites(fake_gpu), site_id) == []
+            m.setattr(census, "site_reports", {})
+            row = site_census.post_load(torch.nn.ModuleList([args[0]]))[site_id]
+            if projection in site_census.projections_of(rt, args[0]):
+                assert row["serial"] == {"not stream-safe: TestKernel: a per-device workspace": 1}
+
+
 @pytest.mark.parametrize("site_id", sorted(DEACTIVATE))
 def test_an_inactive_layer_runs_only_the_ungated_branch(request, deepseek_overlay, site_id, forks, monkeypatch):
     rt = site_runtime(site_id)

@@ -4,7 +4,8 @@ and why the others run upstream's statements. Built from the declarations, for e
 Runs once per model from the post-load hook (before vLLM post-processes the weights),
 whatever the features' modes. A layer of a rewritten target's class runs the site. It
 overlaps where the feature is in mode ``dual_stream`` and upstream's own ``active`` condition
-holds; otherwise the census names why not (the mode, or the condition that is false). What is decided per call
+holds and every linear layer its branches call is stream-safe; otherwise the census names why
+not (the mode, the condition that is false, or the kernel with a per-device workspace). What is decided per call
   (a second stream, the token range, CUDA-graph capture, DBO threads, LoRA, which vLLM wraps
   after this step) is not a layer's property: the log line names the platform's answer for
   the second stream, and the per-call rules are the ladder's (``site_runtime``).
@@ -22,7 +23,7 @@ import torch
 
 from .. import active_config, census
 from ..log import logger
-from . import gates, installed
+from . import gates, installed, stream_safety
 
 
 def applied_sites() -> list:
@@ -63,6 +64,17 @@ def layers_running(model: torch.nn.Module, site) -> list[tuple[torch.nn.Module, 
     return found
 
 
+def projections_of(rt, layer) -> tuple:
+    """The modules the site's branches call on ``layer`` that hang off the layer itself (those
+    reached through another entry parameter are judged per call by the ladder)."""
+    params = rt.site.params
+    try:
+        found = rt.compiled.projections(layer, *([None] * (len(params) - 1)))
+    except Exception:  # a projection reached through another parameter: judge the layer
+        found = (layer,)
+    return tuple(m for m in found if isinstance(m, torch.nn.Module))
+
+
 def inactive_reason(rt) -> str:
     """Why a layer whose ``active`` condition is false runs only the ungated branch."""
     form = rt.site.forms[rt.compiled.form_index]
@@ -81,6 +93,8 @@ def site_report(model: torch.nn.Module, site) -> dict | None:
             serial[f"mode {mode}"] += 1
         elif rt.compiled.active is not None and not rt.compiled.active(layer):
             serial[inactive_reason(rt)] += 1
+        elif unsafe := stream_safety.first_unsafe(projections_of(rt, layer)):
+            serial[f"not stream-safe: {unsafe}"] += 1
     return {
         "feature": site.feature,
         "mode": mode,
