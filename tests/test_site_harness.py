@@ -305,6 +305,47 @@ def test_a_projection_that_is_not_stream_safe_runs_serially(request, deepseek_ov
                 assert row["serial"] == {"not stream-safe: TestKernel: a per-device workspace": 1}
 
 
+CALLEE_SITES = sorted(s.id for s in SITES.values() if s.callees)
+
+
+def test_the_mla_wrapper_site_declares_the_legacy_indexer_as_its_callee():
+    assert CALLEE_SITES == ["mla_q_b_proj_legacy"]
+
+
+@pytest.mark.parametrize("site_id", CALLEE_SITES)
+def test_another_models_module_behind_a_callee_runs_serially(request, deepseek_overlay, site_id, fake_gpu, monkeypatch):
+    """A model that builds the layer around a module of its own (Glm5Next wraps its own
+    indexer in the MLA wrapper): upstream's statements, no fork, and the census says why."""
+    from vllm_overlap import census
+    from vllm_overlap.runtime import site_census
+
+    rt = site_runtime(site_id)
+    args = BUILDERS[site_id](request, 5)
+    expected = _run(_serial(site_id), site_id, args)
+    fake_gpu.clear()
+    assert _same(expected, _run(site_entry(site_id), site_id, args))
+    assert _own(_forked_sites(fake_gpu), site_id) == [site_id]  # the declared class: it forks
+    for callee in rt.site.callees:
+        obj = args[0]
+        for part in callee.expr.split(".")[1:]:
+            obj = getattr(obj, part)
+
+        class OtherModelsModule(type(obj)):  # same layout, a forward of its own
+            def forward(self, *a, **k):
+                return super().forward(*a, **k)
+
+        monkeypatch.setattr(obj, "__class__", OtherModelsModule)
+    fake_gpu.clear()
+    assert _same(expected, _run(site_entry(site_id), site_id, args))
+    assert _own(_forked_sites(fake_gpu), site_id) == []
+    monkeypatch.setattr(census, "site_reports", {})
+    row = site_census.post_load(torch.nn.ModuleList([args[0]]))[site_id]
+    callee = rt.site.callees[0]
+    assert row["serial"] == {
+        f"calls OtherModelsModule, not {callee.module}.{callee.qualname}: not proven": 1
+    }
+
+
 @pytest.mark.parametrize("site_id", sorted(DEACTIVATE))
 def test_an_inactive_layer_runs_only_the_ungated_branch(request, deepseek_overlay, site_id, forks, monkeypatch):
     rt = site_runtime(site_id)

@@ -90,6 +90,17 @@ class Facts:
 
 
 @dataclass(frozen=True)
+class Callee:
+    """A whole module a branch calls (not a projection): the site overlaps only where it is
+    an instance of ``module.qualname`` whose forward is that class's (the statements the site
+    was checked with), never another model's module reached through the same attribute."""
+
+    expr: str  # on the layer, e.g. "self.indexer"
+    module: str
+    qualname: str
+
+
+@dataclass(frozen=True)
 class ModeEntry:
     """What a config mode other than dual_stream calls instead of the site's entry:
     ``factory`` ("module:function") makes the callable from the site's runtime."""
@@ -127,6 +138,7 @@ class Site:
     # What the entry returns, from the current branch's and the aux branch's results.
     result: Callable[[Any, Any], Any] = _pair
     modes: tuple[tuple[str, ModeEntry], ...] = ()
+    callees: tuple[Callee, ...] = ()  # eager sites only (checked outside torch.compile)
 
     @property
     def op(self) -> str:
@@ -167,6 +179,8 @@ class Site:
             for o in self.outputs:
                 if o.like not in self.params[1:]:
                     out.append(f"{self.id}: output {o.name} is like {o.like!r}, not a parameter")
+        if self.callees and self.dynamo == "op":
+            out.append(f"{self.id}: callees are checked on the eager path; an op site has none")
         if self.tokens not in self.params:
             out.append(f"{self.id}: tokens {self.tokens!r} is not a parameter")
         return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..rewrite import Anchor, Target
 from ..settings import FeatureConfig
-from ..site import Branch, Facts, Feature, Form, Site
+from ..site import Branch, Callee, Facts, Feature, Form, Site
 from .deepseek_indexer import V32_MODULE, needs_indexer
 
 LEGACY_MODULE = "vllm.model_executor.layers.mla"
@@ -212,6 +212,9 @@ LEGACY = Site(
             active="self.indexer and self.is_sparse and not self.skip_topk",
         ),
     ),
+    # Glm5Next builds this wrapper around its own indexer (and runs it eagerly): only
+    # DeepSeek's legacy Indexer, whose statements the site was checked with, runs beside.
+    callees=(Callee("self.indexer", "vllm.model_executor.models.deepseek_v2", "Indexer"),),
     entry="q_proj_beside_indexer",
     params=("self", "q_proj_layer", "q_proj_input", "positions", "k_pe", "hidden_states", "q_c"),
     tokens="hidden_states",

@@ -95,6 +95,8 @@ def site_report(model: torch.nn.Module, site) -> dict | None:
             serial[inactive_reason(rt)] += 1
         elif unsafe := stream_safety.first_unsafe(projections_of(rt, layer)):
             serial[f"not stream-safe: {unsafe}"] += 1
+        elif untrusted := rt.untrusted_callee(layer):
+            serial[untrusted] += 1
     return {
         "feature": site.feature,
         "mode": mode,

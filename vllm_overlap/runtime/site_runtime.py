@@ -86,6 +86,7 @@ class SiteRuntime:
         self._op: Any = None
         if site.dynamo == "op":
             self._op = _make_op(self)
+        self._untrusted = _callee_check(site) if site.callees else None
 
     # -- the ladder ---------------------------------------------------------------------------
 
@@ -105,9 +106,16 @@ class SiteRuntime:
             if self._op is not None and self._findable(args[0]):  # one opaque op, not streams
                 return site.result(*self._unflatten(self._op(*self.op_args(*args))))
             return site.result(*c.serial(*args))
+        if self._untrusted is not None and self._untrusted(args[0]):
+            return site.result(*c.serial(*args))  # another model's module: not proven
         # Eager: the op's body without the dispatcher round trip and without the output
         # check, which guards the fake kernel's promise to compiled graphs.
         return site.result(*self.overlapped(*args))
+
+    def untrusted_callee(self, layer) -> str:
+        """Why a module the branches call on ``layer`` is not the one the site declares
+        ("" if every one is)."""
+        return self._untrusted(layer) if self._untrusted is not None else ""
 
     def _findable(self, layer) -> bool:
         """Whether the op will find ``layer`` by name: a ``registry`` site's layer must be in
@@ -182,6 +190,25 @@ def _expression(site: Site, exprs: list[str], what: str) -> Callable:
     name = f"{site.id}__{what}"
     text = f"def {name}({site.params[0]}):\n    return ({''.join(e + ', ' for e in exprs)})\n"
     return compile_function(text, name, {}, f"<vllm-overlap {site.id} {what}>", 1)
+
+
+def _callee_check(site: Site) -> Callable[[Any], str]:
+    """A function of the layer: why a declared callee is not the declared class's forward."""
+    import sys
+
+    values = _expression(site, [callee.expr for callee in site.callees], "callees")
+
+    def untrusted(layer) -> str:
+        for callee, obj in zip(site.callees, values(layer)):
+            cls = getattr(sys.modules.get(callee.module), callee.qualname, None)
+            if cls is None or not isinstance(obj, cls) or type(obj).forward is not cls.forward:
+                return (
+                    f"calls {type(obj).__name__}, not {callee.module}.{callee.qualname}: "
+                    "not proven"
+                )
+        return ""
+
+    return untrusted
 
 
 def _make_op(rt: SiteRuntime):
