@@ -106,11 +106,13 @@ def test_doctor_model_says_which_features_a_qwen3_next_uses(model_dirs):
     assert proc.returncode == 0, proc.stderr
     model = json.loads(proc.stdout)["model"]
     assert model["model_type"] == "qwen3_next"
+    assert model["architectures"] == ["Qwen3NextForCausalLM"]
     rows = {r["feature"]: r["this model"] for r in model["rows"]}
+    qwen = "Qwen3NextForCausalLM runs none of its sites (QwenGatedDeltaNetAttention on its linear_attention layers)"
     assert rows == {
         "gdn_in_proj": "uses it",
-        "deepseek_indexer": "skipped: not an MLA model (its config has no kv_lora_rank)",
-        "mla_q_b_proj": "skipped: not an MLA model (its config has no kv_lora_rank)",
+        "deepseek_indexer": f"skipped: {qwen}",
+        "mla_q_b_proj": f"skipped: {qwen}",
     }
 
 

@@ -55,21 +55,48 @@ def _anchor_counts(rewrite) -> str:
         return f"- ({type(exc).__name__})"
 
 
-def model_rows(model: str) -> dict:
-    """Per feature, whether the model at ``model`` (a local directory or cached hub id) has
-    the layers it overlaps, read from its Hugging Face config alone."""
-    from transformers import AutoConfig
+def in_model_registry(architecture: str) -> bool:
+    """Whether this vLLM's model registry lists ``architecture`` (no model module imported)."""
+    try:
+        from vllm.model_executor.models.registry import ModelRegistry
 
+        return architecture in ModelRegistry.models
+    except Exception:  # doctor reports, it does not fail
+        return False
+
+
+def model_features(hf_config) -> list[dict]:
+    """Per feature, whether a model with this Hugging Face config runs its sites: by the
+    architecture vLLM builds (``architectures``), then the feature's own config check."""
+    from .architectures import architectures_of, reach_reason
     from .patches import FEATURES
 
-    hf_config = AutoConfig.from_pretrained(model)
+    architectures = architectures_of(hf_config)
     rows = []
     for feature in FEATURES.values():
-        reason = feature.model_check(hf_config) if feature.model_check else None
+        reason = reach_reason(feature.name, architectures, in_model_registry)
+        if reason is None and feature.model_check:
+            reason = feature.model_check(hf_config)
         rows.append(
             {"feature": feature.name, "this model": f"skipped: {reason}" if reason else "uses it"}
         )
-    return {"path": model, "model_type": getattr(hf_config, "model_type", "?"), "rows": rows}
+    return rows
+
+
+def model_rows(model: str) -> dict:
+    """Per feature, whether the model at ``model`` (a local directory or cached hub id) runs
+    the layers it overlaps, read from its Hugging Face config."""
+    from transformers import AutoConfig
+
+    from .architectures import architectures_of
+
+    hf_config = AutoConfig.from_pretrained(model)
+    return {
+        "path": model,
+        "model_type": getattr(hf_config, "model_type", "?"),
+        "architectures": architectures_of(hf_config),
+        "rows": model_features(hf_config),
+    }
 
 
 def collect(model: str | None = None) -> dict:
