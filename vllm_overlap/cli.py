@@ -176,7 +176,7 @@ def doctor_report(report: dict) -> str:
     table = format_table(rows, ["feature", "target", "enabled", "anchors", "result"])
     verdict = "all enabled features applied" if report["ok"] else "NOT all enabled features applied"
     text = "\n".join(head) + table + f"\n\n{verdict}"
-    if report["absent"]:
+    if report.get("absent"):
         text += (
             f"\n({len(report['absent'])} targets are other vLLM releases' code, not in this one: "
             "--json lists them)"
