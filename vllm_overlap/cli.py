@@ -99,6 +99,12 @@ def model_rows(model: str) -> dict:
     }
 
 
+def _vllm_names() -> list[dict]:
+    from .vllm_names import report
+
+    return report()
+
+
 def collect(model: str | None = None) -> dict:
     """Load the config, apply every enabled feature in this process, and report."""
     from . import active_config, outcomes, plugin
@@ -154,6 +160,7 @@ def collect(model: str | None = None) -> dict:
         "strict": loaded.config.strict,
         "rows": rows,
         "absent": absent,
+        "vllm_names": _vllm_names(),
         "ok": ok,
         **({"model": model_rows(model)} if model else {}),
     }
@@ -176,6 +183,11 @@ def doctor_report(report: dict) -> str:
     table = format_table(rows, ["feature", "target", "enabled", "anchors", "result"])
     verdict = "all enabled features applied" if report["ok"] else "NOT all enabled features applied"
     text = "\n".join(head) + table + f"\n\n{verdict}"
+    missing = [n for n in report.get("vllm_names", []) if n["status"] != "present"]
+    if missing:
+        text += "\n\nvLLM names the runtime reads that this vLLM lacks:\n" + format_table(
+            missing, ["name", "status"]
+        )
     if report.get("absent"):
         text += (
             f"\n({len(report['absent'])} targets are other vLLM releases' code, not in this one: "

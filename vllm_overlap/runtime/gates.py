@@ -20,8 +20,11 @@ def overlap_possible() -> bool:
     statements and costs nothing."""
     global _OVERLAP_POSSIBLE
     if _OVERLAP_POSSIBLE is None:
-        from vllm.platforms import current_platform
-
+        try:
+            from vllm.platforms import current_platform
+        except ImportError:  # (vllm_names: no second stream assumed)
+            _OVERLAP_POSSIBLE = False
+            return False
         _OVERLAP_POSSIBLE = current_platform.is_cuda_alike() or (
             os.environ.get(ENV_TEST_OP_PATH, "") == "1"
         )

@@ -53,7 +53,15 @@ def register_op(name: str, func: Callable, fake: Callable) -> None:
     """Register ``torch.ops.vllm_overlap.<name>`` once per process (idempotent)."""
     if has_op(name):
         return
-    from vllm.utils.torch_utils import direct_register_custom_op
+    try:
+        from vllm.utils.torch_utils import direct_register_custom_op
+    except ImportError:
+        from ..rewrite import RewriteSkipped
+
+        raise RewriteSkipped(
+            "this vLLM has no vllm.utils.torch_utils.direct_register_custom_op: the site's op "
+            "cannot be registered"
+        ) from None
 
     direct_register_custom_op(name, func, mutates_args=[], fake_impl=fake, target_lib=library())
 
