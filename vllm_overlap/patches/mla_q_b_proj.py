@@ -9,68 +9,56 @@ from .deepseek_indexer import V32_MODULE, needs_indexer
 
 LEGACY_MODULE = "vllm.model_executor.layers.mla"
 
-# V3.2 CUDA path: the q path and the indexer's q projection, back to back upstream.
-V32_Q_PATHS = Anchor(
-    find="""
+# V3.2 CUDA path: the q path and the indexer's q projection, back to back upstream. The q
+# path's bmm is written three ways across releases; the indexer's part is the same in all.
+_V32_Q = """
         q = self.q_b_proj(q_c)[0].view(-1, self.num_local_heads, self.qk_head_dim)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+"""
+_V32_INDEX_Q = """
+        if self.indexer is not None and not self.skip_topk:
+            index_q = self.indexer.wq_b(q_c)[0]
+            index_q = index_q.view(-1, self.indexer.n_head, self.indexer.head_dim)
+        else:
+            index_q = None
+"""
+
+
+def _v32_q_paths(bmm: str, prepare_mqa_query: str) -> Anchor:
+    """The q path with its W_UK_T bmm written as ``bmm``, then the indexer's q projection."""
+    return Anchor(
+        find=_V32_Q + bmm + _V32_INDEX_Q,
+        replace=f"""
+        (q, q_nope, q_pe, ql_nope), index_q = (
+            __site__.q_b_proj_beside_index_q(self, q_c, {prepare_mqa_query})
+        )
+    """,
+    )
+
+
+V32_Q_PATHS = _v32_q_paths(
+    """
         if prepare_mqa_query:
             ql_nope = torch.bmm(q_nope.transpose(0, 1), self.W_UK_T).transpose(0, 1)
         else:
             ql_nope = q_nope
-
-        if self.indexer is not None and not self.skip_topk:
-            index_q = self.indexer.wq_b(q_c)[0]
-            index_q = index_q.view(-1, self.indexer.n_head, self.indexer.head_dim)
-        else:
-            index_q = None
-    """,
-    replace="""
-        (q, q_nope, q_pe, ql_nope), index_q = (
-            __site__.q_b_proj_beside_index_q(self, q_c, prepare_mqa_query)
-        )
-    """,
+""",
+    "prepare_mqa_query",
 )
-
-# vLLM 0.30 / 0.31: the same, with the W_UK_T bmm unconditional (no prepare_mqa_query yet).
-V32_Q_PATHS_BMM_ALWAYS = Anchor(
-    find="""
-        q = self.q_b_proj(q_c)[0].view(-1, self.num_local_heads, self.qk_head_dim)
-        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+# vLLM 0.30 / 0.31: the W_UK_T bmm unconditional (no prepare_mqa_query yet).
+V32_Q_PATHS_BMM_ALWAYS = _v32_q_paths(
+    """
         ql_nope = torch.bmm(q_nope.transpose(0, 1), self.W_UK_T).transpose(0, 1)
-
-        if self.indexer is not None and not self.skip_topk:
-            index_q = self.indexer.wq_b(q_c)[0]
-            index_q = index_q.view(-1, self.indexer.n_head, self.indexer.head_dim)
-        else:
-            index_q = None
-    """,
-    replace="""
-        (q, q_nope, q_pe, ql_nope), index_q = (
-            __site__.q_b_proj_beside_index_q(self, q_c, True)
-        )
-    """,
+""",
+    "True",
 )
-
-# vLLM 0.28: the same, with the q_nope transpose a statement of its own before the bmm.
-V32_Q_PATHS_TRANSPOSE_FIRST = Anchor(
-    find="""
-        q = self.q_b_proj(q_c)[0].view(-1, self.num_local_heads, self.qk_head_dim)
-        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+# vLLM 0.28: the q_nope transpose a statement of its own before the bmm.
+V32_Q_PATHS_TRANSPOSE_FIRST = _v32_q_paths(
+    """
         q_nope = q_nope.transpose(0, 1)
         ql_nope = torch.bmm(q_nope, self.W_UK_T).transpose(0, 1)
-
-        if self.indexer is not None and not self.skip_topk:
-            index_q = self.indexer.wq_b(q_c)[0]
-            index_q = index_q.view(-1, self.indexer.n_head, self.indexer.head_dim)
-        else:
-            index_q = None
-    """,
-    replace="""
-        (q, q_nope, q_pe, ql_nope), index_q = (
-            __site__.q_b_proj_beside_index_q(self, q_c, True)
-        )
-    """,
+""",
+    "True",
 )
 
 # Legacy path: q projection, its view, the MLA RoPE, then the indexer call.
