@@ -73,7 +73,7 @@ def _install_post_load_hooks() -> None:
     post-processes the weights, once per model, whichever loader loads it."""
     steps = []
     if any(_enabled(feature) for feature in FEATURES.values()):
-        steps.append(SITE_CENSUS)  # first: the census registers layers ops find by name
+        steps.append(SITE_CENSUS)  # first: it counts the layers as loaded, before any fusing
     for feature in FEATURES.values():
         cfg = active_config.feature_config(feature.name)
         if cfg.enabled and feature.post_load and cfg.mode in feature.post_load_modes:

@@ -132,8 +132,8 @@ class Site:
     layer_name_expr: str = "self.prefix"  # how an op finds its layer again (LayerName)
     # Where several sites rewrite one target: lower applies first (then declaration order).
     stack: int = 0
-    # The op's layer is not in vLLM's forward context: the post-load step registers every
-    # instance of the target's class under ``layer_name_expr``.
+    # The op's layer is not in vLLM's forward context: every instance of the target's class
+    # registers itself under ``layer_name_expr`` as it is built (``layers.register_instances``).
     registry: bool = False
     # What the entry returns, from the current branch's and the aux branch's results.
     result: Callable[[Any, Any], Any] = _pair

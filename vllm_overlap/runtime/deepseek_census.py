@@ -1,6 +1,6 @@
 """After loading a DeepSeek model: say per feature how many of the model's MLA layers have an
-indexer to overlap with (the per-site rows and the registration of the legacy indexers are
-``site_census``'s, for every site).
+indexer to overlap with (the per-site rows are ``site_census``'s, for every site; the legacy
+indexers register themselves as they are built, ``layers.register_instances``).
 
 Runs once per model, from the post-load hook, for ``deepseek_indexer`` and ``mla_q_b_proj``:
 DeepSeek-V3/R1 (MLA without an indexer) and the V3.2 layers that reuse an earlier layer's
@@ -14,7 +14,7 @@ import torch
 
 from .. import active_config, census
 from ..log import logger
-from .site_census import site_classes
+from .site_census import instances_of, site_classes
 
 FEATURES = ("deepseek_indexer", "mla_q_b_proj")
 NO_INDEXER = "no indexer"
@@ -29,13 +29,7 @@ def mla_layers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, bool]]:
     from ..patches import SITES
 
     shapes = [pair for site_id in MLA_SITES for pair in site_classes(SITES[site_id])]
-    found = []
-    for module in model.modules():
-        for cls, rt in shapes:
-            if isinstance(module, cls):
-                found.append((module, bool(rt.compiled.active(module))))
-                break
-    return found
+    return [(module, bool(rt.compiled.active(module))) for module, rt in instances_of(model, shapes)]
 
 
 def post_load(model: torch.nn.Module) -> dict:

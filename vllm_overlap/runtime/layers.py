@@ -18,7 +18,7 @@ import torch
 
 _layers: "weakref.WeakValueDictionary[str, torch.nn.Module]" = weakref.WeakValueDictionary()
 
-try:  # vLLM >= 0.31 on torch >= 2.11: an opaque, hoisted value type
+try:  # every vLLM from 0.20 has it (opaque and hoisted where its torch allows)
     from vllm.utils.torch_utils import LayerNameType, _encode_layer_name, _resolve_layer_name
 except ImportError:  # older vLLM: a plain string (one graph per layer; nothing better exists)
     LayerNameType = str  # type: ignore[misc]

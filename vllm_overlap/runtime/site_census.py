@@ -54,7 +54,12 @@ def site_classes(site) -> list[tuple[type, object]]:
 
 def layers_running(model: torch.nn.Module, site) -> list[tuple[torch.nn.Module, object]]:
     """(layer, runtime) for every module of ``model`` that runs ``site``'s rewritten code."""
-    classes = site_classes(site)
+    return instances_of(model, site_classes(site))
+
+
+def instances_of(model: torch.nn.Module, classes) -> list[tuple[torch.nn.Module, object]]:
+    """(module, runtime) for every module of ``model`` that is an instance of one of the
+    ``(class, runtime)`` pairs (the first that matches)."""
     found = []
     for module in model.modules():
         for cls, rt in classes:
