@@ -35,7 +35,7 @@ def _answers(arch, **attrs):
         ("GlmMoeDsaForCausalLM", INDEXER, {"deepseek_indexer", "mla_q_b_proj"}),
         ("DeepseekV3ForCausalLM", INDEXER, {"deepseek_indexer", "mla_q_b_proj"}),
         ("DeepseekV3ForCausalLM", MLA, set()),  # no indexer: the config check says so
-        ("Dots3NoteForCausalLM", INDEXER, {"deepseek_indexer"}),  # legacy Indexer only
+        ("Dots3NoteForCausalLM", INDEXER, set()),  # legacy Indexer, refused inside Dots3Note
         # loose attributes that used to read "uses it"
         ("OlmoHybridForCausalLM", GDN_LAYERS, set()),
         ("AliceAIForCausalLM", GDN_LAYERS, set()),

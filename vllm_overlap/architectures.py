@@ -106,9 +106,11 @@ ARCHITECTURES: dict[str, Reach] = {
     **dict.fromkeys(
         ("Dots3NoteForCausalLM", "Dots3NoteMTPModel"),
         Reach(
-            ("deepseek_indexer",),
-            "DeepSeek's legacy Indexer on its full-attention layers (its MLA wrapper's forward "
-            "is never called)",
+            (),
+            "DeepSeek's legacy Indexer on its full-attention layers, called from Dots3Note's "
+            "own forward: deepseek_indexer refuses it there (its module imports only with CUDA "
+            "flash-attention, so no CPU test runs that layer); its MLA wrapper's forward is "
+            "never called",
         ),
     ),
     **dict.fromkeys(

@@ -101,6 +101,18 @@ class Callee:
 
 
 @dataclass(frozen=True)
+class Refusal:
+    """Where the site's layer is reached from code no test has run: every layer of the site
+    inside an instance of ``module.qualname`` runs upstream's statements, and the census gives
+    ``reason``. Marked after loading (``runtime.refusals``); a release without the class has no
+    such instances."""
+
+    module: str
+    qualname: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class ModeEntry:
     """What a config mode other than dual_stream calls instead of the site's entry:
     ``factory`` ("module:function") makes the callable from the site's runtime."""
@@ -139,6 +151,7 @@ class Site:
     result: Callable[[Any, Any], Any] = _pair
     modes: tuple[tuple[str, ModeEntry], ...] = ()
     callees: tuple[Callee, ...] = ()  # eager sites only (checked outside torch.compile)
+    refused_inside: tuple[Refusal, ...] = ()
 
     @property
     def op(self) -> str:

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 from ..rewrite import Anchor, Target
 from ..settings import FeatureConfig
-from ..site import Branch, Facts, Feature, Form, Output, Site, text_config
+from ..site import Branch, Facts, Feature, Form, Output, Refusal, Site, text_config
 
 V32_MODULE = "vllm.models.deepseek_v32.attention"
 V32_ROCM_MODULE = "vllm.models.deepseek_v32.amd.rocm"
@@ -176,6 +176,15 @@ LEGACY = Site(
     ),
     result=lambda q, kw_k: (q, *kw_k),
     registry=True,  # an Indexer is not an attention layer: not in vLLM's forward context
+    refused_inside=(
+        Refusal(
+            "vllm.models.dots3_note.nvidia.model",
+            "Dots3NoteFullAttention",
+            "Dots3Note calls the Indexer from its own forward (_forward_note_mla), and its "
+            "module imports only with CUDA flash-attention: no CPU test runs that layer; "
+            "refused until a GPU differential test does",
+        ),
+    ),
     facts=Facts(
         how=(
             "Indexer.forward is traced by torch.compile: wq_b(qr) beside wk_weights_proj(h) + "

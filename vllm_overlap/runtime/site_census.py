@@ -4,8 +4,9 @@ and why the others run upstream's statements. Built from the declarations, for e
 Runs once per model from the post-load hook (before vLLM post-processes the weights),
 whatever the features' modes. A layer of a rewritten target's class runs the site. It
 overlaps where the feature is in mode ``dual_stream`` and upstream's own ``active`` condition
-holds and every linear layer its branches call is stream-safe; otherwise the census names why
-not (the mode, the condition that is false, or the kernel with a per-device workspace). What is decided per call
+holds and every linear layer its branches call is stream-safe and no declared refusal covers
+it; otherwise the census names why not (the mode, the refusal, the condition that is false, or
+the kernel with a per-device workspace). What is decided per call
   (a second stream, the token range, CUDA-graph capture, DBO threads, LoRA, which vLLM wraps
   after this step) is not a layer's property: the log line names the platform's answer for
   the second stream, and the per-call rules are the ladder's (``site_runtime``).
@@ -23,7 +24,7 @@ import torch
 
 from .. import active_config, census
 from ..log import logger
-from . import gates, installed, stream_safety
+from . import gates, installed, refusals, stream_safety
 
 
 def applied_sites() -> list:
@@ -96,6 +97,8 @@ def site_report(model: torch.nn.Module, site) -> dict | None:
     for layer, rt in found:
         if mode != "dual_stream":
             serial[f"mode {mode}"] += 1
+        elif refused := refusals.reason(layer, site.id):
+            serial[refused] += 1
         elif rt.compiled.active is not None and not rt.compiled.active(layer):
             serial[inactive_reason(rt)] += 1
         elif unsafe := stream_safety.first_unsafe(projections_of(rt, layer)):
@@ -122,8 +125,16 @@ def site_census(model: torch.nn.Module) -> dict[str, dict]:
     return rows
 
 
+def mark_refusals(model: torch.nn.Module) -> None:
+    """Mark the layers of every applied site that sit inside a class the site refuses."""
+    for site in applied_sites():
+        if site.refused_inside:
+            refusals.mark(model, site, [layer for layer, _ in layers_running(model, site)])
+
+
 def post_load(model: torch.nn.Module) -> dict[str, dict]:
-    """Report, log and return the census."""
+    """Mark declared refusals, then report, log and return the census."""
+    mark_refusals(model)
     rows = site_census(model)
     census.site_reports.update(rows)
     second_stream = gates.overlap_possible()

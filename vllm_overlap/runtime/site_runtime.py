@@ -7,8 +7,8 @@ The ladder, in order (the first that holds decides):
    guard runs, as upstream; the guarded branch's result is None;
 2. no second stream on this platform, a projection the branches call is LoRA-wrapped, or a
    linear layer they call is not stream-safe (``stream_safety``: its kernel keeps a
-   per-device workspace, or is not on the allowlist): upstream's statements, serially, in
-   upstream's order;
+   per-device workspace, or is not on the allowlist), or the layer sits inside a class the
+   site refuses (``refusals``): upstream's statements, serially, in upstream's order;
 3. under torch.compile: an ``op`` site calls its custom op (Dynamo sees one opaque node),
    unless its layer is one the op could not find by name (then upstream's statements, with
    a warning); the others run upstream's statements (a ``plain`` site's code is never traced by vLLM; a
@@ -32,7 +32,7 @@ import torch
 from .. import active_config, streams
 from ..branches import CompiledForm, compile_function
 from ..site import Site
-from . import gates, layers, stream_safety
+from . import gates, layers, refusals, stream_safety
 
 LIBRARY_NAME = "vllm_overlap"
 _library: torch.library.Library | None = None
@@ -109,6 +109,8 @@ class SiteRuntime:
         if not gates.overlap_possible() or gates.any_lora(projections):
             return site.result(*c.serial(*args))
         if stream_safety.first_unsafe(projections):  # a kernel with a per-device workspace
+            return site.result(*c.serial(*args))
+        if refusals.reason(args[0], site.id):  # reached from code the site was not proven in
             return site.result(*c.serial(*args))
         if torch.compiler.is_compiling():
             if self._op is not None and self._findable(args[0]):  # one opaque op, not streams
