@@ -41,6 +41,21 @@ def test_micro_batch_threads_run_serially(fake_gpu, monkeypatch):
     assert streams.serial_reason(8, FEATURE, "aux") == "dual-batch-overlap micro-batch thread"
 
 
+def test_breakable_cuda_graph_capture_runs_serially(fake_gpu, monkeypatch):
+    """vLLM's BreakableCUDAGraphCapture active (as its capture sets it) means no fork, whatever
+    vLLM's own helper checks (0.24-0.26's does not)."""
+    from vllm.compilation.breakable_cudagraph import BreakableCUDAGraphCapture
+
+    order = []
+    monkeypatch.setattr(BreakableCUDAGraphCapture._tls, "active", object(), raising=False)
+    assert streams.run_pair("site", *_pair(order), 8, FEATURE) == ("r0", "r1")
+    assert order == ["fn0", "fn1"] and fake_gpu == []
+    assert streams.serial_reason(8, FEATURE, "aux") == "breakable CUDA-graph capture"
+    monkeypatch.setattr(BreakableCUDAGraphCapture._tls, "active", None)
+    streams.run_pair("site", *_pair([]), 8, FEATURE)
+    assert len(fake_gpu) == 1  # the same call forks once the capture is over
+
+
 def test_events_are_per_site_and_per_thread_and_reused(fake_gpu):
     streams.run_pair("a", *_pair([]), 8, FEATURE)
     streams.run_pair("a", *_pair([]), 8, FEATURE)

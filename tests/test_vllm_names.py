@@ -7,6 +7,7 @@ import ast
 import os
 
 import pytest
+import torch
 
 from vllm_overlap import vllm_names
 
@@ -79,3 +80,22 @@ def test_no_platform_module_means_no_second_stream(monkeypatch):
         assert gates.overlap_possible() is False
     finally:
         gates.set_overlap_possible(before)
+
+
+def test_after_loading_the_engine_logs_each_absent_name_with_its_fallback_once(monkeypatch, caplog):
+    import logging
+
+    import vllm.v1.worker.ubatching as ubatching
+
+    from vllm_overlap.runtime import site_census
+
+    monkeypatch.delattr(ubatching, "dbo_enabled")
+    monkeypatch.setattr(vllm_names, "_said", False)
+    with caplog.at_level(logging.WARNING):
+        site_census.post_load(torch.nn.Module())
+        site_census.post_load(torch.nn.Module())  # a second model in the process: said already
+    said = [r.getMessage() for r in caplog.records if "this vLLM has no" in r.getMessage()]
+    assert said == [
+        "vllm-overlap: this vLLM has no vllm.v1.worker.ubatching.dbo_enabled: no dual-batch "
+        "overlap in this vLLM: none to detect"
+    ]

@@ -5,7 +5,8 @@ concurrently (fn0 on the current stream, fn1 on the aux stream) only when all ho
 
 - vLLM has an aux stream (``vllm.utils.torch_utils.aux_stream()``: CUDA / ROCm only);
 - ``feature.min_tokens <= num_tokens <= feature.max_tokens``;
-- no breakable CUDA-graph capture is active (vLLM's ``maybe_execute_in_parallel`` checks);
+- no breakable CUDA-graph capture is active (checked here: vLLM's ``maybe_execute_in_parallel``
+  checks it too, but only from 0.27.1, while 0.24-0.26 already capture breakably);
 - the caller is not a dual-batch-overlap micro-batch thread (those have streams of their own).
 
 Otherwise it calls fn0 then fn1 on the current stream: the same computation, serially.
@@ -42,6 +43,7 @@ _UNSET = object()
 _aux: Any = _UNSET  # vLLM's aux stream (or None), looked up once: it never changes in a process
 _dbo_enabled: Callable[[], bool] | None = None
 _parallel: Callable[..., tuple[Any, Any]] | None = None
+_breakable_active: Callable[[], bool] | None = None
 
 
 def get_aux_stream():
@@ -70,6 +72,23 @@ def in_micro_batch_thread() -> bool:
 
         _dbo_enabled = dbo_enabled
     return _dbo_enabled()
+
+
+def in_breakable_capture() -> bool:
+    """True while vLLM captures a breakable CUDA graph (a fork must not span its eager breaks)."""
+    global _breakable_active
+    if _breakable_active is None:
+        try:
+            from vllm.compilation.breakable_cudagraph import BreakableCUDAGraphCapture
+        except ImportError:  # a vLLM without breakable capture (before 0.24): none to detect
+
+            def none_active() -> bool:
+                return False
+
+            _breakable_active = none_active
+        else:
+            _breakable_active = BreakableCUDAGraphCapture.is_active
+    return _breakable_active()
 
 
 def _parallel_impl() -> Callable[..., tuple[Any, Any]]:
@@ -121,6 +140,8 @@ def serial_reason(num_tokens: int, feature: "FeatureConfig", aux: Any) -> str | 
         return f"{num_tokens} tokens outside [{feature.min_tokens}, {feature.max_tokens}]"
     if in_micro_batch_thread():
         return "dual-batch-overlap micro-batch thread"
+    if in_breakable_capture():
+        return "breakable CUDA-graph capture"
     return None
 
 

@@ -28,6 +28,11 @@ NAMES = (
         "maybe_execute_in_parallel",
         "the overlay's own fork/join (without vLLM's breakable-capture check)",
     ),
+    VllmName(
+        "vllm.compilation.breakable_cudagraph",
+        "BreakableCUDAGraphCapture",
+        "no breakable CUDA-graph capture in this vLLM: none to detect",
+    ),
     VllmName("vllm.v1.worker.ubatching", "dbo_enabled", "no dual-batch overlap in this vLLM: none to detect"),
     VllmName(
         "vllm.utils.torch_utils",
@@ -72,3 +77,24 @@ def look_up(entry: VllmName) -> str:
 
 def report() -> list[dict]:
     return [{"name": f"{e.module}.{e.name}", "status": look_up(e)} for e in NAMES]
+
+
+_said = False
+
+
+def log_absent_once() -> list[str]:
+    """Log, once per process, each name this vLLM lacks and the fallback the runtime takes for
+    it (called after loading, when vLLM's modules are imported); returns the lines logged."""
+    global _said
+    if _said:
+        return []
+    _said = True
+    from .log import logger
+
+    lines = []
+    for entry in NAMES:
+        status = look_up(entry)
+        if status != "present":
+            lines.append(f"vllm-overlap: this vLLM has no {entry.module}.{entry.name}: {entry.without}")
+            logger().warning("%s", lines[-1])
+    return lines
