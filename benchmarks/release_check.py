@@ -512,7 +512,6 @@ NAMES = [
     ("  __init__(config, vllm_config, prefix, gqa_interleaved_layout)", "site_layers", "vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn", "params", "QwenGatedDeltaNetAttention.__init__", ("prefix", "gqa_interleaved_layout")),
     ("gdn_linear_attn.GatedDeltaNetAttention (0.20-0.21)", "gdn target", "vllm.model_executor.layers.mamba.gdn_linear_attn", "attr", "GatedDeltaNetAttention", None),
     ("deepseek_v2.Indexer", "site_layers, legacy target", "vllm.model_executor.models.deepseek_v2", "attr", "Indexer", None),
-    ("  __init__(..., is_inplace_rope)", "site_layers", "vllm.model_executor.models.deepseek_v2", "params", "Indexer.__init__", ("is_inplace_rope",)),
     ("deepseek_v2.DeepseekV2MLAAttention", "site_layers", "vllm.model_executor.models.deepseek_v2", "attr", "DeepseekV2MLAAttention", None),
     ("mla.MultiHeadLatentAttentionWrapper", "legacy target", "vllm.model_executor.layers.mla", "attr", "MultiHeadLatentAttentionWrapper", None),
     ("deepseek_v32.attention.DeepseekV32Attention", "site_layers, v32 target", "vllm.models.deepseek_v32.attention", "attr", "DeepseekV32Attention", None),

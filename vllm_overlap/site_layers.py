@@ -161,8 +161,7 @@ def build_indexer(
             vllm_config.cache_config,
             topk_indices_buffer,
             prefix or f"{_prefix()}.indexer",
-            is_inplace_rope=False,
-        )
+        )  # is_inplace_rope (0.23+) keeps its default, False: 0.20-0.22 do not take it
     _seed_weights(indexer, vllm_config, seed)
     register_layer(indexer.prefix, indexer)
     return indexer
