@@ -1,4 +1,4 @@
-"""The CPU demo: tiny Qwen3-Next and DeepSeek-V3 served through vLLM with the overlay, on and off.
+"""The CPU demo: tiny Qwen3-Next, DeepSeek-V3 and MiniCPM3 served through vLLM with the overlay, on and off.
 
     bash .ci/run demo            (or: python benchmarks/cpu_demo.py [--eager-only])
 
@@ -6,7 +6,8 @@ Builds the models offline, prints ``vllm-overlap doctor`` for the installed vLLM
 greedily with the built-in default config and with ``VLLM_OVERLAP=0``, eager and compiled, each
 in a fresh process with a cold compile cache, and prints whether the token ids are identical.
 DeepSeek-V3 is MLA without an indexer (DeepSeek-V3.2 does not run on the CPU): it shows the
-DeepSeek rewrites applied and its layers left serial for that reason.
+DeepSeek rewrites applied and its layers left serial for that reason. MiniCPM3's attention layers
+run kv_a_proj (its census rows are printed).
 On the CPU there is no aux stream, so the overlay runs its serial path: this shows that it is
 correct and costs nothing there, not that it is faster (that needs a GPU: benchmarks/).
 """
@@ -52,9 +53,11 @@ def main() -> None:
     models = {
         "Qwen3-Next": build("qwen3-next", os.path.join(cache, "tiny-models", "qwen3-next-2")),
         "DeepSeek-V3": build("deepseek-v3", os.path.join(cache, "tiny-models", "deepseek-v3")),
+        "MiniCPM3": build("minicpm3", os.path.join(cache, "tiny-models", "minicpm3")),
     }
     print(f"tiny Qwen3-Next (2 GDN layers + 1 attention layer, random bf16 weights): {models['Qwen3-Next']}")
-    print(f"tiny DeepSeek-V3 (2 MLA layers, no indexer, random bf16 weights): {models['DeepSeek-V3']}\n")
+    print(f"tiny DeepSeek-V3 (2 MLA layers, no indexer, random bf16 weights): {models['DeepSeek-V3']}")
+    print(f"tiny MiniCPM3 (2 attention layers, random bf16 weights): {models['MiniCPM3']}\n")
 
     env = {k: v for k, v in os.environ.items() if k != "VLLM_OVERLAP_CONFIG"}
     doctor = subprocess.run(
@@ -88,6 +91,8 @@ def main() -> None:
         print(f"[{name}, {rows[-1]['mode']}] overlay on:  {on['summary']}")
         for feature, report in on["post_load"].items():
             print(f"[{name}, {rows[-1]['mode']}]   after load, {feature}: {json.dumps(report)}")
+        for site, row in on.get("sites", {}).items():
+            print(f"[{name}, {rows[-1]['mode']}]   census, site {site}: {json.dumps(row)}")
 
     from vllm_overlap.tables import format_table
 

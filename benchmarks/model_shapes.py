@@ -74,6 +74,27 @@ MODELS: dict[str, dict] = {
         index_n_heads=32,
         index_head_dim=128,
     ),
+    "MiniCPM3-4B": dict(
+        # transformers' MiniCPM3Config defaults, which its docstring gives as this checkpoint's
+        source="openbmb/MiniCPM3-4B",
+        family="minicpm3",
+        hidden_size=2560,
+        num_attention_heads=40,
+        q_lora_rank=768,
+        kv_lora_rank=256,
+        qk_nope_head_dim=64,
+        qk_rope_head_dim=32,
+    ),
+    "OLMo-Hybrid-7B": dict(
+        # transformers' OlmoHybridConfig defaults, which its docstring gives as this checkpoint's
+        source="allenai/Olmo-Hybrid-7B",
+        family="olmo_hybrid",
+        hidden_size=3840,
+        linear_num_key_heads=30,
+        linear_key_head_dim=96,
+        linear_num_value_heads=30,
+        linear_value_head_dim=192,
+    ),
 }
 TP_SIZES = (1, 2, 4, 8)
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -81,11 +102,13 @@ TOKEN_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 @dataclass(frozen=True)
 class Gemm:
-    """``y = x @ W.T`` on the branch's input: [tokens, k] -> [tokens, n] (n per rank)."""
+    """``y = x @ W.T`` on the previous op's output, or on the branch's input (the first op, or
+    ``from_input``): [tokens, k] -> [tokens, n] (n per rank)."""
 
     name: str
     k: int
     n: int
+    from_input: bool = False
 
 
 @dataclass(frozen=True)
@@ -104,6 +127,14 @@ class Bmm:
 class LayerNorm:
     """The indexer's ``k_norm``: LayerNorm over the first ``width`` columns of the previous
     GEMM's output."""
+
+    name: str
+    width: int
+
+
+@dataclass(frozen=True)
+class RMSNorm:
+    """An RMSNorm over the previous GEMM's whole output (``width`` columns)."""
 
     name: str
     width: int
@@ -209,12 +240,49 @@ def _mla_q_b_proj(c: dict, tp: int) -> tuple[Branch, Branch, bool, tuple]:
     )
 
 
+def _kv_a_proj_minicpm3(c: dict, tp: int) -> tuple[Branch, Branch, bool, tuple]:
+    # MiniCPM3Attention.forward: q_a_proj (ReplicatedLinear, hidden -> q_lora), q_a_layernorm,
+    # q_b_proj (ColumnParallelLinear, q_lora -> heads * (nope + rope), sharded) beside
+    # kv_a_proj_with_mqa (ReplicatedLinear, hidden -> kv_lora + rope).
+    h, q = c["hidden_size"], c["q_lora_rank"]
+    heads = _shard(c["num_attention_heads"], tp, "num_attention_heads")
+    head_width = c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
+    return (
+        Branch(
+            "hidden",
+            h,
+            (Gemm("q_a_proj", h, q), RMSNorm("q_a_layernorm", q), Gemm("q_b_proj", q, heads * head_width)),
+        ),
+        Branch("hidden", h, (Gemm("kv_a_proj_with_mqa", h, c["kv_lora_rank"] + c["qk_rope_head_dim"]),)),
+        False,
+        (),
+    )
+
+
+def _delta_in_proj_olmo_hybrid(c: dict, tp: int) -> tuple[Branch, Branch, bool, tuple]:
+    # OlmoHybridGatedDeltaNetAttention._full_forward: in_proj_qkvg (MergedColumnParallelLinear,
+    # hidden -> [key, key, value, value]) beside b_proj then a_proj (ColumnParallelLinear,
+    # hidden -> num_value_heads each). All sharded by tp.
+    h = c["hidden_size"]
+    key_dim = c["linear_num_key_heads"] * c["linear_key_head_dim"]
+    value_dim = c["linear_num_value_heads"] * c["linear_value_head_dim"]
+    heads = _shard(c["linear_num_value_heads"], tp, "linear_num_value_heads")
+    return (
+        Branch("hidden", h, (Gemm("in_proj_qkvg", h, _shard(2 * key_dim + 2 * value_dim, tp, "qkvg width")),)),
+        Branch("hidden", h, (Gemm("b_proj", h, heads), Gemm("a_proj", h, heads, from_input=True))),
+        False,
+        ("b_proj and a_proj each read the layer's input",),
+    )
+
+
 # site -> (model family, what each branch computes)
 SITES = {
     "gdn_in_proj": ("gdn", _gdn_in_proj),
     "deepseek_indexer": ("dsa", _deepseek_indexer),
     "deepseek_indexer_legacy": ("dsa", _deepseek_indexer_legacy),
     "mla_q_b_proj": ("dsa", _mla_q_b_proj),
+    "kv_a_proj_minicpm3": ("minicpm3", _kv_a_proj_minicpm3),
+    "delta_in_proj_olmo_hybrid": ("olmo_hybrid", _delta_in_proj_olmo_hybrid),
 }
 
 

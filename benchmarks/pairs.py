@@ -49,6 +49,7 @@ from model_shapes import (  # noqa: E402
     Gemm,
     LayerNorm,
     PairShapes,
+    RMSNorm,
     models_for,
     replicated,
     site_shapes,
@@ -79,19 +80,24 @@ class BranchRunner:
                 weight = 1 + 0.05 * torch.randn(op.width, generator=gen)
                 bias = 0.05 * torch.randn(op.width, generator=gen)
                 self.params.append((weight.to(device), bias.to(device)))
+            elif isinstance(op, RMSNorm):
+                weight = 1 + 0.05 * torch.randn(op.width, generator=gen)
+                self.params.append(weight.to(device))
 
     def __call__(self, x) -> list[torch.Tensor]:
         outs = []
         y = None
         for op, p in zip(self.branch.ops, self.params):
-            if isinstance(op, Gemm):
-                y = _gemm(x, p)
+            if isinstance(op, Gemm):  # on the previous op's output, or the branch's input
+                y = _gemm(x if y is None or op.from_input else y, p)
             elif isinstance(op, Bmm):
                 q = y.view(y.shape[0], op.heads, op.width)[..., : op.k].transpose(0, 1)
                 y = torch.bmm(q, p)
             elif isinstance(op, LayerNorm):
                 k = y[:, : op.width]
                 y = F.layer_norm(k.float(), (op.width,), p[0], p[1]).to(torch.bfloat16)
+            elif isinstance(op, RMSNorm):
+                y = F.rms_norm(y.float(), (op.width,), p, eps=1e-6).to(torch.bfloat16)
             outs.append(y)
         return outs
 
@@ -332,6 +338,10 @@ def smoke_shapes() -> list[PairShapes]:
         "dsa": dict(family="dsa", hidden_size=64, num_attention_heads=4, q_lora_rank=32,
                     kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, index_n_heads=4,
                     index_head_dim=16),
+        "minicpm3": dict(family="minicpm3", hidden_size=64, num_attention_heads=4, q_lora_rank=32,
+                         kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8),
+        "olmo_hybrid": dict(family="olmo_hybrid", hidden_size=64, linear_num_key_heads=2, linear_key_head_dim=16,
+                            linear_num_value_heads=4, linear_value_head_dim=16),
     }
     out = []
     for site, (family, build) in SITES.items():

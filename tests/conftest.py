@@ -63,6 +63,23 @@ def deepseek_v3_dir(tmp_path_factory):
     return build("deepseek-v3", str(tmp_path_factory.mktemp("models") / "deepseek-v3"))
 
 
+@pytest.fixture(scope="session")
+def minicpm3_dir(tmp_path_factory):
+    """A tiny MiniCPM3 checkpoint, built offline once per session."""
+    from vllm_overlap.tiny_models import build
+
+    return build("minicpm3", str(tmp_path_factory.mktemp("models") / "minicpm3"))
+
+
+@pytest.fixture(scope="session")
+def minicpm3_vllm(minicpm3_dir):
+    """A VllmConfig of the tiny MiniCPM3 checkpoint."""
+    from vllm_overlap.layer_bench import standalone_vllm
+
+    with standalone_vllm(minicpm3_dir) as vllm_config:
+        yield vllm_config
+
+
 DEEPSEEK_MODULES = (
     "vllm.models.deepseek_v32.attention",
     "vllm.models.deepseek_v32.amd.rocm",

@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import pytest
 
 from vllm_overlap.architectures import ARCHITECTURES
-from vllm_overlap.cli import in_model_registry, model_features
+from vllm_overlap.architectures import in_model_registry
+from vllm_overlap.cli import model_features
 
 GDN_LAYERS = {"layer_types": ["linear_attention", "full_attention"]}
 MLA = {"kv_lora_rank": 512}
@@ -37,13 +38,13 @@ def _answers(arch, **attrs):
         ("DeepseekV3ForCausalLM", MLA, set()),  # no indexer: the config check says so
         ("Dots3NoteForCausalLM", INDEXER, set()),  # legacy Indexer, refused inside Dots3Note
         # loose attributes that used to read "uses it"
-        ("OlmoHybridForCausalLM", GDN_LAYERS, set()),
+        ("OlmoHybridForCausalLM", GDN_LAYERS, {"delta_in_proj"}),
         ("AliceAIForCausalLM", GDN_LAYERS, set()),
         ("Glm5NextForCausalLM", {**GDN_LAYERS, **INDEXER}, set()),
         ("HYV4ForCausalLM", INDEXER, set()),
         ("Step5ForCausalLM", INDEXER, set()),
         ("BailingMoeV3ForCausalLM", {**GDN_LAYERS, **MLA}, set()),
-        ("MiniCPM3ForCausalLM", MLA, set()),
+        ("MiniCPM3ForCausalLM", MLA, {"kv_a_proj"}),
     ],
 )
 def test_doctor_model_answers_by_architecture(arch, attrs, uses):
@@ -57,8 +58,8 @@ def test_doctor_model_answers_by_architecture(arch, attrs, uses):
 def test_why_an_architecture_runs_none_of_a_features_sites():
     answers = _answers("OlmoHybridForCausalLM", **GDN_LAYERS)
     assert answers["gdn_in_proj"] == (
-        "skipped: OlmoHybridForCausalLM runs none of its sites (its linear_attention layers are "
-        "OlmoHybridGatedDeltaNetAttention, another class)"
+        "skipped: OlmoHybridForCausalLM runs none of its sites (OlmoHybridGatedDeltaNetAttention "
+        "on its linear_attention layers (not Qwen's GDN class: gdn_in_proj does not apply))"
     )
     assert _answers("DeepseekV3ForCausalLM", **MLA)["mla_q_b_proj"].startswith("skipped: no indexer:")
 

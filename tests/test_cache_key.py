@@ -15,8 +15,11 @@ def test_key_follows_features_and_modes_not_token_ranges():
     assert on == _key("features: {gdn_in_proj: {max_tokens: 64, min_tokens: 2}}")
     assert on != _key("features: {gdn_in_proj: {mode: fused}}")
     assert on != _key("features: {deepseek_indexer: {enabled: false}}")
-    off = "features: {gdn_in_proj: {enabled: false}, deepseek_indexer: {enabled: false}, mla_q_b_proj: {enabled: false}}"
+    from vllm_overlap.patches import FEATURES
+
+    off = "features: {" + ", ".join(f"{name}: {{enabled: false}}" for name in FEATURES) + "}"
     assert _key(off) == ""
+    assert _key(off.replace("kv_a_proj: {enabled: false}", "kv_a_proj: {enabled: true}")) != ""
 
 
 def test_combine_keeps_vllms_hash_when_off_and_changes_it_when_on():

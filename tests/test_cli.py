@@ -113,6 +113,8 @@ def test_doctor_model_says_which_features_a_qwen3_next_uses(model_dirs):
         "gdn_in_proj": "uses it",
         "deepseek_indexer": f"skipped: {qwen}",
         "mla_q_b_proj": f"skipped: {qwen}",
+        "kv_a_proj": f"skipped: {qwen}",
+        "delta_in_proj": f"skipped: {qwen}",
     }
 
 

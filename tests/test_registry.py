@@ -65,9 +65,16 @@ def test_doctor_has_a_row_per_target_of_each_site(site_id, deepseek_overlay):
     site = SITES[site_id]
     report = collect()
     rows = {(r["feature"], r["module"], r["target"]) for r in report["rows"]}
+    import ast
+
+    from vllm_overlap.sources import find_function, read_installed
+
     for target in site.targets:
         if importlib.util.find_spec(target.module) is None:  # another release's module
             assert f"{site.feature} {target}: module {target.module} not in this vLLM" in report["absent"]
+        elif find_function(ast.parse(read_installed(target.module)), target.qualname) is None:
+            owner = target.qualname.split(".")[0]  # another release's class in this module
+            assert f"{site.feature} {target}: {target.module} has no {owner}" in report["absent"]
         else:
             assert (site.feature, target.module, target.qualname) in rows
 

@@ -91,12 +91,39 @@ def _mla_wrapper(request, tokens, dtype=BF16, seed=0):
     return _inputs("mla_q_b_proj_legacy", wrapper, hf, tokens, dtype)
 
 
+def _minicpm3(request, tokens, dtype=BF16, seed=0):
+    from vllm_overlap.site_layers import build_minicpm3_attention
+    from vllm_overlap.tiny_models import minicpm3_config
+
+    request.getfixturevalue("overlay_applied")
+    hf = minicpm3_config()
+    layer = build_minicpm3_attention(request.getfixturevalue("minicpm3_vllm"), hf, dtype=dtype, seed=seed)
+    return _inputs("kv_a_proj_minicpm3", layer, hf, tokens, dtype)
+
+
+def _olmo_hybrid(request, tokens, dtype=BF16, seed=0):
+    """OLMo Hybrid's GDN layer: its ``__init__`` sets up Triton's allocator, which this CPU
+    lacks (no Triton); that one call is stood in. What the site runs is real."""
+    from vllm_overlap.site_layers import build_olmo_hybrid_gdn_layer
+    from vllm_overlap.tiny_models import olmo_hybrid_config
+
+    request.getfixturevalue("overlay_applied")
+    request.getfixturevalue("monkeypatch").setattr(
+        "vllm.model_executor.layers.mamba.gdn.olmo_gdn_linear_attn.set_triton_allocator", lambda device: None
+    )
+    hf = olmo_hybrid_config()
+    layer = build_olmo_hybrid_gdn_layer(request.getfixturevalue("vllm_context"), hf, dtype=dtype, seed=seed)
+    return _inputs("delta_in_proj_olmo_hybrid", layer, hf, tokens, dtype)
+
+
 BUILDERS = {
     "gdn_in_proj": _gdn,
     "deepseek_indexer_legacy": _indexer,
     "deepseek_indexer_v32": _v32_site("deepseek_indexer_v32"),
     "mla_q_b_proj_v32": _v32_site("mla_q_b_proj_v32"),
     "mla_q_b_proj_legacy": _mla_wrapper,
+    "kv_a_proj_minicpm3": _minicpm3,
+    "delta_in_proj_olmo_hybrid": _olmo_hybrid,
 }
 
 
@@ -436,11 +463,13 @@ WIDTHS = {
     "gdn_in_proj": (2 * 2 * 128 + 2 * 4 * 128, 2 * 4),
     # q: n_head * head_dim; kw: wk (head_dim) fused with weights_proj (n_head); k: head_dim
     "deepseek_indexer_legacy": (4 * 128, 128 + 4, 128),
+    # tiny_models.minicpm3_config: q: heads * (qk_nope + qk_rope); latent: kv_lora + qk_rope
+    "kv_a_proj_minicpm3": (4 * (32 + 32), 64 + 32),
 }
 
 
 def test_op_sites_are_the_declared_ones():
-    assert OP_SITES == sorted(WIDTHS) == ["deepseek_indexer_legacy", "gdn_in_proj"]
+    assert OP_SITES == sorted(WIDTHS) == ["deepseek_indexer_legacy", "gdn_in_proj", "kv_a_proj_minicpm3"]
 
 
 @pytest.mark.parametrize("site_id", OP_SITES)

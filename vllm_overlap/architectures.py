@@ -5,9 +5,9 @@ config's ``text_config.architectures``): an architecture listed here runs the si
 features it names, subject to the feature's own config check (``Feature.model_check``: GDN
 layers present, an indexer present); any other architecture builds none of the layers the
 overlay rewrites, or is not in this vLLM's registry at all. A loose attribute (any
-``linear_attention`` layer, any ``index_topk``) is no longer enough: OLMo Hybrid, AliceAI and
-Glm5Next have ``linear_attention`` layers of their own classes; HY V4, Glm5Next and Step5 have
-indexers of their own.
+``linear_attention`` layer, any ``index_topk``) is no longer enough: OLMo Hybrid (its own
+``delta_in_proj`` site), AliceAI and Glm5Next have ``linear_attention`` layers of their own
+classes; HY V4, Glm5Next and Step5 have indexers of their own.
 
 The table was read from vLLM 0.32.0 and 0.33.0's model code (model class, the layer classes its
 decoder layers build, and under which config condition); ``Reach.note`` says where.
@@ -68,7 +68,9 @@ ARCHITECTURES: dict[str, Reach] = {
         _MTP_FULL,
     ),
     "OlmoHybridForCausalLM": Reach(
-        (), "its linear_attention layers are OlmoHybridGatedDeltaNetAttention, another class"
+        ("delta_in_proj",),
+        "OlmoHybridGatedDeltaNetAttention on its linear_attention layers (not Qwen's GDN class: "
+        "gdn_in_proj does not apply)",
     ),
     "AliceAIForCausalLM": Reach(
         (), "its linear_attention layers are KimiGatedDeltaNetAttention, another class"
@@ -128,7 +130,9 @@ ARCHITECTURES: dict[str, Reach] = {
         ("KimiLinearForCausalLM", "KimiK3ForConditionalGeneration", "KimiK3MTPModel"),
         Reach((), "its own MLA and delta attention classes"),
     ),
-    "MiniCPM3ForCausalLM": Reach((), "plain attention"),
+    "MiniCPM3ForCausalLM": Reach(
+        ("kv_a_proj",), "MiniCPM3Attention on every layer (its q low-rank path beside kv_a_proj_with_mqa)"
+    ),
     **dict.fromkeys(
         ("Step5ForCausalLM", "Step5ForConditionalGeneration", "Step5MTP"),
         Reach((), "its own sparse attention and indexer"),
@@ -165,3 +169,22 @@ def reach_reason(feature: str, architectures: list[str], in_registry) -> str | N
         else:
             reasons.append(f"{arch} is not in this vLLM's model registry")
     return "; ".join(reasons)
+
+
+def in_model_registry(architecture: str) -> bool:
+    """Whether this vLLM's model registry lists ``architecture`` (no model module imported)."""
+    try:
+        from vllm.model_executor.models.registry import ModelRegistry
+
+        return architecture in ModelRegistry.models
+    except Exception:  # doctor reports, it does not fail
+        return False
+
+
+def model_reason(feature, hf_config) -> str | None:
+    """None if a model with this Hugging Face config runs ``feature``'s sites (a Feature): by
+    the architecture vLLM builds, then the feature's own config check; else why not."""
+    reason = reach_reason(feature.name, architectures_of(hf_config), in_model_registry)
+    if reason is None and feature.model_check is not None:
+        reason = feature.model_check(hf_config)
+    return reason

@@ -55,31 +55,16 @@ def _anchor_counts(rewrite) -> str:
         return f"- ({type(exc).__name__})"
 
 
-def in_model_registry(architecture: str) -> bool:
-    """Whether this vLLM's model registry lists ``architecture`` (no model module imported)."""
-    try:
-        from vllm.model_executor.models.registry import ModelRegistry
-
-        return architecture in ModelRegistry.models
-    except Exception:  # doctor reports, it does not fail
-        return False
-
-
 def model_features(hf_config) -> list[dict]:
     """Per feature, whether a model with this Hugging Face config runs its sites: by the
     architecture vLLM builds (``architectures``), then the feature's own config check."""
-    from .architectures import architectures_of, reach_reason
+    from .architectures import model_reason
     from .patches import FEATURES
 
-    architectures = architectures_of(hf_config)
     rows = []
     for feature in FEATURES.values():
-        reason = reach_reason(feature.name, architectures, in_model_registry)
-        if reason is None and feature.model_check:
-            reason = feature.model_check(hf_config)
-        rows.append(
-            {"feature": feature.name, "this model": f"skipped: {reason}" if reason else "uses it"}
-        )
+        reason = model_reason(feature, hf_config)
+        rows.append({"feature": feature.name, "this model": f"skipped: {reason}" if reason else "uses it"})
     return rows
 
 

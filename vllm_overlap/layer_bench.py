@@ -181,12 +181,13 @@ def measured_sites(hf_config) -> list[tuple[str, str]]:
     """(site id, "" or why it is not measured) for every site this model's layers run: per
     feature the model uses, its sites whose target module this vLLM has, newest first; only
     the first measurable one is timed (older forms of the same region say so)."""
+    from .architectures import model_reason
     from .patches import FEATURES
     from .site_layers import SITE_LAYERS
 
     out = []
     for feature in FEATURES.values():
-        if feature.model_check is not None and feature.model_check(hf_config) is not None:
+        if model_reason(feature, hf_config) is not None:  # what doctor --model says
             continue
         timed = False
         for site in feature.sites:

@@ -254,6 +254,61 @@ def build_v32_attention(
     return layer
 
 
+def build_minicpm3_attention(
+    vllm_config,
+    hf_config,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device="cpu",
+    seed: int = 0,
+):
+    """A real ``MiniCPM3Attention`` as ``MiniCPM3DecoderLayer`` builds it, seeded, post-processed
+    like the loader and registered under its prefix, as the overlay registers it when built."""
+    from vllm.model_executor.models.minicpm3 import MiniCPM3Attention
+
+    prefix = f"minicpm3{next(_layer_ids)}.layers.0.self_attn"
+    with building(vllm_config, dtype, device):
+        layer = MiniCPM3Attention(
+            config=hf_config,
+            hidden_size=hf_config.hidden_size,
+            num_heads=hf_config.num_attention_heads,
+            qk_nope_head_dim=hf_config.qk_nope_head_dim,
+            qk_rope_head_dim=hf_config.qk_rope_head_dim,
+            v_head_dim=hf_config.v_head_dim,
+            q_lora_rank=hf_config.q_lora_rank,
+            kv_lora_rank=hf_config.kv_lora_rank,
+            max_position_embeddings=hf_config.max_position_embeddings,
+            cache_config=vllm_config.cache_config,
+            quant_config=None,
+            prefix=prefix,
+        )
+    _seed_weights(layer, vllm_config, seed)
+    register_layer(prefix, layer)
+    return layer
+
+
+def build_olmo_hybrid_gdn_layer(
+    vllm_config,
+    hf_config,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device="cpu",
+    seed: int = 0,
+):
+    """A real ``OlmoHybridGatedDeltaNetAttention`` with seeded weights, post-processed like the
+    loader (its ``__init__`` sets up Triton's allocator: on a machine without Triton the caller
+    stands that call in)."""
+    from vllm.model_executor.layers.mamba.gdn.olmo_gdn_linear_attn import (
+        OlmoHybridGatedDeltaNetAttention,
+    )
+
+    prefix = f"olmo{next(_layer_ids)}.layers.0.linear_attn"
+    with building(vllm_config, dtype, device):
+        layer = OlmoHybridGatedDeltaNetAttention(hf_config, vllm_config, prefix=prefix)
+    _seed_weights(layer, vllm_config, seed)
+    return layer
+
+
 def cpu_mla_backend(device) -> type | None:
     """The MLA backend to pass on the CPU (None elsewhere: vLLM picks)."""
     if torch.device(device).type != "cpu":
@@ -335,6 +390,14 @@ def _wrapper_layer(vllm_config, hf, dtype, device, seed):
     return build_mla_wrapper(vllm_config, hf, True, dtype=dtype, device=device, seed=seed)
 
 
+def _minicpm3_layer(vllm_config, hf, dtype, device, seed):
+    return build_minicpm3_attention(vllm_config, hf, dtype=dtype, device=device, seed=seed)
+
+
+def _olmo_hybrid_layer(vllm_config, hf, dtype, device, seed):
+    return build_olmo_hybrid_gdn_layer(vllm_config, hf, dtype=dtype, device=device, seed=seed)
+
+
 GDN_HEADS = ("linear_num_key_heads", "linear_num_value_heads")
 # q_b_proj is column-parallel over the attention heads; the indexer's projections are
 # replicated on every rank.
@@ -354,4 +417,7 @@ SITE_LAYERS: dict[str, SiteLayer] = {
             "engine's attention metadata: timed end to end only"
         ),
     ),
+    # q_b_proj is column-parallel over the heads; q_a_proj and kv_a_proj_with_mqa replicated
+    "kv_a_proj_minicpm3": SiteLayer(_minicpm3_layer, _hidden_inputs, MLA_HEADS),
+    "delta_in_proj_olmo_hybrid": SiteLayer(_olmo_hybrid_layer, _hidden_inputs, GDN_HEADS),
 }

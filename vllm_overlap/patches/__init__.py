@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from ..site import Feature, Site
 from .deepseek_indexer import FEATURE as DEEPSEEK_INDEXER
+from .delta_in_proj import FEATURE as DELTA_IN_PROJ
 from .gdn_in_proj import FEATURE as GDN_IN_PROJ
+from .kv_a_proj import FEATURE as KV_A_PROJ
 from .mla_q_b_proj import FEATURE as MLA_Q_B_PROJ
 
 FEATURES: dict[str, Feature] = {
-    f.name: f for f in (GDN_IN_PROJ, DEEPSEEK_INDEXER, MLA_Q_B_PROJ)
+    f.name: f for f in (GDN_IN_PROJ, DEEPSEEK_INDEXER, MLA_Q_B_PROJ, KV_A_PROJ, DELTA_IN_PROJ)
 }
 SITES: dict[str, Site] = {s.id: s for f in FEATURES.values() for s in f.sites}
 
