@@ -56,6 +56,79 @@ def test_breakable_cuda_graph_capture_runs_serially(fake_gpu, monkeypatch):
     assert len(fake_gpu) == 1  # the same call forks once the capture is over
 
 
+class _FakeStream:
+    made = 0
+
+    def __init__(self):
+        _FakeStream.made += 1
+
+
+@pytest.fixture
+def fake_fan(monkeypatch):
+    """An aux stream exists; what run_many hands vLLM's execute_in_parallel is recorded (the
+    functions still run in order, on the CPU)."""
+    from conftest import _FakeEvent
+
+    calls = []
+
+    def execute(default_fn, aux_fns, start_event, done_events, aux_streams=None, enable=False):
+        calls.append((start_event, list(done_events), list(aux_streams), enable))
+        return default_fn(), [fn() for fn in aux_fns]
+
+    monkeypatch.setattr(streams, "get_aux_stream", lambda: "aux")
+    monkeypatch.setattr(streams, "_extra_streams", [])
+    monkeypatch.setattr(streams, "_many_impl", lambda: execute)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    return calls
+
+
+def _three(order):
+    return [(lambda name=name: order.append(name) or name.upper()) for name in ("fn0", "fn1", "fn2")]
+
+
+def test_three_branches_fan_out_on_vllms_aux_stream_and_one_more(fake_fan):
+    order = []
+    fn0, fn1, fn2 = _three(order)
+    assert streams.run_many("site3", fn0, [fn1, fn2], 8, FEATURE) == ("FN0", ["FN1", "FN2"])
+    assert order == ["fn0", "fn1", "fn2"]
+    (start, done, aux_streams, enable), = fake_fan
+    assert enable is True and len(done) == 2 and start not in done and done[0] is not done[1]
+    assert aux_streams[0] == "aux" and isinstance(aux_streams[1], _FakeStream)
+    streams.run_many("site3", fn0, [fn1, fn2], 8, FEATURE)
+    again = fake_fan[1]
+    assert again[0] is start and again[1] == done and again[2] == aux_streams  # made once, reused
+
+
+@pytest.mark.parametrize("num_tokens, fans", [(3, 0), (4, 1), (16, 1), (17, 0)])
+def test_the_fan_out_keeps_the_pair_rules(fake_fan, monkeypatch, num_tokens, fans):
+    order = []
+    assert streams.run_many("site3", *(lambda f: (f[0], f[1:]))(_three(order)), num_tokens, FEATURE)[0] == "FN0"
+    assert order == ["fn0", "fn1", "fn2"] and len(fake_fan) == fans
+    monkeypatch.setattr(streams, "in_micro_batch_thread", lambda: True)
+    streams.run_many("site3", *(lambda f: (f[0], f[1:]))(_three([])), 8, FEATURE)
+    assert len(fake_fan) == fans  # DBO threads: serial
+
+
+def test_no_aux_stream_runs_every_branch_serially_in_order(monkeypatch):
+    monkeypatch.setattr(streams, "_many_impl", lambda: pytest.fail("must not fan out"))
+    order = []
+    fn0, fn1, fn2 = _three(order)
+    assert streams.run_many("site3", fn0, [fn1, fn2], 8, FEATURE) == ("FN0", ["FN1", "FN2"])
+    assert order == ["fn0", "fn1", "fn2"]
+
+
+def test_vllms_fan_out_helper_is_the_one_used_and_the_fallback_runs_in_order():
+    from vllm.utils.multi_stream_utils import execute_in_parallel
+
+    assert streams._many_impl() is execute_in_parallel
+    order = []
+    fn0, fn1, fn2 = _three(order)
+    assert streams._execute_many(fn0, [fn1, fn2], None, [None, None], None) == ("FN0", ["FN1", "FN2"])
+    assert order == ["fn0", "fn1", "fn2"]
+
+
 def test_events_are_per_site_and_per_thread_and_reused(fake_gpu):
     streams.run_pair("a", *_pair([]), 8, FEATURE)
     streams.run_pair("a", *_pair([]), 8, FEATURE)
@@ -88,6 +161,28 @@ def gpu_aux(monkeypatch):
 
 
 _AUX = torch.cuda.Stream() if torch.cuda.is_available() else None
+
+
+@cuda
+def test_gpu_fan_out_of_three_equals_serial_and_replays_in_a_graph(gpu_aux):
+    """Three GEMM branches through vLLM's execute_in_parallel on two aux streams: the same
+    bits as serially, eagerly and replayed from a CUDA graph."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(8, 256, device="cuda", generator=gen, dtype=torch.bfloat16)
+    ws = [torch.randn(n, 256, device="cuda", generator=gen, dtype=torch.bfloat16) for n in (512, 64, 96)]
+    fns = [lambda w=w: x @ w.T for w in ws]
+    expected = [fn() for fn in fns]
+    r0, rest = streams.run_many("fan3", fns[0], fns[1:], 8, FEATURE)
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip([r0, *rest], expected))
+    graph = torch.cuda.CUDAGraph()
+    streams.run_many("fan3", fns[0], fns[1:], 8, FEATURE)  # warm up outside capture
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        g0, grest = streams.run_many("fan3", fns[0], fns[1:], 8, FEATURE)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip([g0, *grest], expected))
 
 
 @cuda

@@ -11,6 +11,11 @@ concurrently (fn0 on the current stream, fn1 on the aux stream) only when all ho
 
 Otherwise it calls fn0 then fn1 on the current stream: the same computation, serially.
 
+``run_many(site, fn0, aux_fns, num_tokens, feature)`` is the same for a site of three or more
+branches: each aux function on an aux stream of its own (vLLM's aux stream, then streams the
+overlay makes once per process where vLLM made its own), through vLLM's ``execute_in_parallel``
+(one start event fanned out, one done event per branch joined), under the same rules.
+
 Ordering: the aux stream waits for the current stream before fn1 reads its inputs; the
 current stream waits for the aux stream before returning, so every consumer runs after the
 join. Outputs made on the aux stream are ``record_stream``-ed on the current stream outside
@@ -44,6 +49,8 @@ _aux: Any = _UNSET  # vLLM's aux stream (or None), looked up once: it never chan
 _dbo_enabled: Callable[[], bool] | None = None
 _parallel: Callable[..., tuple[Any, Any]] | None = None
 _breakable_active: Callable[[], bool] | None = None
+_many: Callable[..., tuple[Any, list]] | None = None
+_extra_streams: list = []  # the overlay's own aux streams beyond vLLM's one (sites of 3+ branches)
 
 
 def get_aux_stream():
@@ -116,6 +123,47 @@ def _execute_in_parallel(fn0, fn1, event0, event1, aux_stream=None):
     return result0, result1
 
 
+def _execute_many(default_fn, aux_fns, start_event, done_events, aux_streams=None, enable=False):
+    """vLLM's ``execute_in_parallel`` as 0.20.2-0.33 have it, for a vLLM without it."""
+    if aux_streams is None or not enable:
+        return default_fn(), [fn() for fn in aux_fns]
+    start_event.record()
+    results = []
+    for fn, stream, done in zip(aux_fns, aux_streams, done_events):
+        with torch.cuda.stream(stream):
+            start_event.wait()
+            results.append(fn())
+            done.record()
+    default_result = default_fn()
+    for done in done_events:
+        done.wait()
+    return default_result, results
+
+
+def _many_impl() -> Callable[..., tuple[Any, list]]:
+    global _many
+    if _many is None:
+        try:
+            from vllm.utils.multi_stream_utils import execute_in_parallel
+        except ImportError:  # vLLM 0.20.0: the same fan-out/join, the overlay's copy
+            _many = _execute_many
+        else:
+            _many = execute_in_parallel
+    return _many
+
+
+def get_aux_streams(n: int) -> list | None:
+    """``n`` aux streams, vLLM's first, then streams of the overlay's own (made once per
+    process, only where vLLM made its aux stream); None where there is no aux stream."""
+    aux = get_aux_stream()
+    if aux is None:
+        return None
+    with _events_lock:
+        while len(_extra_streams) < n - 1:
+            _extra_streams.append(torch.cuda.Stream())
+    return [aux, *_extra_streams[: n - 1]]
+
+
 def site_events(site: str) -> tuple[Any, Any]:
     """The (fork, join) event pair of a call site for the calling thread."""
     key = (site, threading.get_ident())
@@ -164,6 +212,44 @@ def run_pair(
     if serial_reason(num_tokens, feature, aux) is not None:
         return fn0(), fn1()
     return fork_join(site, fn0, fn1, aux)
+
+
+def site_fan_events(site: str, n: int) -> tuple[Any, list]:
+    """The (start, [done per aux branch]) events of an ``n``-aux-branch call site for the
+    calling thread: the two-branch site's pair extended by ``n - 1`` more done events."""
+    start, first_done = site_events(site)
+    key = (f"{site}#more", threading.get_ident())
+    more = _events.get(key)
+    if more is None or len(more) < n - 1:
+        with _events_lock:
+            more = tuple(torch.cuda.Event(enable_timing=False) for _ in range(n - 1))
+            _events[key] = more
+    return start, [first_done, *more[: n - 1]]
+
+
+def run_many(
+    site: str,
+    fn0: Callable[[], Any],
+    aux_fns: list[Callable[[], Any]],
+    num_tokens: int,
+    feature: "FeatureConfig",
+) -> tuple[Any, list]:
+    """``(fn0(), [fn() for fn in aux_fns])``: fn0 on the current stream beside each aux
+    function on an aux stream of its own (vLLM's ``execute_in_parallel``), under the rules of
+    ``run_pair``; serially, fn0 first then the others in order, where those say so."""
+    aux = get_aux_stream()
+    if serial_reason(num_tokens, feature, aux) is not None:
+        return fn0(), [fn() for fn in aux_fns]
+    return fork_join_many(site, fn0, aux_fns, get_aux_streams(len(aux_fns)))
+
+
+def fork_join_many(site: str, fn0: Callable[[], Any], aux_fns: list, aux_streams: list) -> tuple[Any, list]:
+    """fn0 on the current stream beside ``aux_fns[i]`` on ``aux_streams[i]``, always."""
+    start, done = site_fan_events(site, len(aux_fns))
+    result0, results = _many_impl()(fn0, list(aux_fns), start, done, aux_streams, enable=True)
+    if not torch.cuda.is_current_stream_capturing():
+        _protect(list(results), torch.cuda.current_stream())
+    return result0, list(results)
 
 
 def fork_join(site: str, fn0: Callable[[], Any], fn1: Callable[[], Any], aux: Any) -> tuple[Any, Any]:

@@ -29,6 +29,11 @@ NAMES = (
         "the overlay's own fork/join (without vLLM's breakable-capture check)",
     ),
     VllmName(
+        "vllm.utils.multi_stream_utils",
+        "execute_in_parallel",
+        "sites of three or more branches fan out with the overlay's own copy (0.20.0 lacks it)",
+    ),
+    VllmName(
         "vllm.compilation.breakable_cudagraph",
         "BreakableCUDAGraphCapture",
         "no breakable CUDA-graph capture in this vLLM: none to detect",
