@@ -258,6 +258,21 @@ def clean_env(extra: dict | None = None) -> dict:
     return env
 
 
+def doctor_model(model: str) -> dict:
+    """``vllm-overlap doctor --json --model MODEL`` in a fresh process: its report's "model"
+    part, with "rows" as {feature: answer}."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm_overlap.cli", "doctor", "--json", "--model", model],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)["model"]
+    return {**report, "rows": {r["feature"]: r["this model"] for r in report["rows"]}}
+
+
 def run_llm(model: str, *flags: str, env: dict | None = None, timeout: int = 600) -> dict:
     """Run ``python -m vllm_overlap.llm_runner`` in a fresh process; return its JSON and combined log."""
     full_env = dict(os.environ)
@@ -323,6 +338,54 @@ def functions(target):
     upstream, rewritten = rewrite.original_function(target), getattr(owner, attr)
     assert rewritten is not upstream
     return upstream, rewritten
+
+
+@pytest.fixture
+def count_forks(monkeypatch):
+    """Every call of the two-branch stream primitive as (site, num_tokens); delegates to the
+    real one. Each site must pass its own feature's config (its token range)."""
+    from vllm_overlap import active_config, streams
+    from vllm_overlap.patches import SITES
+
+    calls = []
+    real = streams.run_pair
+
+    def counting(site, fn0, fn1, num_tokens, feature):
+        assert feature == active_config.site_config(SITES[site]), (site, feature)
+        calls.append((site, num_tokens))
+        return real(site, fn0, fn1, num_tokens, feature)
+
+    monkeypatch.setattr(streams, "run_pair", counting)
+    return calls
+
+
+# What an end-to-end test runs: the overlay on with the op path forced (the CPU has no second
+# stream, so this is what exercises the ops), on as the CPU has it by default, and off.
+E2E_ENVS = {
+    "on": {"VLLM_OVERLAP": "1", "VLLM_OVERLAP_TEST_OP_PATH": "1"},
+    "on_default": {"VLLM_OVERLAP": "1", "VLLM_OVERLAP_TEST_OP_PATH": "0"},
+    "off": {"VLLM_OVERLAP": "0"},
+}
+
+
+def run_on_off(model: str, tmp_path, compiled: bool) -> dict:
+    """``run_llm`` of ``model`` per ``E2E_ENVS`` entry (compiled: without ``on_default``), each
+    with a cold compile cache of its own; asserts 4 sequences of 8 tokens, the same in every
+    run, and, compiled, no graph break and as many graphs on as off. Returns the runs."""
+    flags = ["--compile"] if compiled else []
+    runs = {}
+    for name, env in E2E_ENVS.items():
+        if compiled and name == "on_default":
+            continue
+        runs[name] = run_llm(model, *flags, env={**env, "VLLM_CACHE_ROOT": str(tmp_path / f"cache-{name}")})
+    tokens = runs["off"]["token_ids"]
+    assert len(tokens) == 4 and all(len(t) == 8 for t in tokens)
+    for name, run in runs.items():
+        assert run["token_ids"] == tokens, name
+    if compiled:
+        assert runs["on"]["graph_breaks"] == 0
+        assert runs["on"]["dynamo_unique_graphs"] == runs["off"]["dynamo_unique_graphs"]
+    return runs
 
 
 @pytest.fixture

@@ -45,7 +45,7 @@ from deepseek_layers import (
     run_v32,
 )
 from conftest import functions, site_runtime, wrap_branch
-from vllm_overlap import rewrite, streams
+from vllm_overlap import rewrite
 
 
 EXPECTED_FEATURES = {
@@ -71,23 +71,6 @@ V32_STANDINS = Counter(
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def count_forks(monkeypatch):
-    """Every call of the stream primitive as (site, num_tokens); delegates to the real one.
-    Each site passes its own feature's config (its token range)."""
-    from vllm_overlap import active_config
-    from vllm_overlap.patches import SITES
-
-    calls = []
-    real = streams.run_pair
-
-    def counting(site, fn0, fn1, num_tokens, feature):
-        assert feature == active_config.site_config(SITES[site]), (site, feature)
-        calls.append((site, num_tokens))
-        return real(site, fn0, fn1, num_tokens, feature)
-
-    monkeypatch.setattr(streams, "run_pair", counting)
-    return calls
 
 
 

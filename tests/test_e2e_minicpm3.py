@@ -8,19 +8,12 @@ as the run without the overlay.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 
-from conftest import clean_env, run_llm
+from conftest import doctor_model, run_on_off
 
 pytestmark = pytest.mark.slow
 
-OFF = {"VLLM_OVERLAP": "0"}
-ON = {"VLLM_OVERLAP": "1", "VLLM_OVERLAP_TEST_OP_PATH": "1"}
-ON_DEFAULT = {"VLLM_OVERLAP": "1", "VLLM_OVERLAP_TEST_OP_PATH": "0"}
 TARGET = "kv_a_proj:vllm.model_executor.models.minicpm3.MiniCPM3Attention.forward"
 
 
@@ -36,36 +29,15 @@ def _check_on_run(run: dict) -> None:
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_on_off_identical(minicpm3_dir, tmp_path, compiled):
-    flags = ["--compile"] if compiled else []
-    runs = {}
-    for name, env in (("on", ON), ("on_default", ON_DEFAULT), ("off", OFF)):
-        if compiled and name == "on_default":
-            continue
-        runs[name] = run_llm(minicpm3_dir, *flags, env={**env, "VLLM_CACHE_ROOT": str(tmp_path / f"cache-{name}")})
-    tokens = runs["off"]["token_ids"]
-    assert len(tokens) == 4 and all(len(t) == 8 for t in tokens)
-    for name, run in runs.items():
-        assert run["token_ids"] == tokens, name
+    runs = run_on_off(minicpm3_dir, tmp_path, compiled)
     _check_on_run(runs["on"])
     assert "kv_a_proj off" in runs["off"]["summary"]
-    if compiled:
-        assert runs["on"]["graph_breaks"] == 0
-        assert runs["on"]["dynamo_unique_graphs"] == runs["off"]["dynamo_unique_graphs"]
-    print(f"\n{'compiled' if compiled else 'eager'} MiniCPM3 on/off identical: {tokens}")
+    print(f"\n{'compiled' if compiled else 'eager'} MiniCPM3 on/off identical: {runs['off']['token_ids']}")
 
 
 def test_doctor_says_the_model_uses_kv_a_proj(minicpm3_dir):
-    proc = subprocess.run(
-        [sys.executable, "-m", "vllm_overlap.cli", "doctor", "--json", "--model", minicpm3_dir],
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout)
-    model = {r["feature"]: r["this model"] for r in report["model"]["rows"]}
-    assert report["model"]["model_type"] == "minicpm3"
-    assert model["kv_a_proj"] == "uses it"
-    for feature in ("gdn_in_proj", "deepseek_indexer", "mla_q_b_proj"):
-        assert model[feature].startswith("skipped: "), model[feature]
+    report = doctor_model(minicpm3_dir)
+    assert report["model_type"] == "minicpm3"
+    assert report["rows"]["kv_a_proj"] == "uses it"
+    for feature in ("gdn_in_proj", "deepseek_indexer", "mla_q_b_proj", "delta_in_proj"):
+        assert report["rows"][feature].startswith("skipped: MiniCPM3ForCausalLM runs none of its sites"), feature

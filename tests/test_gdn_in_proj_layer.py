@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import site_entry
-from vllm_overlap import rewrite, streams
+from vllm_overlap import rewrite
 from vllm_overlap.patches.gdn_in_proj import CLASS, MODULE, VARIANTS
 
 EXPECTED_STANDIN = {
@@ -23,17 +23,6 @@ EXPECTED_STANDIN = {
 }
 
 
-@pytest.fixture
-def count_forks(monkeypatch):
-    calls = []
-    real = streams.run_pair
-
-    def counting(site, fn0, fn1, num_tokens, feature):
-        calls.append((site, num_tokens))
-        return real(site, fn0, fn1, num_tokens, feature)
-
-    monkeypatch.setattr(streams, "run_pair", counting)
-    return calls
 
 
 @pytest.mark.parametrize("num_tokens", [1, 7])

@@ -13,23 +13,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_overlap import rewrite, streams
+from vllm_overlap import rewrite
 from vllm_overlap.patches.kv_a_proj import MINICPM3
 
 TARGET = MINICPM3.targets[0]
 
 
-@pytest.fixture
-def forks(monkeypatch):
-    calls = []
-    real = streams.run_pair
-
-    def counting(site, fn0, fn1, num_tokens, feature):
-        calls.append((site, num_tokens))
-        return real(site, fn0, fn1, num_tokens, feature)
-
-    monkeypatch.setattr(streams, "run_pair", counting)
-    return calls
 
 
 class AttentionStandin(torch.nn.Module):
@@ -78,7 +67,7 @@ def _functions():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("tokens", [1, 7])
-def test_rewritten_forward_matches_upstream(overlay_applied, minicpm3_vllm, forks, tokens, dtype):
+def test_rewritten_forward_matches_upstream(overlay_applied, minicpm3_vllm, count_forks, tokens, dtype):
     assert rewrite.applied_features(TARGET) == ["kv_a_proj"]
     upstream, rewritten = _functions()
     assert rewritten is not upstream
@@ -86,10 +75,10 @@ def test_rewritten_forward_matches_upstream(overlay_applied, minicpm3_vllm, fork
     positions, hidden = _inputs(hf, tokens, dtype)
     with torch.no_grad():
         expected = upstream(layer, positions, hidden)
-        assert forks == [] and layer.attn.calls == 1
+        assert count_forks == [] and layer.attn.calls == 1
         actual = rewritten(layer, positions, hidden)
     assert layer.attn.calls == 2
-    assert forks == [("kv_a_proj_minicpm3", tokens)]
+    assert count_forks == [("kv_a_proj_minicpm3", tokens)]
     assert actual.shape == (tokens, hf.hidden_size) and actual.dtype == dtype
     assert torch.equal(actual, expected)
 

@@ -17,23 +17,12 @@ import pytest
 import torch
 
 from kernel_standin import standin
-from vllm_overlap import rewrite, streams
+from vllm_overlap import rewrite
 from vllm_overlap.patches.delta_in_proj import OLMO_HYBRID, OLMO_MODULE
 
 TARGET = OLMO_HYBRID.targets[0]
 
 
-@pytest.fixture
-def forks(monkeypatch):
-    calls = []
-    real = streams.run_pair
-
-    def counting(site, fn0, fn1, num_tokens, feature):
-        calls.append((site, num_tokens))
-        return real(site, fn0, fn1, num_tokens, feature)
-
-    monkeypatch.setattr(streams, "run_pair", counting)
-    return calls
 
 
 @pytest.fixture
@@ -72,7 +61,7 @@ def _run(fn, layer, hidden):
 
 
 @pytest.mark.parametrize("tokens", [1, 7])
-def test_rewritten_full_forward_matches_upstream(olmo_layer, forks, tokens):
+def test_rewritten_full_forward_matches_upstream(olmo_layer, count_forks, tokens):
     layer, hf, calls = olmo_layer
     assert rewrite.applied_features(TARGET) == ["delta_in_proj"]
     owner, attr = rewrite.resolve_owner(TARGET)
@@ -80,10 +69,10 @@ def test_rewritten_full_forward_matches_upstream(olmo_layer, forks, tokens):
     assert rewritten is not upstream
     hidden = torch.randn(tokens, hf.hidden_size, generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16)
     expected = _run(upstream, layer, hidden)
-    assert forks == [] and calls["_forward_core"] == 1
+    assert count_forks == [] and calls["_forward_core"] == 1
     actual = _run(rewritten, layer, hidden)
     assert calls["_forward_core"] == 2
-    assert forks == [("delta_in_proj_olmo_hybrid", tokens)]
+    assert count_forks == [("delta_in_proj_olmo_hybrid", tokens)]
     assert expected.abs().sum() > 0  # the output carries the core's (stood-in) result
     assert torch.equal(actual, expected)
 

@@ -28,7 +28,6 @@ from deepseek_layers import (
     make_inputs,
     run_indexer,
 )
-from vllm_overlap import streams
 from vllm_overlap.patches import SITES
 
 SITE = SITES["deepseek_indexer_legacy"]
@@ -64,17 +63,6 @@ def test_the_declared_refusal_names_a_class_that_reaches_the_legacy_indexer():
     assert "Indexer" in DOTS3.reason and "GPU" in DOTS3.reason
 
 
-@pytest.fixture
-def forks(monkeypatch):
-    calls = []
-    real = streams.run_pair
-
-    def counting(site, fn0, fn1, num_tokens, feature):
-        calls.append(site)
-        return real(site, fn0, fn1, num_tokens, feature)
-
-    monkeypatch.setattr(streams, "run_pair", counting)
-    return calls
 
 
 def _model_with_a_refused_and_a_free_indexer(deepseek_vllm, standins, monkeypatch):
@@ -96,7 +84,7 @@ def _model_with_a_refused_and_a_free_indexer(deepseek_vllm, standins, monkeypatc
 
 
 def test_an_indexer_inside_the_refused_class_runs_upstream_statements(
-    deepseek_vllm, standins, forks, monkeypatch
+    deepseek_vllm, standins, count_forks, monkeypatch
 ):
     from vllm_overlap import census
     from vllm_overlap.runtime import site_census
@@ -115,12 +103,12 @@ def test_an_indexer_inside_the_refused_class_runs_upstream_statements(
     upstream, rewritten = functions(INDEXER_TARGET)
     rope = build_indexer_rope(hf)
     positions, hidden, qr = make_inputs(hf, 7)
-    for indexer, forked in ((refused, []), (free, [SITE.id])):
-        forks.clear()
+    for indexer, forked in ((refused, []), (free, [(SITE.id, 7)])):
+        count_forks.clear()
         expected = run_indexer(upstream, indexer, hidden, qr, positions, rope)
-        assert forks == []
+        assert count_forks == []
         actual = run_indexer(rewritten, indexer, hidden, qr, positions, rope)
-        assert forks == forked
+        assert count_forks == forked
         assert identical(expected, actual)
 
 
