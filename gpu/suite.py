@@ -71,10 +71,10 @@ STEPS = {
             "cuda_tests",
             "the tests marked cuda",
             150,
-            ("tests/test_deepseek_cuda.py", "tests/test_streams.py", "tests/conftest.py"),
+            ("tests/test_deepseek_cuda.py", "tests/test_sites_cuda.py", "tests/test_streams.py", "tests/conftest.py"),
             ("torch", "vllm", "vllm_overlap", "pytest"),
             (("pytest", [PY, "-m", "pytest", "-m", "cuda", "-q", "-rs", "-p", "no:cacheprovider",
-                         "tests/test_deepseek_cuda.py", "tests/test_streams.py"], {}),),
+                         "tests/test_deepseek_cuda.py", "tests/test_sites_cuda.py", "tests/test_streams.py"], {}),),
         ),
         Step(
             "e2e",

@@ -1,0 +1,106 @@
+"""Every site whose layer builds outside the engine, on a real GPU (marked ``cuda``: skipped
+without one): the real layer (real kernels, no stand-ins) built on the GPU by the layer
+benchmark's builder, its entry forked onto vLLM's aux stream, bit-identical to the site's
+serial path (upstream's statements, from the anchor), eagerly and replayed from a CUDA graph
+captured with the aux stream. The DeepSeek V3.2 sites need the engine's MLA backend and are
+covered by ``test_deepseek_cuda``.
+
+Imports nothing CUDA-specific at module level, so it collects (and skips) on the CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import site_entry, site_runtime
+from vllm_overlap import streams
+
+pytestmark = pytest.mark.cuda
+
+# site -> (fixture giving a VllmConfig, the tiny HF config of its layer)
+GPU_SITES = {
+    "gdn_in_proj": ("vllm_context", "qwen3_next"),
+    "deepseek_indexer_legacy": ("deepseek_vllm", "deepseek_v32"),
+    "kv_a_proj_minicpm3": ("minicpm3_vllm", "minicpm3"),
+    "delta_in_proj_olmo_hybrid": ("vllm_context", "olmo_hybrid"),
+}
+
+
+def _hf_config(name):
+    from vllm_overlap import tiny_models
+
+    if name == "qwen3_next":
+        return tiny_models.qwen3_next_config(2)
+    if name == "deepseek_v32":
+        from deepseek_layers import deepseek_v32_config
+
+        return deepseek_v32_config()
+    return getattr(tiny_models, f"{name}_config")()
+
+
+def _args(request, site_id, tokens):
+    from vllm_overlap.site_layers import SITE_LAYERS
+
+    fixture, config = GPU_SITES[site_id]
+    request.getfixturevalue("overlay_applied")
+    vllm_config, hf = request.getfixturevalue(fixture), _hf_config(config)
+    spec = SITE_LAYERS[site_id]
+    layer = spec.build(vllm_config, hf, torch.bfloat16, "cuda", 0)
+    return spec.inputs(layer, hf, tokens, torch.bfloat16, "cuda", torch.Generator().manual_seed(tokens))
+
+
+def _flat(value):
+    if isinstance(value, torch.Tensor):
+        return [value]
+    return [t for v in value for t in _flat(v)] if isinstance(value, (tuple, list)) else []
+
+
+def test_every_gpu_site_is_a_declared_site_with_a_builder():
+    from vllm_overlap.patches import SITES
+    from vllm_overlap.site_layers import SITE_LAYERS
+
+    assert set(GPU_SITES) <= set(SITES) and set(GPU_SITES) <= set(SITE_LAYERS)
+
+
+@pytest.mark.parametrize("tokens", [1, 8, 64])
+@pytest.mark.parametrize("site_id", sorted(GPU_SITES))
+def test_the_entry_forks_and_equals_the_serial_path(request, monkeypatch, site_id, tokens):
+    assert streams.get_aux_stream() is not None, "vLLM made no aux stream on this GPU"
+    forks = []
+    real = streams._parallel_impl()
+    monkeypatch.setattr(
+        streams, "_parallel_impl", lambda: lambda *a: forks.append(torch.cuda.current_stream()) or real(*a)
+    )
+    rt = site_runtime(site_id)
+    args = _args(request, site_id, tokens)
+    with torch.no_grad():
+        expected = _flat(rt.site.result(*rt.serial(*args)))
+        actual = _flat(site_entry(site_id)(*args))
+    torch.cuda.synchronize()
+    assert len(forks) == 1
+    assert len(actual) == len(expected) and all(torch.equal(a, e) for a, e in zip(actual, expected))
+
+
+@pytest.mark.parametrize("site_id", sorted(GPU_SITES))
+def test_the_entry_replays_from_a_cuda_graph(request, site_id):
+    """Captured with the aux stream on static inputs; replayed on new data copied in: equal to
+    the serial path run eagerly on that data."""
+    rt = site_runtime(site_id)
+    args = _args(request, site_id, 8)
+    entry = site_entry(site_id)
+    static = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    with torch.no_grad():
+        entry(*static)  # warm up outside capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = _flat(entry(*static))
+        fresh = _args(request, site_id, 8)
+        for s, f in zip(static, fresh):
+            if isinstance(s, torch.Tensor):
+                s.copy_(f)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = _flat(rt.site.result(*rt.serial(*static)))
+    assert all(torch.equal(o, e) for o, e in zip(out, expected))
