@@ -52,6 +52,9 @@ import textwrap
 import time
 import zipfile
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from vllm_overlap import vllm_names  # noqa: E402  (no torch, no vLLM)
+
 # --------------------------------------------------------------------------------------------
 # paths and wheels
 
@@ -466,41 +469,29 @@ def run_probe(venv: str, plugin_root: str, logfile: str, wheel: str, max_fixes: 
 #   uses:    the function's body mentions ``extra``
 #   binds:   the module imports ``name`` by name (the post-load hook rebinds it there)
 NAMES = [
-    ("current_platform", "gates, cli", "vllm.platforms", "attr", "current_platform", None),
+    # every name the runtime reads (vllm_names: one table, with what the runtime does without it)
+    *((f"{n.module.rsplit('.', 1)[-1]}.{n.name}", f"runtime; without: {n.without}", n.module, "attr", n.name, None)
+      for n in vllm_names.NAMES),
     ("Platform.is_cuda_alike", "gates", "vllm.platforms.interface", "member", "Platform.is_cuda_alike", None),
     ("Platform.device_type", "cli doctor", "vllm.platforms.interface", "member", "Platform.device_type", None),
     ("Platform._enum", "cli doctor", "vllm.platforms.interface", "member", "Platform._enum", None),
-    ("torch_utils.direct_register_custom_op", "site_runtime", "vllm.utils.torch_utils", "attr", "direct_register_custom_op", None),
     ("  (op_name, op_func, mutates_args, fake_impl, target_lib)", "site_runtime", "vllm.utils.torch_utils", "params", "direct_register_custom_op", ("op_name", "op_func", "mutates_args", "fake_impl", "target_lib")),
-    ("torch_utils.LayerNameType", "layers (fallback: str)", "vllm.utils.torch_utils", "attr", "LayerNameType", None),
-    ("torch_utils._encode_layer_name", "layers (fallback: str)", "vllm.utils.torch_utils", "attr", "_encode_layer_name", None),
-    ("torch_utils._resolve_layer_name", "layers (fallback: str)", "vllm.utils.torch_utils", "attr", "_resolve_layer_name", None),
-    ("torch_utils.aux_stream", "streams (fallback: None)", "vllm.utils.torch_utils", "attr", "aux_stream", None),
     ("torch_utils.set_default_torch_dtype", "site_layers", "vllm.utils.torch_utils", "attr", "set_default_torch_dtype", None),
-    ("multi_stream_utils.maybe_execute_in_parallel", "streams (fallback: own copy)", "vllm.utils.multi_stream_utils", "attr", "maybe_execute_in_parallel", None),
     ("  (fn0, fn1, event0, event1, aux_stream)", "streams", "vllm.utils.multi_stream_utils", "params", "maybe_execute_in_parallel", ("fn0", "fn1", "event0", "event1", "aux_stream")),
     ("  serial during breakable capture", "streams.py / README: 'vLLM's helper runs it serially'", "vllm.utils.multi_stream_utils", "uses", "maybe_execute_in_parallel", "BreakableCUDAGraphCapture"),
-    ("breakable_cudagraph.BreakableCUDAGraphCapture", "(maybe_execute_in_parallel)", "vllm.compilation.breakable_cudagraph", "attr", "BreakableCUDAGraphCapture", None),
     ("breakable_cudagraph.eager_break_during_capture", "not called (decorates V3.2 _fused_attention 0.25-0.27)", "vllm.compilation.breakable_cudagraph", "attr", "eager_break_during_capture", None),
-    ("ubatching.dbo_enabled", "streams (fallback: False)", "vllm.v1.worker.ubatching", "attr", "dbo_enabled", None),
-    ("forward_context.get_forward_context", "layers", "vllm.forward_context", "attr", "get_forward_context", None),
-    ("forward_context.is_forward_context_available", "layers", "vllm.forward_context", "attr", "is_forward_context_available", None),
     ("ForwardContext.no_compile_layers", "layers", "vllm.forward_context", "member", "ForwardContext.no_compile_layers", None),
-    ("linear.UnquantizedLinearMethod", "gdn_fuse", "vllm.model_executor.layers.linear", "attr", "UnquantizedLinearMethod", None),
-    ("linear.MergedColumnParallelLinear", "gdn_fuse", "vllm.model_executor.layers.linear", "attr", "MergedColumnParallelLinear", None),
     ("  (input_size, output_sizes, bias, quant_config, params_dtype, disable_tp, prefix)", "gdn_fuse", "vllm.model_executor.layers.linear", "params", "MergedColumnParallelLinear.__init__", ("input_size", "output_sizes", "bias", "quant_config", "params_dtype", "disable_tp", "prefix")),
     ("  .output_size_per_partition", "gdn_fuse, layers", "vllm.model_executor.layers.linear", "member", "MergedColumnParallelLinear.output_size_per_partition", None),
     ("  .output_sizes", "gdn_fuse", "vllm.model_executor.layers.linear", "member", "MergedColumnParallelLinear.output_sizes", None),
     ("  .tp_size / .tp_rank", "gdn_fuse", "vllm.model_executor.layers.linear", "member", "MergedColumnParallelLinear.tp_size,MergedColumnParallelLinear.tp_rank", None),
     ("  .input_size / .quant_method", "gdn_fuse", "vllm.model_executor.layers.linear", "member", "MergedColumnParallelLinear.input_size,MergedColumnParallelLinear.quant_method", None),
     ("ReplicatedLinear.output_size", "layers.per_rank_width", "vllm.model_executor.layers.linear", "member", "ReplicatedLinear.output_size", None),
-    ("model_loader.utils.process_weights_after_loading", "plugin post-load hook", "vllm.model_executor.model_loader.utils", "attr", "process_weights_after_loading", None),
     ("  (model, model_config, target_device)", "site_layers", "vllm.model_executor.model_loader.utils", "params", "process_weights_after_loading", ("model", "model_config", "target_device")),
     ("  bound by name in base_loader", "plugin post-load hook", "vllm.model_executor.model_loader.base_loader", "binds", "process_weights_after_loading", None),
     ("  bound by name in weight_cache.daemon", "plugin post-load hook", "vllm.model_executor.model_loader.weight_cache.daemon", "binds", "process_weights_after_loading", None),
     ("  bound by name in weight_cache.ipc_loader", "plugin post-load hook", "vllm.model_executor.model_loader.weight_cache.ipc_loader", "binds", "process_weights_after_loading", None),
     ("config.vllm.VllmConfig.compute_hash", "cache_key", "vllm.config.vllm", "member", "VllmConfig.compute_hash", None),
-    ("logger.init_logger", "log", "vllm.logger", "attr", "init_logger", None),
     ("config.set_current_vllm_config", "site_layers, layer_bench", "vllm.config", "attr", "set_current_vllm_config", None),
     ("config.ModelConfig / VllmConfig", "layer_bench", "vllm.config", "attr", "ModelConfig,VllmConfig", None),
     ("distributed.init_distributed_environment", "layer_bench", "vllm.distributed", "attr", "init_distributed_environment", None),

@@ -43,7 +43,7 @@ def test_micro_batch_threads_run_serially(fake_gpu, monkeypatch):
 
 def test_breakable_cuda_graph_capture_runs_serially(fake_gpu, monkeypatch):
     """vLLM's BreakableCUDAGraphCapture active (as its capture sets it) means no fork, whatever
-    vLLM's own helper checks (0.24-0.26's does not)."""
+    vLLM's own helper checks (0.22-0.26's does not)."""
     from vllm.compilation.breakable_cudagraph import BreakableCUDAGraphCapture
 
     order = []

@@ -6,7 +6,7 @@ concurrently (fn0 on the current stream, fn1 on the aux stream) only when all ho
 - vLLM has an aux stream (``vllm.utils.torch_utils.aux_stream()``: CUDA / ROCm only);
 - ``feature.min_tokens <= num_tokens <= feature.max_tokens``;
 - no breakable CUDA-graph capture is active (checked here: vLLM's ``maybe_execute_in_parallel``
-  checks it too, but only from 0.27.1, while 0.24-0.26 already capture breakably);
+  checks it too, but only from 0.27.1, while 0.22-0.26 already capture breakably);
 - the caller is not a dual-batch-overlap micro-batch thread (those have streams of their own).
 
 Otherwise it calls fn0 then fn1 on the current stream: the same computation, serially.
@@ -87,7 +87,7 @@ def in_breakable_capture() -> bool:
     if _breakable_active is None:
         try:
             from vllm.compilation.breakable_cudagraph import BreakableCUDAGraphCapture
-        except ImportError:  # a vLLM without breakable capture (before 0.24): none to detect
+        except ImportError:  # a vLLM without breakable capture (before 0.22): none to detect
 
             def none_active() -> bool:
                 return False
