@@ -260,7 +260,8 @@ def clean_env(extra: dict | None = None) -> dict:
 
 def doctor_model(model: str) -> dict:
     """``vllm-overlap doctor --json --model MODEL`` in a fresh process: its report's "model"
-    part, with "rows" as {feature: answer}."""
+    part, with "rows" as {feature: answer}, and the code rows as "code": {(feature, target):
+    result}."""
     proc = subprocess.run(
         [sys.executable, "-m", "vllm_overlap.cli", "doctor", "--json", "--model", model],
         env=clean_env(),
@@ -269,8 +270,12 @@ def doctor_model(model: str) -> dict:
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout)["model"]
-    return {**report, "rows": {r["feature"]: r["this model"] for r in report["rows"]}}
+    full = json.loads(proc.stdout)
+    return {
+        **full["model"],
+        "rows": {r["feature"]: r["this model"] for r in full["model"]["rows"]},
+        "code": {(r["feature"], r["target"]): r["result"] for r in full["rows"]},
+    }
 
 
 def run_llm(model: str, *flags: str, env: dict | None = None, timeout: int = 600) -> dict:

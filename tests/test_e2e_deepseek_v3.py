@@ -8,13 +8,9 @@ rewrite must be applied, and the only reason anything stays serial must be "no i
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 
-from conftest import clean_env, run_on_off
+from conftest import doctor_model, run_on_off
 
 pytestmark = pytest.mark.slow
 
@@ -53,19 +49,9 @@ def test_on_off_identical(deepseek_v3_dir, tmp_path, compiled):
 
 
 def test_doctor_says_the_model_has_no_indexer(deepseek_v3_dir):
-    proc = subprocess.run(
-        [sys.executable, "-m", "vllm_overlap.cli", "doctor", "--json", "--model", deepseek_v3_dir],
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout)
-    code = {(r["feature"], r["target"]): r["result"] for r in report["rows"]}
-    assert code["mla_q_b_proj", "MultiHeadLatentAttentionWrapper.forward"] == "applied"
-    assert code["deepseek_indexer", "Indexer.forward"] == "applied"
-    model = {r["feature"]: r["this model"] for r in report["model"]["rows"]}
-    assert report["model"]["model_type"] == "deepseek_v3"
+    report = doctor_model(deepseek_v3_dir)
+    assert report["code"]["mla_q_b_proj", "MultiHeadLatentAttentionWrapper.forward"] == "applied"
+    assert report["code"]["deepseek_indexer", "Indexer.forward"] == "applied"
+    assert report["model_type"] == "deepseek_v3"
     for feature in ("deepseek_indexer", "mla_q_b_proj"):
-        assert model[feature].startswith(f"skipped: {NO_INDEXER}:"), model[feature]
+        assert report["rows"][feature].startswith(f"skipped: {NO_INDEXER}:"), report["rows"][feature]
