@@ -129,6 +129,51 @@ def test_vllms_fan_out_helper_is_the_one_used_and_the_fallback_runs_in_order():
     assert order == ["fn0", "fn1", "fn2"]
 
 
+def test_the_overlays_own_fork_join_orders_the_streams_as_vllms_helpers_do(monkeypatch):
+    """The fallbacks for a vLLM without the helpers (one fan-out copy serves both): the pair
+    enqueues fn0 first, then fn1 on the aux stream after the fork event, and joins; the
+    fan-out enqueues the aux functions first, each after the start event, then fn0."""
+    import contextlib
+
+    log = []
+
+    class Event:
+        def __init__(self, name):
+            self.name = name
+
+        def record(self):
+            log.append(f"record {self.name}")
+
+        def wait(self):
+            log.append(f"wait {self.name}")
+
+    @contextlib.contextmanager
+    def on(stream):
+        log.append(f"on {stream}")
+        yield
+        log.append(f"off {stream}")
+
+    def fn(name):
+        return lambda: log.append(name) or name
+
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    assert streams._execute_in_parallel(fn("fn0"), fn("fn1"), Event("e0"), Event("e1"), "aux") == ("fn0", "fn1")
+    assert log == ["record e0", "fn0", "on aux", "wait e0", "fn1", "record e1", "off aux", "wait e1"]
+    log.clear()
+    done = [Event("d1"), Event("d2")]
+    result = streams._execute_many(fn("fn0"), [fn("fn1"), fn("fn2")], Event("s"), done, ["a1", "a2"], enable=True)
+    assert result == ("fn0", ["fn1", "fn2"])
+    assert log == [
+        "record s",
+        "on a1", "wait s", "fn1", "record d1", "off a1",
+        "on a2", "wait s", "fn2", "record d2", "off a2",
+        "fn0", "wait d1", "wait d2",
+    ]
+    log.clear()
+    assert streams._execute_in_parallel(fn("fn0"), fn("fn1"), None, None, None) == ("fn0", "fn1")
+    assert log == ["fn0", "fn1"]  # no aux stream: serially, in order
+
+
 def test_events_are_per_site_and_per_thread_and_reused(fake_gpu):
     streams.run_pair("a", *_pair([]), 8, FEATURE)
     streams.run_pair("a", *_pair([]), 8, FEATURE)

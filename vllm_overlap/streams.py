@@ -111,30 +111,32 @@ def _parallel_impl() -> Callable[..., tuple[Any, Any]]:
 
 
 def _execute_in_parallel(fn0, fn1, event0, event1, aux_stream=None):
-    if aux_stream is None:
-        return fn0(), fn1()
-    event0.record()
-    result0 = fn0()
-    with torch.cuda.stream(aux_stream):
-        event0.wait()
-        result1 = fn1()
-        event1.record()
-    event1.wait()
+    """vLLM's ``maybe_execute_in_parallel`` for a vLLM without it: the fan-out with one aux
+    branch, fn0 enqueued first."""
+    streams = None if aux_stream is None else [aux_stream]
+    result0, (result1,) = _execute_many(fn0, [fn1], event0, [event1], streams, enable=True, default_first=True)
     return result0, result1
 
 
-def _execute_many(default_fn, aux_fns, start_event, done_events, aux_streams=None, enable=False):
-    """vLLM's ``execute_in_parallel`` as 0.20.2-0.33 have it, for a vLLM without it."""
+def _execute_many(
+    default_fn, aux_fns, start_event, done_events, aux_streams=None, enable=False, default_first=False
+):
+    """vLLM's ``execute_in_parallel`` as 0.31-0.33 have it, for a vLLM without it: each aux
+    function on its stream after ``start_event``, the current stream joining every
+    ``done_events[i]``; ``default_first`` enqueues ``default_fn`` before the aux functions."""
     if aux_streams is None or not enable:
         return default_fn(), [fn() for fn in aux_fns]
     start_event.record()
+    if default_first:
+        default_result = default_fn()
     results = []
     for fn, stream, done in zip(aux_fns, aux_streams, done_events):
         with torch.cuda.stream(stream):
             start_event.wait()
             results.append(fn())
             done.record()
-    default_result = default_fn()
+    if not default_first:
+        default_result = default_fn()
     for done in done_events:
         done.wait()
     return default_result, results
