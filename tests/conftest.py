@@ -298,6 +298,27 @@ def run_llm(model: str, *flags: str, env: dict | None = None, timeout: int = 600
     return result
 
 
+def tensors_of(value) -> list:
+    """The tensors in ``value`` (a tensor, or nested tuples and lists of them), in order."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in tensors_of(v)]
+    return []
+
+
+def same_tensors(a, b) -> bool:
+    """Whether ``a`` and ``b`` hold the same tensors: count, shapes, dtypes and values."""
+    import torch
+
+    ta, tb = tensors_of(a), tensors_of(b)
+    return len(ta) == len(tb) and all(
+        x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(ta, tb)
+    )
+
+
 def site_runtime(site_id: str, module: str | None = None):
     """The runtime the rewritten code of ``site_id`` calls in ``module`` (default: its first
     target's), as the plugin built it in this process."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import functions
 from vllm_overlap import rewrite
 from vllm_overlap.patches.kv_a_proj import MINICPM3
 
@@ -60,17 +61,11 @@ def overlay_applied(overlay_applied):
     return overlay_applied
 
 
-def _functions():
-    owner, attr = rewrite.resolve_owner(TARGET)
-    return rewrite.original_function(TARGET), getattr(owner, attr)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("tokens", [1, 7])
 def test_rewritten_forward_matches_upstream(overlay_applied, minicpm3_vllm, count_forks, tokens, dtype):
     assert rewrite.applied_features(TARGET) == ["kv_a_proj"]
-    upstream, rewritten = _functions()
-    assert rewritten is not upstream
+    upstream, rewritten = functions(TARGET)
     layer, hf = _layer(minicpm3_vllm, dtype)
     positions, hidden = _inputs(hf, tokens, dtype)
     with torch.no_grad():
@@ -87,7 +82,7 @@ def test_the_comparison_fails_when_the_kv_latent_changes(overlay_applied, minicp
     """A perturbed aux branch (kv_a_proj_with_mqa's output) changes the layer's output."""
     from conftest import wrap_branch
 
-    upstream, rewritten = _functions()
+    upstream, rewritten = functions(TARGET)
     layer, hf = _layer(minicpm3_vllm)
     positions, hidden = _inputs(hf, 7)
     with torch.no_grad():
@@ -99,7 +94,7 @@ def test_the_comparison_fails_when_the_kv_latent_changes(overlay_applied, minicp
 @pytest.mark.parametrize("tokens", [1, 7])
 def test_compiled_forward_is_one_op_and_matches_upstream_eager(overlay_applied, minicpm3_vllm, tokens):
     """Under torch.compile the site is one opaque op call and the result is upstream's."""
-    upstream, rewritten = _functions()
+    upstream, rewritten = functions(TARGET)
     layer, hf = _layer(minicpm3_vllm)
     positions, hidden = _inputs(hf, tokens)
     graphs = []

@@ -16,6 +16,7 @@ from collections import Counter
 import pytest
 import torch
 
+from conftest import functions
 from kernel_standin import standin
 from vllm_overlap import rewrite
 from vllm_overlap.patches.delta_in_proj import OLMO_HYBRID, OLMO_MODULE
@@ -64,9 +65,7 @@ def _run(fn, layer, hidden):
 def test_rewritten_full_forward_matches_upstream(olmo_layer, count_forks, tokens):
     layer, hf, calls = olmo_layer
     assert rewrite.applied_features(TARGET) == ["delta_in_proj"]
-    owner, attr = rewrite.resolve_owner(TARGET)
-    upstream, rewritten = rewrite.original_function(TARGET), getattr(owner, attr)
-    assert rewritten is not upstream
+    upstream, rewritten = functions(TARGET)
     hidden = torch.randn(tokens, hf.hidden_size, generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16)
     expected = _run(upstream, layer, hidden)
     assert count_forks == [] and calls["_forward_core"] == 1
@@ -81,8 +80,8 @@ def test_the_comparison_fails_when_b_or_a_changes(olmo_layer, monkeypatch):
     from conftest import wrap_branch
 
     layer, hf, _ = olmo_layer
-    owner, attr = rewrite.resolve_owner(TARGET)
+    upstream, rewritten = functions(TARGET)
     hidden = torch.randn(3, hf.hidden_size, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
-    expected = _run(rewrite.original_function(TARGET), layer, hidden)
+    expected = _run(upstream, layer, hidden)
     wrap_branch(monkeypatch, "delta_in_proj_olmo_hybrid", "aux", lambda ba: (ba[0], ba[1] * 1.01 + 0.01))
-    assert not torch.equal(_run(getattr(owner, attr), layer, hidden), expected)
+    assert not torch.equal(_run(rewritten, layer, hidden), expected)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import site_entry, site_runtime, wrap_branch
+from conftest import same_tensors, site_entry, site_runtime, tensors_of, wrap_branch
 from vllm_overlap import active_config, streams
 from vllm_overlap.config import LoadedConfig, OverlayConfig
 from vllm_overlap.patches import SITES
@@ -170,21 +170,6 @@ def test_every_gated_site_says_how_to_deactivate_its_layer():
 # ---------------------------------------------------------------------------------------------
 
 
-def _tensors(value) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    return []
-
-
-def _same(a, b) -> bool:
-    ta, tb = _tensors(a), _tensors(b)
-    return len(ta) == len(tb) and all(
-        x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(ta, tb)
-    )
-
-
 def _fresh(args) -> tuple:
     """The arguments with new tensors (a branch may rotate an input in place, as upstream's
     RoPE does), so every run starts from the same values."""
@@ -261,7 +246,7 @@ def test_overlapped_path_equals_the_serial_statements(request, deepseek_overlay,
     expected = _run(_serial(site_id), site_id, args)
     actual = _run(site_entry(site_id), site_id, args)
     assert _own(forks, site_id) == [site_id]
-    assert _same(expected, actual) and _tensors(expected)
+    assert same_tensors(expected, actual) and tensors_of(expected)
 
 
 @pytest.mark.parametrize("which", ["current", "aux"])
@@ -275,7 +260,7 @@ def test_a_perturbed_branch_changes_the_result(request, deepseek_overlay, site_i
         monkeypatch.setattr(rt.compiled, which, lambda *a: None)
     else:
         wrap_branch(monkeypatch, site_id, which, _perturbed)
-    assert not _same(expected, _run(site_entry(site_id), site_id, args))
+    assert not same_tensors(expected, _run(site_entry(site_id), site_id, args))
 
 
 @pytest.mark.parametrize("tokens", [1, 7])
@@ -286,7 +271,7 @@ def test_branches_share_no_storage_that_either_writes(request, deepseek_overlay,
     actual = recorder.run(lambda: _run(site_entry(site_id), site_id, args))
     assert _own(recorder.forks, site_id) == [site_id]
     recorder.assert_no_cross_branch_hazard()  # nested sites' forks included
-    assert _same(expected, actual)
+    assert same_tensors(expected, actual)
 
 
 @pytest.mark.parametrize("site_id", sorted(BUILDERS))
@@ -298,13 +283,13 @@ def test_no_second_stream_or_lora_runs_serially(request, deepseek_overlay, site_
     expected = _run(_serial(site_id), site_id, args)
     with monkeypatch.context() as m:
         m.setattr(gates, "_OVERLAP_POSSIBLE", False)
-        assert _same(expected, _run(site_entry(site_id), site_id, args))
+        assert same_tensors(expected, _run(site_entry(site_id), site_id, args))
     projections = rt.compiled.projections(*args)
     assert projections  # the branches call modules of the layer
     for projection in projections:  # each one LoRA-wrapped alone
         with monkeypatch.context() as m:
             m.setattr(projection, "base_layer", torch.nn.Identity(), raising=False)
-            assert _same(expected, _run(site_entry(site_id), site_id, args))
+            assert same_tensors(expected, _run(site_entry(site_id), site_id, args))
     assert _own(forks, site_id) == []
 
 
@@ -318,13 +303,13 @@ def test_a_projection_that_is_not_stream_safe_runs_serially(request, deepseek_ov
     rt = site_runtime(site_id)
     args = BUILDERS[site_id](request, 5)
     expected = _run(_serial(site_id), site_id, args)
-    assert _same(expected, _run(site_entry(site_id), site_id, args))
+    assert same_tensors(expected, _run(site_entry(site_id), site_id, args))
     assert _own(_forked_sites(fake_gpu), site_id) == [site_id]  # safe: it forks
     for projection in rt.compiled.projections(*args):
         fake_gpu.clear()
         with monkeypatch.context() as m:
             m.setitem(projection.__dict__, stream_safety.VERDICT, "TestKernel: a per-device workspace")
-            assert _same(expected, _run(site_entry(site_id), site_id, args))
+            assert same_tensors(expected, _run(site_entry(site_id), site_id, args))
             assert _own(_forked_sites(fake_gpu), site_id) == []
             m.setattr(census, "site_reports", {})
             row = site_census.post_load(torch.nn.ModuleList([args[0]]))[site_id]
@@ -350,7 +335,7 @@ def test_another_models_module_behind_a_callee_runs_serially(request, deepseek_o
     args = BUILDERS[site_id](request, 5)
     expected = _run(_serial(site_id), site_id, args)
     fake_gpu.clear()
-    assert _same(expected, _run(site_entry(site_id), site_id, args))
+    assert same_tensors(expected, _run(site_entry(site_id), site_id, args))
     assert _own(_forked_sites(fake_gpu), site_id) == [site_id]  # the declared class: it forks
     for callee in rt.site.callees:
         obj = args[0]
@@ -363,7 +348,7 @@ def test_another_models_module_behind_a_callee_runs_serially(request, deepseek_o
 
         monkeypatch.setattr(obj, "__class__", OtherModelsModule)
     fake_gpu.clear()
-    assert _same(expected, _run(site_entry(site_id), site_id, args))
+    assert same_tensors(expected, _run(site_entry(site_id), site_id, args))
     assert _own(_forked_sites(fake_gpu), site_id) == []
     monkeypatch.setattr(census, "site_reports", {})
     row = site_census.post_load(torch.nn.ModuleList([args[0]]))[site_id]
@@ -391,7 +376,7 @@ def test_an_inactive_layer_runs_only_the_ungated_branch(request, deepseek_overla
         expected = (expected, observe(args))
     actual = _run(site_entry(site_id), site_id, args)
     assert _own(forks, site_id) == []
-    assert _same(expected, actual) and _tensors(expected)
+    assert same_tensors(expected, actual) and tensors_of(expected)
 
 
 @pytest.mark.parametrize(
@@ -432,7 +417,7 @@ def test_the_sites_token_range_gates_the_fork_at_both_bounds(
     token_range(SITES[site_id].feature, 4, 16)
     args = BUILDERS[site_id](request, tokens)
     expected = _run(_serial(site_id), site_id, args)
-    assert _same(expected, _run(site_entry(site_id), site_id, args))
+    assert same_tensors(expected, _run(site_entry(site_id), site_id, args))
     assert _own(_forked_sites(fake_gpu), site_id) == [site_id] * forked
 
 
@@ -441,7 +426,7 @@ def test_micro_batch_threads_run_serially(request, deepseek_overlay, site_id, fa
     monkeypatch.setattr(streams, "in_micro_batch_thread", lambda: True)
     args = BUILDERS[site_id](request, 8)
     expected = _run(_serial(site_id), site_id, args)
-    assert _same(expected, _run(site_entry(site_id), site_id, args))
+    assert same_tensors(expected, _run(site_entry(site_id), site_id, args))
     assert fake_gpu == []
 
 
@@ -507,7 +492,7 @@ def test_fake_kernel_matches_real_outputs(request, deepseek_overlay, site_id, to
     for r, f, width in zip(real, fake, rt.widths(args[0])):
         assert (tuple(f.shape), f.dtype, f.stride()) == (tuple(r.shape), r.dtype, r.stride())
         assert tuple(r.shape) == (tokens, width) and r.dtype == dtype and r.is_contiguous()
-    assert _same(tuple(real), tuple(t.contiguous() for t in _tensors((current, aux))))
+    assert same_tensors(tuple(real), tuple(t.contiguous() for t in tensors_of((current, aux))))
 
 
 @pytest.mark.parametrize("site_id", OP_SITES)
@@ -572,7 +557,7 @@ class _Stack(torch.nn.Module):
         sums = []
         for layer in self.layers:
             total = tensors[0].new_zeros((), dtype=torch.float32)
-            for out in _tensors(entry(layer, *tensors)):
+            for out in tensors_of(entry(layer, *tensors)):
                 total = total + out.float().sum()
             sums.append(total)
         return torch.stack(sums)

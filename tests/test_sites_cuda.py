@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import site_entry, site_runtime
+from conftest import same_tensors, site_entry, site_runtime, tensors_of
 from vllm_overlap import streams
 
 pytestmark = pytest.mark.cuda
@@ -50,12 +50,6 @@ def _args(request, site_id, tokens):
     return spec.inputs(layer, hf, tokens, torch.bfloat16, "cuda", torch.Generator().manual_seed(tokens))
 
 
-def _flat(value):
-    if isinstance(value, torch.Tensor):
-        return [value]
-    return [t for v in value for t in _flat(v)] if isinstance(value, (tuple, list)) else []
-
-
 def test_every_gpu_site_is_a_declared_site_with_a_builder():
     from vllm_overlap.patches import SITES
     from vllm_overlap.site_layers import SITE_LAYERS
@@ -75,11 +69,11 @@ def test_the_entry_forks_and_equals_the_serial_path(request, monkeypatch, site_i
     rt = site_runtime(site_id)
     args = _args(request, site_id, tokens)
     with torch.no_grad():
-        expected = _flat(rt.site.result(*rt.serial(*args)))
-        actual = _flat(site_entry(site_id)(*args))
+        expected = rt.site.result(*rt.serial(*args))
+        actual = site_entry(site_id)(*args)
     torch.cuda.synchronize()
     assert len(forks) == 1
-    assert len(actual) == len(expected) and all(torch.equal(a, e) for a, e in zip(actual, expected))
+    assert tensors_of(expected) and same_tensors(actual, expected)
 
 
 @pytest.mark.parametrize("site_id", sorted(GPU_SITES))
@@ -95,12 +89,12 @@ def test_the_entry_replays_from_a_cuda_graph(request, site_id):
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = _flat(entry(*static))
+            out = entry(*static)
         fresh = _args(request, site_id, 8)
         for s, f in zip(static, fresh):
             if isinstance(s, torch.Tensor):
                 s.copy_(f)
         graph.replay()
         torch.cuda.synchronize()
-        expected = _flat(rt.site.result(*rt.serial(*static)))
-    assert all(torch.equal(o, e) for o, e in zip(out, expected))
+        expected = rt.site.result(*rt.serial(*static))
+    assert tensors_of(expected) and same_tensors(out, expected)
