@@ -158,6 +158,11 @@ class PairShapes:
     branch1: Branch  # the aux stream
     fused: bool  # the site has a fused form: one GEMM over both branches' weights
     notes: tuple[str, ...] = field(default=())
+    more: tuple[Branch, ...] = field(default=())  # a fan-out's further aux branches, a stream each
+
+    @property
+    def branches(self) -> tuple[Branch, ...]:
+        return (self.branch0, self.branch1, *self.more)
 
 
 def _shard(width: int, tp: int, what: str) -> int:
@@ -275,7 +280,24 @@ def _delta_in_proj_olmo_hybrid(c: dict, tp: int) -> tuple[Branch, Branch, bool, 
     )
 
 
-# site -> (model family, what each branch computes)
+def _delta_in_proj_bailing_moe_v3(c: dict, tp: int) -> tuple:
+    # BailingMoeV3KimiDeltaAttention.forward: qkvb_proj (MergedColumnParallelLinear, hidden ->
+    # [q, k, v (heads * head_dim each), beta (heads)]) beside f_proj and g_proj
+    # (ColumnParallelLinear, hidden -> heads * head_dim each), each on an aux stream of its own.
+    # All sharded by tp.
+    h = c["hidden_size"]
+    heads = _shard(c["num_attention_heads"], tp, "num_attention_heads")
+    width = heads * c["head_dim"]
+    return (
+        Branch("hidden", h, (Gemm("qkvb_proj", h, 3 * width + heads),)),
+        Branch("hidden", h, (Gemm("f_proj", h, width),)),
+        False,
+        ("a fan-out: f_proj and g_proj on two aux streams",),
+        (Branch("hidden", h, (Gemm("g_proj", h, width),)),),
+    )
+
+
+# site -> (model family, what each branch computes: branch0, branch1, fused, notes[, more])
 SITES = {
     "gdn_in_proj": ("gdn", _gdn_in_proj),
     "deepseek_indexer": ("dsa", _deepseek_indexer),
@@ -283,6 +305,7 @@ SITES = {
     "mla_q_b_proj": ("dsa", _mla_q_b_proj),
     "kv_a_proj_minicpm3": ("minicpm3", _kv_a_proj_minicpm3),
     "delta_in_proj_olmo_hybrid": ("olmo_hybrid", _delta_in_proj_olmo_hybrid),
+    "delta_in_proj_bailing_moe_v3": ("bailing_moe_v3", _delta_in_proj_bailing_moe_v3),
 }
 
 
@@ -296,8 +319,7 @@ def site_shapes(site: str, model: str, tp: int) -> PairShapes:
     config = MODELS[model]
     if config["family"] != family:
         raise ValueError(f"{model} has no {site} site")
-    b0, b1, fused, notes = build(config, tp)
-    return PairShapes(site, model, tp, b0, b1, fused, notes)
+    return PairShapes(site, model, tp, *build(config, tp))
 
 
 def replicated(shapes: PairShapes) -> bool:

@@ -55,7 +55,7 @@ from model_shapes import (  # noqa: E402
     site_shapes,
 )
 
-from vllm_overlap.streams import fork_join  # noqa: E402  (torch only)
+from vllm_overlap.streams import fork_join, fork_join_many  # noqa: E402  (torch only)
 
 # --------------------------------------------------------------------------------------------
 # The computation of a branch
@@ -138,7 +138,7 @@ def fp8_unsupported(device: torch.device, shapes: PairShapes) -> str | None:
         return "FP8 GEMMs need compute capability 8.9 or newer"
     if not hasattr(torch, "_scaled_mm") or not hasattr(torch, "float8_e4m3fn"):
         return "this torch has no torch._scaled_mm / float8_e4m3fn"
-    for branch in (shapes.branch0, shapes.branch1):
+    for branch in shapes.branches:
         for op in branch.ops:
             if isinstance(op, Gemm) and (op.k % 16 or op.n % 16):
                 return f"{op.name} is {op.k} x {op.n}: _scaled_mm needs multiples of 16"
@@ -146,43 +146,52 @@ def fp8_unsupported(device: torch.device, shapes: PairShapes) -> str | None:
 
 
 class Pair:
-    """Both branches of one site at one shape and dtype, with every variant as a callable."""
+    """Every branch of one site (two, or a fan-out's three or more) at one shape and dtype,
+    with every variant as a callable."""
 
     def __init__(self, shapes: PairShapes, dtype: str, device: torch.device, seed: int = 0):
         gen = torch.Generator().manual_seed(seed)
         self.shapes = shapes
         self.dtype = dtype
         self.device = device
-        self.b0 = BranchRunner(shapes.branch0, dtype, device, gen)
-        self.b1 = BranchRunner(shapes.branch1, dtype, device, gen)
+        self.runners = [BranchRunner(b, dtype, device, gen) for b in shapes.branches]
+        self.b0, self.b1 = self.runners[:2]
         self.fused_weight = None
         if shapes.fused and dtype == "bf16":
             self.fused_weight = torch.cat([self.b0.params[0], self.b1.params[0]], dim=0)
             self.widths = (shapes.branch0.ops[0].n, shapes.branch1.ops[0].n)
         self.aux = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.more_aux = [torch.cuda.Stream(device) for _ in shapes.more] if self.aux is not None else []
 
     def inputs(self, tokens: int, seed: int = 1) -> dict:
         gen = torch.Generator().manual_seed(seed)
         found = {}
-        for branch in (self.shapes.branch0, self.shapes.branch1):
+        for branch in self.shapes.branches:
             if branch.input not in found:
                 found[branch.input] = make_input(branch.input_width, tokens, self.dtype, self.device, gen)
         return found
 
     def variants(self, x: dict) -> dict[str, Callable[[], list]]:
-        in0, in1 = x[self.shapes.branch0.input], x[self.shapes.branch1.input]
-
-        def branch0():
-            return self.b0(in0)
-
-        def branch1():
-            return self.b1(in1)
+        in0 = x[self.shapes.branch0.input]
+        branches = [
+            lambda runner=runner, b=b: runner(x[b.input]) for runner, b in zip(self.runners, self.shapes.branches)
+        ]
+        branch0, branch1 = branches[:2]
 
         def serial():
-            return [*branch0(), *branch1()]
+            return [out for branch in branches for out in branch()]
 
-        out = {"serial": serial, "branch0": branch0, "branch1": branch1}
-        if self.aux is not None:
+        out = {"serial": serial, **{f"branch{i}": branch for i, branch in enumerate(branches)}}
+        if self.aux is not None and self.shapes.more:
+
+            def dual():  # the fan-out: each aux branch on a stream of its own
+                r0, rest = fork_join_many(
+                    f"pairs:{self.shapes.site}", branch0, branches[1:], [self.aux, *self.more_aux]
+                )
+                return [*r0, *(o for r in rest for o in r)]
+
+            out["dual"] = dual
+        elif self.aux is not None:
 
             def dual():
                 r0, r1 = fork_join(f"pairs:{self.shapes.site}", branch0, branch1, self.aux)
@@ -275,10 +284,9 @@ def measure(pair: Pair, tokens: int, args) -> dict:
         "dtype": pair.dtype,
         "tokens": tokens,
         "serial_us": t["serial"] * 1e6,
-        "branch0_us": t["branch0"] * 1e6,
-        "branch1_us": t["branch1"] * 1e6,
-        "bound_us": max(t["branch0"], t["branch1"]) * 1e6,
-        "sum_us": (t["branch0"] + t["branch1"]) * 1e6,
+        **{f"branch{i}_us": t[f"branch{i}"] * 1e6 for i in range(len(pair.runners))},
+        "bound_us": max(t[f"branch{i}"] for i in range(len(pair.runners))) * 1e6,
+        "sum_us": sum(t[f"branch{i}"] for i in range(len(pair.runners))) * 1e6,
         "noise": (max(serial_rounds) - min(serial_rounds)) / t["serial"],
         "reps": reps,
     }
@@ -342,12 +350,9 @@ def smoke_shapes() -> list[PairShapes]:
                          kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8),
         "olmo_hybrid": dict(family="olmo_hybrid", hidden_size=64, linear_num_key_heads=2, linear_key_head_dim=16,
                             linear_num_value_heads=4, linear_value_head_dim=16),
+        "bailing_moe_v3": dict(family="bailing_moe_v3", hidden_size=64, num_attention_heads=4, head_dim=16),
     }
-    out = []
-    for site, (family, build) in SITES.items():
-        b0, b1, fused, notes = build(tiny[family], 1)
-        out.append(PairShapes(site, f"tiny-{family}", 1, b0, b1, fused, notes))
-    return out
+    return [PairShapes(site, f"tiny-{family}", 1, *build(tiny[family], 1)) for site, (family, build) in SITES.items()]
 
 
 # --------------------------------------------------------------------------------------------

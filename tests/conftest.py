@@ -342,11 +342,11 @@ def site_entry(site_id: str, module: str | None = None):
 
 
 def wrap_branch(monkeypatch, site_id: str, which: str, change, module: str | None = None):
-    """Make the ``which`` branch ("current" or "aux") of ``site_id`` return ``change(result)``
-    (undone by monkeypatch): a mutation of one branch's output."""
+    """Make the ``which`` branch ("current", "aux", "aux2"...) of ``site_id`` return
+    ``change(result)`` (undone by monkeypatch): a mutation of one branch's output."""
     compiled = site_runtime(site_id, module).compiled
-    real = getattr(compiled, which)
-    monkeypatch.setattr(compiled, which, lambda *args: change(real(*args)))
+    real = compiled.branches[which]
+    monkeypatch.setitem(compiled.branches, which, lambda *args: change(real(*args)))
 
 
 def functions(target):
@@ -368,20 +368,21 @@ def functions(target):
 
 @pytest.fixture
 def count_forks(monkeypatch):
-    """Every call of the two-branch stream primitive as (site, num_tokens); delegates to the
-    real one. Each site must pass its own feature's config (its token range)."""
+    """Every call of the stream primitive (the pair's or the fan-out's) as (site, num_tokens);
+    delegates to the real one. Each site must pass its own feature's config (its token range)."""
     from vllm_overlap import active_config, streams
     from vllm_overlap.patches import SITES
 
     calls = []
-    real = streams.run_pair
+    for name in ("run_pair", "run_many"):
+        real = getattr(streams, name)
 
-    def counting(site, fn0, fn1, num_tokens, feature):
-        assert feature == active_config.site_config(SITES[site]), (site, feature)
-        calls.append((site, num_tokens))
-        return real(site, fn0, fn1, num_tokens, feature)
+        def counting(site, fn0, fns, num_tokens, feature, real=real):
+            assert feature == active_config.site_config(SITES[site]), (site, feature)
+            calls.append((site, num_tokens))
+            return real(site, fn0, fns, num_tokens, feature)
 
-    monkeypatch.setattr(streams, "run_pair", counting)
+        monkeypatch.setattr(streams, name, counting)
     return calls
 
 
@@ -429,8 +430,9 @@ class _FakeEvent:
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
-    """Pretend an aux stream exists; record what run_pair hands to the fork/join helper
-    (fn0 then fn1 still run in order, on the CPU)."""
+    """Pretend an aux stream exists; record what run_pair and run_many hand to the fork/join
+    helpers as (start event, done event(s), aux stream(s), thread) (the functions still run
+    in order, on the CPU)."""
     import threading
 
     import torch
@@ -443,8 +445,15 @@ def fake_gpu(monkeypatch):
         forks.append((event0, event1, aux, threading.get_ident()))
         return fn0(), fn1()
 
+    def many(fn0, fns, start, done, aux_streams, enable):
+        assert enable and len(fns) == len(done) == len(aux_streams)
+        forks.append((start, done, aux_streams, threading.get_ident()))
+        return fn0(), [fn() for fn in fns]
+
     monkeypatch.setattr(streams, "get_aux_stream", lambda: "aux")
+    monkeypatch.setattr(streams, "get_aux_streams", lambda n: [f"aux{i}" for i in range(n)])
     monkeypatch.setattr(streams, "_parallel_impl", lambda: parallel)
+    monkeypatch.setattr(streams, "_many_impl", lambda: many)
     monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     monkeypatch.setattr(streams, "_events", {})

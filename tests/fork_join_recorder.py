@@ -1,12 +1,13 @@
 """The stream primitive's stand-in for fork/join tests, without a GPU.
 
-``Recorder`` replaces ``vllm_overlap.streams.run_pair``: it logs the fork, runs fn0 as
-"branch 0" (the current stream), fn1 as "branch 1" (the aux stream), and logs the join.
+``Recorder`` replaces ``vllm_overlap.streams.run_pair`` and ``run_many``: it logs the fork,
+runs fn0 as "branch 0" (the current stream), fn1 as "branch 1" (the aux stream; a fan-out's
+further functions as branches 2, 3...), and logs the join.
 Wrapped submodules and functions log each call with the branch it ran on, so a test can
 assert the exact sequence: which statements went to which stream, and that every consumer
 of a region's outputs runs after its join. Under ``Recorder.run`` a TorchDispatchMode records,
 per branch, which storages each aten/custom op read and wrote: nothing one branch writes may
-be read or written by the other (the two would race on a GPU).
+be read or written by another (they would race on a GPU).
 
 Storages are followed by lifetime, not by address: every tensor an op inside a fork touches
 or makes is kept alive until the recording ends, so no two storages the check compares can
@@ -55,28 +56,36 @@ class Recorder:
         self.log: list[tuple[str, str]] = []
         self.stack: list[tuple[int, str, int]] = []  # (fork id, site, branch) innermost last
         self.forks: list[str] = []  # site of each fork, by id
+        self.widths: list[int] = []  # how many branches each fork ran, by id
         self.accesses: list[tuple[tuple, int, bool]] = []  # (stack, storage, written)
         self._alive: list[torch.Tensor] = []  # no storage is freed and reused mid-run
         monkeypatch.setattr(streams, "run_pair", self.run_pair)
+        monkeypatch.setattr(streams, "run_many", self.run_many)
 
     # ---- the stream primitive --------------------------------------------------------------
 
-    def run_pair(self, site, fn0, fn1, num_tokens, feature):
+    def _fan(self, site, fns) -> list:
         fork_id = len(self.forks)
         self.forks.append(site)
+        self.widths.append(len(fns))
         self.log.append(fork(site))
-        self.stack.append((fork_id, site, 0))
-        try:
-            r0 = fn0()
-        finally:
-            self.stack.pop()
-        self.stack.append((fork_id, site, 1))
-        try:
-            r1 = fn1()
-        finally:
-            self.stack.pop()
+        results = []
+        for branch, fn in enumerate(fns):
+            self.stack.append((fork_id, site, branch))
+            try:
+                results.append(fn())
+            finally:
+                self.stack.pop()
         self.log.append(join(site))
+        return results
+
+    def run_pair(self, site, fn0, fn1, num_tokens, feature):
+        r0, r1 = self._fan(site, [fn0, fn1])
         return r0, r1
+
+    def run_many(self, site, fn0, aux_fns, num_tokens, feature):
+        r0, *rest = self._fan(site, [fn0, *aux_fns])
+        return r0, rest
 
     def where(self) -> str:
         if not self.stack:
@@ -103,6 +112,7 @@ class Recorder:
         """Run ``fn`` with the log cleared and storage accesses recorded; return its result."""
         self.log.clear()
         self.forks.clear()
+        self.widths.clear()
         self.accesses.clear()
         self._alive.clear()
         with _AccessMode(self):
@@ -124,11 +134,12 @@ class Recorder:
     def assert_no_cross_branch_hazard(self) -> None:
         assert self.forks, "no region forked"
         for fork_id, site in enumerate(self.forks):
-            reads0, writes0 = self.branch_accesses(fork_id, 0)
-            reads1, writes1 = self.branch_accesses(fork_id, 1)
-            assert reads0 and reads1, f"{site}: a branch read nothing (accesses not recorded?)"
-            assert not writes1 & (reads0 | writes0), f"{site}: branch 1 writes what branch 0 uses"
-            assert not writes0 & (reads1 | writes1), f"{site}: branch 0 writes what branch 1 uses"
+            accesses = [self.branch_accesses(fork_id, b) for b in range(self.widths[fork_id])]
+            for a, (reads_a, writes_a) in enumerate(accesses):
+                assert reads_a, f"{site}: branch {a} read nothing (accesses not recorded?)"
+                for b, (reads_b, writes_b) in enumerate(accesses):
+                    if a != b:
+                        assert not writes_a & (reads_b | writes_b), f"{site}: branch {a} writes what branch {b} uses"
 
 
 def _storage_key(t) -> int | None:

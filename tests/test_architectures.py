@@ -16,6 +16,7 @@ from vllm_overlap.cli import model_features
 GDN_LAYERS = {"layer_types": ["linear_attention", "full_attention"]}
 MLA = {"kv_lora_rank": 512}
 INDEXER = {"kv_lora_rank": 512, "index_topk": 2048}
+BAILING = {"model_type": "bailing_hybrid", "layer_group_size": 5}
 USES = "uses it"
 
 
@@ -43,7 +44,11 @@ def _answers(arch, **attrs):
         ("Glm5NextForCausalLM", {**GDN_LAYERS, **INDEXER}, set()),
         ("HYV4ForCausalLM", INDEXER, set()),
         ("Step5ForCausalLM", INDEXER, set()),
-        ("BailingMoeV3ForCausalLM", {**GDN_LAYERS, **MLA}, set()),
+        # KDA layers from layer_group_size (bailing_moe_v3._is_kda_layer), MLA on the others
+        ("BailingMoeV3ForCausalLM", {**BAILING, **MLA}, {"delta_in_proj"}),
+        ("BailingMoeV3VLForConditionalGeneration", {**BAILING, **MLA}, {"delta_in_proj"}),
+        ("BailingMoeV3ForCausalLM", {**BAILING, **MLA, "layer_group_size": 1}, set()),  # none
+        ("BailingMoeV3MTPModel", {**BAILING, **MLA}, set()),  # its MTP layer is MLA
         ("MiniCPM3ForCausalLM", MLA, {"kv_a_proj"}),
     ],
 )

@@ -31,6 +31,27 @@ def test_hazard_check_passes_independent_branches(recorder):
     recorder.assert_no_cross_branch_hazard()
 
 
+def test_hazard_check_compares_every_pair_of_a_fan_outs_branches(recorder):
+    """A fan-out of three: the two aux branches are checked against each other too."""
+    x = torch.randn(4, 8)
+    w0, w1, w2 = torch.randn(8, 8), torch.randn(8, 3), torch.randn(8, 5)
+    y = torch.randn(4, 5)
+
+    def fan(third):
+        return recorder.run(lambda: streams.run_many("probe", lambda: x @ w0, [lambda: x @ w1, third], 4, None))
+
+    r0, (r1, r2) = fan(lambda: x @ w2)
+    assert recorder.log == [fork("probe"), join("probe")] and r2.shape == (4, 5)
+    recorder.assert_no_cross_branch_hazard()
+    fan(lambda: torch.add(x @ w2, 0, out=y))  # writes y, which no other branch touches: fine
+    recorder.assert_no_cross_branch_hazard()
+    fan(lambda: (x @ w1).add_(1) + y.copy_(x @ w2)[:, :3])  # reads w1 too: a read is no hazard
+    recorder.assert_no_cross_branch_hazard()
+    fan(lambda: w1.mul_(1))  # writes what branch 1 reads
+    with pytest.raises(AssertionError, match="branch 2 writes what branch 1 uses"):
+        recorder.assert_no_cross_branch_hazard()
+
+
 def test_hazard_check_ignores_views_of_an_input_both_branches_read(recorder):
     """Both branches reshape the input they share, as vLLM's CPU GEMM kernels do on some
     machines: a view aliases its input, it writes nothing."""

@@ -27,7 +27,7 @@ def widths(shapes):
     """Per branch, its GEMMs as (name, in, out)."""
     return [
         [(op.name, op.k, op.n) for op in b.ops if isinstance(op, model_shapes.Gemm)]
-        for b in (shapes.branch0, shapes.branch1)
+        for b in shapes.branches
     ]
 
 
@@ -129,6 +129,21 @@ def test_variants_compute_each_branch_and_the_fused_split():
     fused = variants["fused"]()
     assert [t.shape for t in fused] == [(3, 1536), (3, 8)] and all(t.is_contiguous() for t in fused)
     assert torch.allclose(fused[0].float(), serial[0].float(), atol=0.05)
+
+
+def test_a_fan_out_site_has_a_variant_per_branch_and_serial_runs_them_all():
+    shapes = model_shapes.site_shapes("delta_in_proj_bailing_moe_v3", "Ling-3.0-flash", 2)
+    assert len(shapes.branches) == 3
+    pair = pairs.Pair(shapes, "bf16", torch.device("cpu"))
+    x = pair.inputs(3)
+    variants = pair.variants(x)
+    assert set(variants) == {"serial", "branch0", "branch1", "branch2"}  # no dual without a GPU
+    h = x["hidden"]
+    serial = variants["serial"]()
+    assert len(serial) == 3
+    for out, runner in zip(serial, pair.runners):
+        assert torch.equal(out, h @ runner.params[0].T)
+    assert [t.shape[1] for t in serial] == [w for (_, _, w), in widths(shapes)]
 
 
 def test_mla_branch_runs_q_b_proj_then_the_absorbed_bmm():

@@ -116,6 +116,17 @@ def _olmo_hybrid(request, tokens, dtype=BF16, seed=0):
     return _inputs("delta_in_proj_olmo_hybrid", layer, hf, tokens, dtype)
 
 
+def _bailing_moe_v3(request, tokens, dtype=BF16, seed=0):
+    """BailingMoeV3's KDA layer: what the site runs is real (three vLLM linear layers)."""
+    from vllm_overlap.site_layers import build_bailing_kda_layer
+    from vllm_overlap.tiny_models import bailing_moe_v3_config
+
+    request.getfixturevalue("overlay_applied")
+    hf = bailing_moe_v3_config()
+    layer = build_bailing_kda_layer(request.getfixturevalue("vllm_context"), hf, dtype=dtype, seed=seed)
+    return _inputs("delta_in_proj_bailing_moe_v3", layer, hf, tokens, dtype)
+
+
 BUILDERS = {
     "gdn_in_proj": _gdn,
     "deepseek_indexer_legacy": _indexer,
@@ -124,6 +135,7 @@ BUILDERS = {
     "mla_q_b_proj_legacy": _mla_wrapper,
     "kv_a_proj_minicpm3": _minicpm3,
     "delta_in_proj_olmo_hybrid": _olmo_hybrid,
+    "delta_in_proj_bailing_moe_v3": _bailing_moe_v3,
 }
 
 
@@ -214,9 +226,11 @@ def _forked_sites(fake_gpu) -> list[str]:
 
 @pytest.fixture
 def forks(monkeypatch):
+    """The site of every call of the stream primitive (the pair's or the fan-out's)."""
     calls = []
-    real = streams.run_pair
-    monkeypatch.setattr(streams, "run_pair", lambda site, *a: calls.append(site) or real(site, *a))
+    for name in ("run_pair", "run_many"):
+        real = getattr(streams, name)
+        monkeypatch.setattr(streams, name, lambda site, *a, real=real: calls.append(site) or real(site, *a))
     return calls
 
 
@@ -249,15 +263,17 @@ def test_overlapped_path_equals_the_serial_statements(request, deepseek_overlay,
     assert same_tensors(expected, actual) and tensors_of(expected)
 
 
-@pytest.mark.parametrize("which", ["current", "aux"])
-@pytest.mark.parametrize("site_id", sorted(BUILDERS))
+BRANCHES = [(s.id, which) for s in SITES.values() for which in s.forms[0].branches]
+
+
+@pytest.mark.parametrize("site_id, which", sorted(BRANCHES))
 def test_a_perturbed_branch_changes_the_result(request, deepseek_overlay, site_id, which, monkeypatch):
     rt = site_runtime(site_id)
     args = BUILDERS[site_id](request, 5)
     expected = _run(_serial(site_id), site_id, args)
-    if getattr(rt.site.forms[rt.compiled.form_index], which).returns == "None":
+    if rt.site.forms[rt.compiled.form_index].branches[which].returns == "None":
         # its effect is layer state: the mutation is not running it
-        monkeypatch.setattr(rt.compiled, which, lambda *a: None)
+        monkeypatch.setitem(rt.compiled.branches, which, lambda *a: None)
     else:
         wrap_branch(monkeypatch, site_id, which, _perturbed)
     assert not same_tensors(expected, _run(site_entry(site_id), site_id, args))
@@ -362,14 +378,14 @@ def test_another_models_module_behind_a_callee_runs_serially(request, deepseek_o
 def test_an_inactive_layer_runs_only_the_ungated_branch(request, deepseek_overlay, site_id, forks, monkeypatch):
     rt = site_runtime(site_id)
     gated = rt.compiled.gated
-    assert gated in ("current", "aux")
-    ungated = "aux" if gated == "current" else "current"
+    assert gated in rt.compiled.branches
     args = BUILDERS[site_id](request, 4)
     DEACTIVATE[site_id](args)
-    monkeypatch.setattr(rt.compiled, gated, lambda *a: pytest.fail(f"the gated {gated} branch ran"))
+    monkeypatch.setitem(rt.compiled.branches, gated, lambda *a: pytest.fail(f"the gated {gated} branch ran"))
     with torch.no_grad():
-        alone = getattr(rt.compiled, ungated)(*_fresh(args))
-    expected = rt.site.result(*((None, alone) if gated == "current" else (alone, None)))
+        fresh = _fresh(args)
+        alone = {w: fn(*fresh) for w, fn in rt.compiled.branches.items() if w != gated}
+    expected = rt.site.result(*(alone.get(w) for w in rt.compiled.branches))
     if site_id in EFFECTS:  # the layer state stays as reset: the gated branch wrote it
         reset, observe = EFFECTS[site_id]
         reset(args)
@@ -450,11 +466,33 @@ WIDTHS = {
     "deepseek_indexer_legacy": (4 * 128, 128 + 4, 128),
     # tiny_models.minicpm3_config: q: heads * (qk_nope + qk_rope); latent: kv_lora + qk_rope
     "kv_a_proj_minicpm3": (4 * (32 + 32), 64 + 32),
+    # tiny_models.bailing_moe_v3_config (4 heads of 32): qkvb: q, k, v (heads * head_dim each)
+    # and beta (one per head); f and g: heads * head_dim
+    "delta_in_proj_bailing_moe_v3": (3 * 4 * 32 + 4, 4 * 32, 4 * 32),
 }
 
 
+# Outputs viewed as heads: site id -> (output index -> head size), from the same configs.
+HEADS = {"delta_in_proj_bailing_moe_v3": {2: 32}}  # g2: g_proj's output viewed as (heads, head_dim)
+
+
+def _shapes(site_id, tokens):
+    """Each op output's shape at ``tokens`` tokens: (tokens, width), or (tokens, width // head
+    size, head size) for an output viewed as heads."""
+    heads = HEADS.get(site_id, {})
+    return [
+        (tokens, w) if i not in heads else (tokens, w // heads[i], heads[i])
+        for i, w in enumerate(WIDTHS[site_id])
+    ]
+
+
 def test_op_sites_are_the_declared_ones():
-    assert OP_SITES == sorted(WIDTHS) == ["deepseek_indexer_legacy", "gdn_in_proj", "kv_a_proj_minicpm3"]
+    assert OP_SITES == sorted(WIDTHS) == [
+        "deepseek_indexer_legacy",
+        "delta_in_proj_bailing_moe_v3",
+        "gdn_in_proj",
+        "kv_a_proj_minicpm3",
+    ]
 
 
 @pytest.mark.parametrize("site_id", OP_SITES)
@@ -485,14 +523,14 @@ def test_fake_kernel_matches_real_outputs(request, deepseek_overlay, site_id, to
     op_args = rt.op_args(*args)
     with torch.no_grad():
         real = op(*op_args)
-        current, aux = rt.serial(*args)
+        results = rt.serial(*args)
     with FakeTensorMode() as mode:
         fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in op_args))
     assert len(real) == len(fake) == len(rt.site.outputs)
-    for r, f, width in zip(real, fake, rt.widths(args[0])):
+    for r, f, shape in zip(real, fake, _shapes(site_id, tokens)):
         assert (tuple(f.shape), f.dtype, f.stride()) == (tuple(r.shape), r.dtype, r.stride())
-        assert tuple(r.shape) == (tokens, width) and r.dtype == dtype and r.is_contiguous()
-    assert same_tensors(tuple(real), tuple(t.contiguous() for t in tensors_of((current, aux))))
+        assert tuple(r.shape) == shape and r.dtype == dtype and r.is_contiguous()
+    assert same_tensors(tuple(real), tuple(t.contiguous() for t in tensors_of(results)))
 
 
 @pytest.mark.parametrize("site_id", OP_SITES)
@@ -514,9 +552,9 @@ def test_fake_kernel_keeps_a_symbolic_token_count(request, deepseek_overlay, sit
         assert isinstance(tokens, torch.SymInt)
         fakes = [first] + [mode.from_tensor(t).new_empty((tokens, *t.shape[1:])) for t in tensors[1:]]
         outs = op(*fakes, *op_args[len(tensors):])
-    for out, width in zip(outs, op_args[len(tensors) : len(tensors) + len(outs)]):
+    for out, shape in zip(outs, _shapes(site_id, 9)):
         assert str(out.shape[0]) == str(tokens)
-        assert out.shape[1] == width and out.stride() == (width, 1)
+        assert tuple(out.shape[1:]) == shape[1:] and out.is_contiguous()
 
 
 @pytest.mark.parametrize("site_id", OP_SITES)
@@ -524,8 +562,8 @@ def test_real_op_refuses_an_output_the_fake_did_not_promise(request, deepseek_ov
     rt, op = _op(site_id)
     args = BUILDERS[site_id](request, 3)  # the registry holds its layer weakly: keep it
     op_args = list(rt.op_args(*args))
-    first_width = len(op_args) - 1 - len(rt.site.outputs)
-    for i in range(len(rt.site.outputs)):
+    first_width = len(rt.site.params) - 1  # after the tensors: the widths, then head sizes
+    for i in range(len(rt.site.outputs) + len(HEADS.get(site_id, {}))):
         wrong = list(op_args)
         wrong[first_width + i] += 1
         with pytest.raises(RuntimeError, match="fake kernel promised"):

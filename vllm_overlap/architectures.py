@@ -72,6 +72,14 @@ ARCHITECTURES: dict[str, Reach] = {
         "OlmoHybridGatedDeltaNetAttention on its linear_attention layers (not Qwen's GDN class: "
         "gdn_in_proj does not apply)",
     ),
+    **dict.fromkeys(
+        ("BailingMoeV3ForCausalLM", "BailingMoeV3VLForConditionalGeneration"),
+        Reach(
+            ("delta_in_proj",),
+            "BailingMoeV3KimiDeltaAttention on its KDA layers (all but every layer_group_size-th; "
+            "the others are MLA without an indexer)",
+        ),
+    ),
     "AliceAIForCausalLM": Reach(
         (), "its linear_attention layers are KimiGatedDeltaNetAttention, another class"
     ),
@@ -95,8 +103,6 @@ ARCHITECTURES: dict[str, Reach] = {
     **dict.fromkeys(("DeepseekV32ForCausalLM", "GlmMoeDsaForCausalLM", "DeepseekV32MTPModel"), _V32),
     **dict.fromkeys(
         (
-            "BailingMoeV3ForCausalLM",
-            "BailingMoeV3VLForConditionalGeneration",
             "BailingMoeV3MTPModel",
             "BailingMoeV2_5ForCausalLM",
             "BailingMoeV25MTPModel",

@@ -4,13 +4,13 @@ The anchor is the single source of the serial path. When the engine has matched 
 anchors in a target, :func:`compile_form` finds each branch's statements inside the matched
 code, takes upstream's own lines for them, and compiles each into a function of the site's
 parameters in the target module's globals, numbered as in the file they came from (a
-traceback points at upstream's line). Running the current branch and then the aux branch in
-upstream's order *is* the upstream computation: nothing here is a hand-kept copy.
+traceback points at upstream's line). Running the branches in upstream's order *is* the
+upstream computation: nothing here is a hand-kept copy.
 
 Before anything is compiled it proves, from the code alone, what the overlap relies on:
 - each branch lies inside the matched statements;
 - each reads only the site's parameters, its own results, and the module's globals;
-- neither assigns a name the other reads (so their order cannot matter);
+- no branch assigns a name another reads (so their order cannot matter);
 - the declared "active" condition is an ``if`` test in the matched code that guards exactly
   one branch.
 Anything else is ``RewriteSkipped`` with the reason: the target keeps upstream's code.
@@ -30,30 +30,32 @@ from typing import Any
 from .rewrite import Anchor, RewriteSkipped, _CAPTURE_RE, _match, _parse_anchor, find_anchor, function_node
 from .site import Branch, Form, Site
 
-BRANCHES = ("current", "aux")
-
-
 @dataclass
 class CompiledForm:
     """What :func:`compile_form` makes of one form in one target."""
 
     site: Site
     form_index: int
-    current: Callable[..., Any]
-    aux: Callable[..., Any]
-    first: str  # the branch upstream runs first: "current" or "aux"
+    branches: dict[str, Callable[..., Any]]  # by name, in the form's order: current, aux...
+    order: tuple[str, ...]  # the branches in upstream's order
     active: Callable[[Any], Any] | None  # upstream's gate on the layer, or None
     gated: str | None  # the branch the gate guards
     projections: Callable[..., tuple]  # the modules the branches call (LoRA check)
     sources: dict[str, str]  # branch -> upstream's text of it
 
-    def serial(self, *args):
-        """(current result, aux result), computed in upstream's order on one stream."""
-        if self.first == "current":
-            current = self.current(*args)
-            return current, self.aux(*args)
-        aux = self.aux(*args)
-        return self.current(*args), aux
+    @property
+    def current(self) -> Callable[..., Any]:
+        return self.branches["current"]
+
+    @property
+    def aux(self) -> Callable[..., Any]:
+        return self.branches["aux"]
+
+    def serial(self, *args, skip: str | None = None) -> tuple:
+        """Every branch's result (in the form's order), computed in upstream's order on one
+        stream; the ``skip`` branch (an inactive layer's gated one) does not run: None."""
+        results = {name: None if name == skip else self.branches[name](*args) for name in self.order}
+        return tuple(results[name] for name in self.branches)
 
 
 def _names(node: ast.AST, ctx: type) -> set[str]:
@@ -118,8 +120,7 @@ def compile_form(
     params = set(site.params)
     known = set(func_globals) | set(vars(builtins))
     found: dict[str, Any] = {}
-    for which in BRANCHES:
-        branch: Branch = getattr(form, which)
+    for which, branch in form.branches.items():
         matches = [m for m in find_anchor(func, Anchor(branch.statements, "")) if _within(m.stmts, spans)]
         if not matches:
             raise RewriteSkipped(f"{site.id}: the {which} branch's statements are not in the matched code")
@@ -131,8 +132,8 @@ def compile_form(
         text = f"def {fname}({', '.join(site.params)}):\n" + textwrap.indent(body, "    ")
         text += f"    return {returns}\n"
         tree = function_node(text)
-        free = _free_names(tree.body, set(params))
-        unknown = sorted(free - known)
+        free = _free_names(tree.body, set())  # the parameters included: what it reads of them
+        unknown = sorted(free - params - known)
         if unknown:
             raise RewriteSkipped(
                 f"{site.id}: the {which} branch reads {', '.join(unknown)}, which it is not passed"
@@ -152,18 +153,19 @@ def compile_form(
             calls=calls,
             text=body,
         )
-    for a, b in (("current", "aux"), ("aux", "current")):
-        clash = found[a]["stores"] & found[b]["reads"]
-        if clash:
-            raise RewriteSkipped(
-                f"{site.id}: the {a} branch assigns {', '.join(sorted(clash))}, which the {b} "
-                "branch reads: not independent"
-            )
-    first = min(BRANCHES, key=lambda w: found[w]["match"].stmts[0].lineno)
+    for a in found:
+        for b in found:
+            clash = found[a]["stores"] & found[b]["reads"] if a != b else set()
+            if clash:
+                raise RewriteSkipped(
+                    f"{site.id}: the {a} branch assigns {', '.join(sorted(clash))}, which the {b} "
+                    "branch reads: not independent"
+                )
+    order = tuple(sorted(found, key=lambda w: found[w]["match"].stmts[0].lineno))
     active, gated = None, None
     if form.active:
         active, gated = _gate(site, form, func, found, func_globals, filename, first_lineno)
-    calls = list(dict.fromkeys(found["current"]["calls"] + found["aux"]["calls"]))
+    calls = list(dict.fromkeys(c for w in found for c in found[w]["calls"]))
     projections = compile_function(
         f"def {site.id}__projections({', '.join(site.params)}):\n"
         f"    return ({''.join(c + ', ' for c in calls)})\n",
@@ -175,13 +177,12 @@ def compile_form(
     return CompiledForm(
         site,
         form_index,
-        found["current"]["fn"],
-        found["aux"]["fn"],
-        first,
+        {w: found[w]["fn"] for w in found},
+        order,
         active,
         gated,
         projections,
-        {w: found[w]["text"] for w in BRANCHES},
+        {w: found[w]["text"] for w in found},
     )
 
 
@@ -198,7 +199,7 @@ def _gate(site, form, func, found, func_globals, filename, first_lineno):
     guarded = []
     for node in ast.walk(func):
         if isinstance(node, ast.If) and _match(pattern[0].value, node.test, {}):
-            for which in BRANCHES:
+            for which in found:
                 if any(s is found[which]["match"].stmts[0] for s in node.body):
                     guarded.append((which, node))
     if len(guarded) != 1:

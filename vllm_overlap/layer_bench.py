@@ -122,8 +122,8 @@ def site_runtime(site_id: str):
 
 def bench_site(rt, make_args, token_counts=TOKEN_COUNTS, reps: int = 50, rounds: int = 5) -> list[dict]:
     """Per token count: the site's region overlay off (upstream's statements, serially) and
-    on (the site's entry), in interleaved rounds, and each branch alone. ``make_args(n)`` gives
-    the entry's arguments for n tokens, the layer first.
+    on (the site's entry), in interleaved rounds, and each branch alone (every branch of a
+    fan-out). ``make_args(n)`` gives the entry's arguments for n tokens, the layer first.
 
     ``on/off`` is the ratio of the medians over all rounds; ``noise`` is the spread of the
     off timings across rounds ((max - min) / median): the difference the machine makes alone.
@@ -141,8 +141,7 @@ def bench_site(rt, make_args, token_counts=TOKEN_COUNTS, reps: int = 50, rounds:
             def on():
                 return rt(*args)
 
-            t_current = median_seconds(lambda: rt.compiled.current(*args), device, reps)
-            t_aux = median_seconds(lambda: rt.compiled.aux(*args), device, reps)
+            alone = [median_seconds(lambda fn=fn: fn(*args), device, reps) for fn in rt.compiled.branches.values()]
             offs, ons, op_paths = [], [], []
             for _ in range(rounds):
                 offs.append(median_seconds(off, device, per_round))
@@ -160,9 +159,9 @@ def bench_site(rt, make_args, token_counts=TOKEN_COUNTS, reps: int = 50, rounds:
                     "on/off": t_on / t_off,
                     **extra,
                     "noise": (max(offs) - min(offs)) / t_off,
-                    "serial_sum_us": (t_current + t_aux) * 1e6,
-                    "critical_path_us": max(t_current, t_aux) * 1e6,
-                    "bound": max(t_current, t_aux) / (t_current + t_aux),
+                    "serial_sum_us": sum(alone) * 1e6,
+                    "critical_path_us": max(alone) * 1e6,
+                    "bound": max(alone) / sum(alone),
                 }
             )
     return rows

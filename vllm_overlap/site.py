@@ -1,7 +1,7 @@
 """What an overlap site is: a declaration, no torch.
 
-A *site* is one place in upstream functions where two statement groups are independent and
-can run on two streams. Everything else is built from its declaration: the rewrite
+A *site* is one place in upstream functions where two (or more) statement groups are
+independent and can run on as many streams. Everything else is built from its declaration: the rewrite
 (``Form.anchors``), the serial path and the two branches (compiled from the upstream
 statements the anchors matched, ``vllm_overlap.branches``), the decision ladder, the custom
 op and its fake kernel (``vllm_overlap.runtime``), the config, doctor's rows, the README's
@@ -51,26 +51,39 @@ class Form:
     """One way upstream writes the site's statements (the newest release's first)."""
 
     anchors: tuple[Anchor, ...]
-    current: Branch  # enqueued first, on the current stream
-    aux: Branch  # on the aux stream
+    current: Branch  # on the current stream
+    # On the aux stream; several (a fan-out): each on an aux stream of its own, named "aux",
+    # "aux2", "aux3"... in this order.
+    aux: Branch | tuple[Branch, ...]
     # Upstream's own "this layer is active" condition: an ``if`` test in the matched code that
-    # guards one of the branches. Where it is false only the other branch runs, and the
-    # guarded one's result is None, as upstream's else-path has it.
+    # guards one of the branches. Where it is false only the others run, and the guarded
+    # one's result is None, as upstream's else-path has it.
     active: str = ""
+
+    @property
+    def branches(self) -> dict[str, Branch]:
+        """Every branch by name: "current", then "aux" (and "aux2", "aux3"... in a fan-out)."""
+        aux = self.aux if isinstance(self.aux, tuple) else (self.aux,)
+        names = ["aux", *(f"aux{i}" for i in range(2, len(aux) + 1))]
+        return {"current": self.current, **dict(zip(names, aux))}
 
 
 @dataclass(frozen=True)
 class Output:
-    """One output of an ``op`` site's custom op, in the order current branch then aux.
+    """One output of an ``op`` site's custom op, in the order of the branches (current, aux,
+    aux2...).
 
     The fake kernel returns ``like.new_empty((*like.shape[:-1], width))`` for each, contiguous;
     ``like`` is an entry parameter, ``width`` an expression on the layer: a linear layer (its
     per-rank width, set at init, never read from weights that quantisation may repack) or an
-    int attribute."""
+    int attribute. With ``heads`` (an int expression on the layer: a head size), the last
+    dimension is viewed as ``(width // heads, heads)``, as a branch that ends in such a view
+    returns it."""
 
     name: str
     like: str
     width: str
+    heads: str = ""
 
 
 @dataclass(frozen=True)
@@ -121,8 +134,8 @@ class ModeEntry:
     factory: str
 
 
-def _pair(current: Any, aux: Any) -> tuple[Any, Any]:
-    return current, aux
+def _results(*results: Any) -> tuple[Any, ...]:
+    return results
 
 
 @dataclass(frozen=True)
@@ -147,8 +160,8 @@ class Site:
     # The op's layer is not in vLLM's forward context: every instance of the target's class
     # registers itself under ``layer_name_expr`` as it is built (``layers.register_instances``).
     registry: bool = False
-    # What the entry returns, from the current branch's and the aux branch's results.
-    result: Callable[[Any, Any], Any] = _pair
+    # What the entry returns, from the branches' results (current, aux, aux2...).
+    result: Callable[..., Any] = _results
     modes: tuple[tuple[str, ModeEntry], ...] = ()
     callees: tuple[Callee, ...] = ()  # eager sites only (checked outside torch.compile)
     refused_inside: tuple[Refusal, ...] = ()
@@ -185,8 +198,10 @@ class Site:
                 )
             if any("_vllm_overlap_" + self.feature in a.replace for a in form.anchors):
                 out.append(f"{self.id} form {i}: names the injected global by hand")
+            if list(form.branches) != list(self.forms[0].branches):
+                out.append(f"{self.id} form {i}: branches {list(form.branches)}, form 0 has {list(self.forms[0].branches)}")
         if self.dynamo == "op":
-            arity = self.forms[0].current.arity + self.forms[0].aux.arity
+            arity = sum(b.arity for b in self.forms[0].branches.values())
             if len(self.outputs) != arity:
                 out.append(f"{self.id}: {len(self.outputs)} outputs declared, branches return {arity}")
             for o in self.outputs:

@@ -309,6 +309,34 @@ def build_olmo_hybrid_gdn_layer(
     return layer
 
 
+def build_bailing_kda_layer(
+    vllm_config,
+    hf_config,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device="cpu",
+    seed: int = 0,
+):
+    """A real ``BailingMoeV3KimiDeltaAttention`` as ``BailingMoeV3DecoderLayer`` builds it on a
+    KDA layer, seeded, post-processed like the loader, findable under its prefix (where vLLM's
+    forward context holds it)."""
+    from vllm.model_executor.models.bailing_moe_v3 import BailingMoeV3KimiDeltaAttention
+
+    prefix = f"bailing{next(_layer_ids)}.layers.0.self_attn"
+    with building(vllm_config, dtype, device):
+        layer = BailingMoeV3KimiDeltaAttention(
+            hf_config,
+            quant_config=None,
+            layer_id=0,
+            prefix=prefix,
+            model_config=vllm_config.model_config,
+            cache_config=vllm_config.cache_config,
+        )
+    _seed_weights(layer, vllm_config, seed)
+    register_layer(prefix, layer)
+    return layer
+
+
 def cpu_mla_backend(device) -> type | None:
     """The MLA backend to pass on the CPU (None elsewhere: vLLM picks)."""
     if torch.device(device).type != "cpu":
@@ -398,6 +426,10 @@ def _olmo_hybrid_layer(vllm_config, hf, dtype, device, seed):
     return build_olmo_hybrid_gdn_layer(vllm_config, hf, dtype=dtype, device=device, seed=seed)
 
 
+def _bailing_kda_layer(vllm_config, hf, dtype, device, seed):
+    return build_bailing_kda_layer(vllm_config, hf, dtype=dtype, device=device, seed=seed)
+
+
 GDN_HEADS = ("linear_num_key_heads", "linear_num_value_heads")
 # q_b_proj is column-parallel over the attention heads; the indexer's projections are
 # replicated on every rank.
@@ -420,4 +452,6 @@ SITE_LAYERS: dict[str, SiteLayer] = {
     # q_b_proj is column-parallel over the heads; q_a_proj and kv_a_proj_with_mqa replicated
     "kv_a_proj_minicpm3": SiteLayer(_minicpm3_layer, _hidden_inputs, MLA_HEADS),
     "delta_in_proj_olmo_hybrid": SiteLayer(_olmo_hybrid_layer, _hidden_inputs, GDN_HEADS),
+    # qkvb_proj, f_proj and g_proj are column-parallel over the attention heads
+    "delta_in_proj_bailing_moe_v3": SiteLayer(_bailing_kda_layer, _hidden_inputs, MLA_HEADS),
 }

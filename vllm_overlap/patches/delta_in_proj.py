@@ -1,10 +1,11 @@
-"""delta_in_proj: a delta-attention layer's input projections beside each other (OLMo Hybrid)."""
+"""delta_in_proj: a delta-attention layer's input projections beside each other (OLMo Hybrid's
+Gated DeltaNet, BailingMoeV3's Kimi delta attention)."""
 
 from __future__ import annotations
 
 from ..rewrite import Anchor, Target
 from ..settings import FeatureConfig
-from ..site import Branch, Facts, Feature, Form, Site, text_config
+from ..site import Branch, Facts, Feature, Form, Output, Site, text_config
 
 OLMO_MODULE = "vllm.model_executor.layers.mamba.gdn.olmo_gdn_linear_attn"
 OLMO_CLASS = "OlmoHybridGatedDeltaNetAttention"
@@ -35,10 +36,15 @@ OLMO_IN_PROJ = Anchor(
 
 
 def needs_linear_attention(hf_config) -> str | None:
-    layer_types = getattr(text_config(hf_config), "layer_types", None) or ()
-    if "linear_attention" not in layer_types:
-        return "no delta-attention layers (no linear_attention in its layer_types)"
-    return None
+    """OLMo Hybrid lists its delta-attention layers in ``layer_types``; BailingMoeV3 makes all
+    but every ``layer_group_size``-th layer one (``bailing_moe_v3._is_kda_layer``)."""
+    config = text_config(hf_config)
+    if "linear_attention" in (getattr(config, "layer_types", None) or ()):
+        return None
+    group = getattr(config, "layer_group_size", None)
+    if getattr(config, "model_type", "") == "bailing_hybrid" and isinstance(group, int) and group > 1:
+        return None
+    return "no delta-attention layers (no linear_attention in its layer_types)"
 
 
 OLMO_HYBRID = Site(
@@ -93,10 +99,159 @@ OLMO_HYBRID = Site(
     ),
 )
 
+BAILING_MODULE = "vllm.model_executor.models.bailing_moe_v3"
+
+# BailingMoeV3KimiDeltaAttention.forward (0.28.0 to 0.33.0): q/k/v and beta from one fused
+# GEMM (qkvb_proj), or from qkv_proj and b_proj where an fp8 checkpoint leaves b_proj
+# unquantised; then the forget gate f_proj and the output gate g_proj, all three reading only
+# the layer's input. The fused path runs the three GEMMs as a fan-out; the split, beta and the
+# gate kernel (fused_kda_gate, Triton) follow the join. The separate-b_proj path keeps
+# upstream's statements in upstream's order.
+BAILING_QKVB_F_G = Anchor(
+    find="""
+        if self.separate_b_proj:
+            assert self.qkv_proj is not None and self.b_proj is not None
+            qkv = self.qkv_proj(hidden_states)[0]
+            q, k, v = qkv.split(self.projection_size_per_partition, dim=-1)
+            beta_logits = self.b_proj(hidden_states)[0]
+        else:
+            assert self.qkvb_proj is not None
+            qkvb = self.qkvb_proj(hidden_states)[0]
+            q, k, v, beta_logits = qkvb.split(
+                [
+                    self.projection_size_per_partition,
+                    self.projection_size_per_partition,
+                    self.projection_size_per_partition,
+                    self.local_num_heads,
+                ],
+                dim=-1,
+            )
+        beta = beta_logits.float().sigmoid().unsqueeze(0)
+        g1 = self.f_proj(hidden_states)[0]
+        g1 = fused_kda_gate(
+            g1,
+            self.A_log,
+            self.head_dim,
+            g_bias=self.dt_bias,
+            lower_bound=self.lower_bound if self.safe_gate else None,
+        )
+        g1 = g1.unsqueeze(0)
+        g2 = rearrange(
+            self.g_proj(hidden_states)[0], "... (h d) -> ... h d", d=self.head_dim
+        )
+    """,
+    replace="""
+        if self.separate_b_proj:
+            assert self.qkv_proj is not None and self.b_proj is not None
+            qkv = self.qkv_proj(hidden_states)[0]
+            q, k, v = qkv.split(self.projection_size_per_partition, dim=-1)
+            beta_logits = self.b_proj(hidden_states)[0]
+            beta = beta_logits.float().sigmoid().unsqueeze(0)
+            g1 = self.f_proj(hidden_states)[0]
+            g1 = fused_kda_gate(
+                g1,
+                self.A_log,
+                self.head_dim,
+                g_bias=self.dt_bias,
+                lower_bound=self.lower_bound if self.safe_gate else None,
+            )
+            g1 = g1.unsqueeze(0)
+            g2 = rearrange(
+                self.g_proj(hidden_states)[0], "... (h d) -> ... h d", d=self.head_dim
+            )
+        else:
+            assert self.qkvb_proj is not None
+            qkvb, g1, g2 = __site__.qkvb_beside_f_g(self, hidden_states)
+            q, k, v, beta_logits = qkvb.split(
+                [
+                    self.projection_size_per_partition,
+                    self.projection_size_per_partition,
+                    self.projection_size_per_partition,
+                    self.local_num_heads,
+                ],
+                dim=-1,
+            )
+            beta = beta_logits.float().sigmoid().unsqueeze(0)
+            g1 = fused_kda_gate(
+                g1,
+                self.A_log,
+                self.head_dim,
+                g_bias=self.dt_bias,
+                lower_bound=self.lower_bound if self.safe_gate else None,
+            )
+            g1 = g1.unsqueeze(0)
+    """,
+)
+
+BAILING_MOE_V3 = Site(
+    id="delta_in_proj_bailing_moe_v3",
+    feature="delta_in_proj",
+    summary=(
+        "BailingMoeV3 KDA: qkvb_proj on the current stream beside f_proj and g_proj, each on an "
+        "aux stream of its own, as a custom op"
+    ),
+    targets=(Target(BAILING_MODULE, "BailingMoeV3KimiDeltaAttention.forward"),),
+    forms=(
+        Form(
+            (BAILING_QKVB_F_G,),
+            current=Branch("qkvb = self.qkvb_proj(hidden_states)[0]", returns="qkvb"),
+            aux=(
+                Branch("g1 = self.f_proj(hidden_states)[0]", returns="g1"),
+                Branch(
+                    'g2 = rearrange(self.g_proj(hidden_states)[0], "... (h d) -> ... h d", d=self.head_dim)',
+                    returns="g2",
+                ),
+            ),
+        ),
+    ),
+    entry="qkvb_beside_f_g",
+    params=("self", "hidden_states"),
+    tokens="hidden_states",
+    dynamo="op",
+    op_name="delta_in_proj_bailing_moe_v3",
+    outputs=(
+        Output("qkvb", like="hidden_states", width="self.qkvb_proj"),
+        Output("g1", like="hidden_states", width="self.f_proj"),
+        Output("g2", like="hidden_states", width="self.g_proj", heads="self.head_dim"),
+    ),
+    # The layer puts itself in vLLM's forward context under its prefix (layer_name_expr's
+    # default), as its KDA op finds it.
+    facts=Facts(
+        why=(
+            "BailingMoeV3's Kimi-delta-attention layers run three GEMMs that read only the "
+            "layer's input back to back on one stream: qkvb_proj, the forget gate f_proj and "
+            "the output gate g_proj (each q/k/v/g width is heads x head_dim, 4096 for a "
+            "32-head model; f and g are a third of qkvb each), while decode leaves most of the "
+            "GPU idle during each."
+        ),
+        how=(
+            "The model is traced by torch.compile: on the fused path (qkvb_proj) the three GEMMs "
+            "become torch.ops.vllm_overlap.delta_in_proj_bailing_moe_v3 (exact fake kernel from "
+            "the per-rank widths, g2 viewed as heads; the layer found by its prefix in vLLM's "
+            "forward context), which runs qkvb_proj on the current stream beside f_proj and "
+            "g_proj on two aux streams through vLLM's execute_in_parallel, within the token "
+            "range; the split, beta and the fused_kda_gate kernel follow the join. Checkpoints "
+            "that keep b_proj apart (separate_b_proj) run upstream's statements. Serial "
+            "without an aux stream, outside the range, during breakable capture, in DBO threads "
+            "and for LoRA-wrapped or not stream-safe projections."
+        ),
+        upstream=(
+            "No vLLM change found for BailingMoeV3's KDA projections. The fan-out form is "
+            "vLLM's own: DeepSeek V4's _run_parallel_input_projections runs four input GEMMs "
+            "through execute_in_parallel."
+        ),
+        remove_when=(
+            "vLLM runs BailingMoeV3KimiDeltaAttention's qkvb_proj, f_proj and g_proj "
+            "concurrently itself (execute_in_parallel in its forward) or fuses them into one "
+            "GEMM."
+        ),
+    ),
+)
+
 FEATURE = Feature(
     name="delta_in_proj",
-    summary="delta-attention input projections beside each other (OLMo Hybrid GDN)",
-    sites=(OLMO_HYBRID,),
+    summary="delta-attention input projections beside each other (OLMo Hybrid GDN, BailingMoeV3 KDA)",
+    sites=(OLMO_HYBRID, BAILING_MOE_V3),
     settings=FeatureConfig,
     model_check=needs_linear_attention,
 )

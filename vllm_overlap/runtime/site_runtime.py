@@ -3,8 +3,8 @@ upstream's statements; and, for ``op`` sites, the generated custom op and fake k
 
 The ladder, in order (the first that holds decides):
 
-1. the layer is not active (upstream's own condition is false): only the branch it does not
-   guard runs, as upstream; the guarded branch's result is None;
+1. the layer is not active (upstream's own condition is false): only the branches it does
+   not guard run, as upstream; the guarded branch's result is None;
 2. no second stream on this platform, a projection the branches call is LoRA-wrapped, or a
    linear layer they call is not stream-safe (``stream_safety``: its kernel keeps a
    per-device workspace, or is not on the allowlist), or the layer sits inside a class the
@@ -14,12 +14,14 @@ The ladder, in order (the first that holds decides):
    a warning); the others run upstream's statements (a ``plain`` site's code is never traced by vLLM; a
    ``serial`` site's fork would span a CUDA-graph splitting op);
 4. otherwise the stream primitive: the current branch on the current stream beside the aux
-   branch on vLLM's aux stream, within the configured token range (``streams.run_pair``
-   decides the rest: no aux stream, breakable capture, DBO threads).
+   branch on vLLM's aux stream (beside each aux branch on an aux stream of its own, in a
+   fan-out), within the configured token range (``streams.run_pair`` and ``run_many``
+   decide the rest: no aux stream, breakable capture, DBO threads).
 
 The op's real kernel runs step 4 on the layer its ``LayerName`` resolves to and checks each
 output against what the fake kernel promised: ``like.new_empty((*like.shape[:-1], width))``,
-contiguous, the widths computed from the layer by the outputs spec.
+contiguous (viewed as heads where the spec says so), the widths computed from the layer by
+the outputs spec.
 """
 
 from __future__ import annotations
@@ -66,13 +68,21 @@ def register_op(name: str, func: Callable, fake: Callable) -> None:
     direct_register_custom_op(name, func, mutates_args=[], fake_impl=fake, target_lib=library())
 
 
-def check_output(out: torch.Tensor, like: torch.Tensor, width: int, what: str) -> torch.Tensor:
+def output_shape(like: torch.Tensor, width: int, heads: int | None) -> tuple:
+    """An op output's shape: ``like``'s leading dimensions, then ``width`` (or, with a head
+    size, ``width`` viewed as ``(width // heads, heads)``)."""
+    return (*like.shape[:-1], *((width,) if heads is None else (width // heads, heads)))
+
+
+def check_output(out: torch.Tensor, like: torch.Tensor, width: int, what: str, heads: int | None = None) -> torch.Tensor:
     """The real op must return exactly what the fake kernel promised."""
-    expected = (*like.shape[:-1], width)
-    if tuple(out.shape) != expected or out.dtype != like.dtype:
+    expected = output_shape(like, width, heads)
+    uneven = heads is not None and width % heads != 0
+    if uneven or tuple(out.shape) != expected or out.dtype != like.dtype:
         raise RuntimeError(
             f"vllm-overlap: {what} returned {tuple(out.shape)} {out.dtype}, the fake kernel "
-            f"promised {expected} {like.dtype}; turn this feature off and report it"
+            f"promised {expected} {like.dtype} (width {width}, head size {heads}); turn this "
+            "feature off and report it"
         )
     return out.contiguous()
 
@@ -90,7 +100,7 @@ class SiteRuntime:
         self.compiled = compiled
         self.tokens_index = site.params.index(site.tokens)
         form = site.forms[compiled.form_index]
-        self.arities = (form.current.arity, form.aux.arity)
+        self.arities = tuple(b.arity for b in form.branches.values())
         self._op: Any = None
         if site.dynamo == "op":
             self._op = _make_op(self)
@@ -102,9 +112,7 @@ class SiteRuntime:
         c = self.compiled
         site = self.site
         if c.active is not None and not c.active(args[0]):
-            if c.gated == "current":
-                return site.result(None, c.aux(*args))
-            return site.result(c.current(*args), None)
+            return site.result(*c.serial(*args, skip=c.gated))
         projections = c.projections(*args)
         if not gates.overlap_possible() or gates.any_lora(projections):
             return site.result(*c.serial(*args))
@@ -136,28 +144,34 @@ class SiteRuntime:
         layers.warn_unregistered(self.site.id, self.layer_name(layer))
         return False
 
-    def serial(self, *args):
-        """Upstream's statements for these arguments: (current result, aux result)."""
+    def serial(self, *args) -> tuple:
+        """Upstream's statements for these arguments: each branch's result (current, aux...)."""
         return self.compiled.serial(*args)
 
-    def overlapped(self, *args):
-        """(current result, aux result) through the stream primitive."""
+    def overlapped(self, *args) -> tuple:
+        """Each branch's result (current, aux...) through the stream primitive: the pair's,
+        or the fan-out's where the site has more than one aux branch."""
         c = self.compiled
-        return streams.run_pair(
-            self.site.id,
-            lambda: c.current(*args),
-            lambda: c.aux(*args),
-            args[self.tokens_index].shape[0],
-            active_config.site_config(self.site),
-        )
+        fns = [lambda fn=fn: fn(*args) for fn in c.branches.values()]
+        tokens = args[self.tokens_index].shape[0]
+        feature = active_config.site_config(self.site)
+        if len(fns) == 2:
+            return streams.run_pair(self.site.id, fns[0], fns[1], tokens, feature)
+        first, rest = streams.run_many(self.site.id, fns[0], fns[1:], tokens, feature)
+        return (first, *rest)
 
     # -- the op's pieces ------------------------------------------------------------------------
 
     def op_args(self, *args) -> tuple:
         """The op's arguments for the entry's: its tensors, each output's width on this rank,
-        and the layer's ``LayerName``."""
+        the head size of each output viewed as heads, and the layer's ``LayerName``."""
         layer = args[0]
-        return (*args[1:], *self.widths(layer), layers.encode_layer_name(self.layer_name(layer)))
+        return (
+            *args[1:],
+            *self.widths(layer),
+            *self.head_sizes(layer),
+            layers.encode_layer_name(self.layer_name(layer)),
+        )
 
     def widths(self, layer) -> tuple[int, ...]:
         return tuple(layers.per_rank_width(w) for w in self._widths(layer))
@@ -165,28 +179,38 @@ class SiteRuntime:
     def layer_name(self, layer) -> str:
         return self._layer_name(layer)
 
-    def _unflatten(self, outs: tuple) -> tuple[Any, Any]:
-        n = self.arities[0]
-        current = outs[0] if n == 1 else tuple(outs[:n])
-        aux = outs[n] if self.arities[1] == 1 else tuple(outs[n:])
-        return current, aux
+    def _unflatten(self, outs: tuple) -> tuple:
+        """The op's flat outputs as each branch's result (current, aux...)."""
+        results, i = [], 0
+        for n in self.arities:
+            results.append(outs[i] if n == 1 else tuple(outs[i : i + n]))
+            i += n
+        return tuple(results)
 
-    def op_outputs(self, layer, tensors: tuple, widths: tuple[int, ...]) -> tuple:
+    def head_sizes(self, layer) -> tuple[int, ...]:
+        """The head size of each output the spec views as heads, on this layer."""
+        return tuple(int(h) for h in self._heads(layer))
+
+    def _per_output(self, head_sizes: tuple[int, ...]) -> list[int | None]:
+        sizes = iter(head_sizes)
+        return [next(sizes) if spec.heads else None for spec in self.site.outputs]
+
+    def op_outputs(self, layer, tensors: tuple, widths: tuple[int, ...], head_sizes: tuple[int, ...]) -> tuple:
         """The real op: overlapped on ``layer``, each output checked against the promise."""
-        current, aux = self.overlapped(layer, *tensors)
-        outs = _flat(current, self.arities[0]) + _flat(aux, self.arities[1])
+        results = self.overlapped(layer, *tensors)
+        outs = sum((_flat(r, n) for r, n in zip(results, self.arities)), ())
         params = self.site.params[1:]
         return tuple(
-            check_output(out, tensors[params.index(spec.like)], width, f"{self.site.id} {spec.name}")
-            for out, spec, width in zip(outs, self.site.outputs, widths)
+            check_output(out, tensors[params.index(spec.like)], width, f"{self.site.id} {spec.name}", heads)
+            for out, spec, width, heads in zip(outs, self.site.outputs, widths, self._per_output(head_sizes))
         )
 
-    def fake_outputs(self, tensors: tuple, widths: tuple[int, ...]) -> tuple:
+    def fake_outputs(self, tensors: tuple, widths: tuple[int, ...], head_sizes: tuple[int, ...]) -> tuple:
         params = self.site.params[1:]
         out = []
-        for spec, width in zip(self.site.outputs, widths):
+        for spec, width, heads in zip(self.site.outputs, widths, self._per_output(head_sizes)):
             like = tensors[params.index(spec.like)]
-            out.append(like.new_empty((*like.shape[:-1], width)))
+            out.append(like.new_empty(output_shape(like, width, heads)))
         return tuple(out)
 
 
@@ -226,22 +250,24 @@ def _make_op(rt: SiteRuntime):
     site = rt.site
     widths = _expression(site, [o.width for o in site.outputs], "widths")
     rt._widths = widths
+    rt._heads = _expression(site, [o.heads for o in site.outputs if o.heads], "heads")
     name_of = _expression(site, [site.layer_name_expr], "layer_name")
     rt._layer_name = lambda layer: name_of(layer)[0]
     tensors = site.params[1:]
     width_args = [f"{o.name}_width" for o in site.outputs]
+    head_args = [f"{o.name}_heads" for o in site.outputs if o.heads]
     sig = ", ".join(
         [f"{t}: torch.Tensor" for t in tensors]
-        + [f"{w}: int" for w in width_args]
+        + [f"{w}: int" for w in width_args + head_args]
         + ["layer_name: LayerNameType"]
     )
     returns = f"tuple[{', '.join(['torch.Tensor'] * len(site.outputs))}]"
-    t, w = ", ".join(tensors) + ",", ", ".join(width_args) + ","
+    t, w, h = (", ".join(names) + ("," if names else "") for names in (tensors, width_args, head_args))
     text = (
         f"def {site.op}({sig}) -> {returns}:\n"
-        f"    return _runtimes[{site.op!r}].op_outputs(resolve_layer(layer_name), ({t}), ({w}))\n\n"
+        f"    return _runtimes[{site.op!r}].op_outputs(resolve_layer(layer_name), ({t}), ({w}), ({h}))\n\n"
         f"def {site.op}_fake({sig}) -> {returns}:\n"
-        f"    return _runtimes[{site.op!r}].fake_outputs(({t}), ({w}))\n"
+        f"    return _runtimes[{site.op!r}].fake_outputs(({t}), ({w}), ({h}))\n"
     )
     namespace = {
         "torch": torch,
