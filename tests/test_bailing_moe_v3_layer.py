@@ -139,6 +139,25 @@ def test_a_separate_b_proj_layer_runs_upstreams_statements(
     assert count_forks == [] and standins.core_calls == 2
 
 
+def test_the_census_counts_a_separate_b_proj_layer_as_not_reaching_the_site(
+    vllm_context, standins, monkeypatch
+):
+    from vllm_overlap import census
+    from vllm_overlap.runtime import site_census
+
+    monkeypatch.setattr(census, "site_reports", {})
+    fused, _ = _layer(vllm_context, standins, monkeypatch)
+    separate, _ = _layer(vllm_context, standins, monkeypatch, separate_b_proj=True)
+    rows = site_census.post_load(torch.nn.ModuleList([fused, separate]))
+    assert rows[SITE] == {
+        "feature": "delta_in_proj",
+        "mode": "dual_stream",
+        "layers": 2,
+        "overlap": 1,
+        "serial": {"no self.qkvb_proj on this layer (upstream's other path)": 1},
+    }
+
+
 @pytest.mark.parametrize("tokens", [1, 7])
 def test_compiled_forward_is_one_op_and_matches_upstream_eager(
     vllm_context, standins, forward_context, monkeypatch, tokens

@@ -93,7 +93,9 @@ def test_a_pair_keeps_its_two_names():
 
 def test_the_projections_are_every_branchs_calls_on_the_layer():
     layer = Layer()
-    assert _compile(_site()).projections(layer, 1) == (layer.mid, layer.left, layer.right)
+    compiled = _compile(_site())
+    assert compiled.projections(layer, 1) == (layer.mid, layer.left, layer.right)
+    assert compiled.calls == ("self.mid", "self.left", "self.right")
 
 
 def test_two_aux_branches_that_are_not_independent_are_refused():

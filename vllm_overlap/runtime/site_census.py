@@ -5,8 +5,9 @@ Runs once per model from the post-load hook (before vLLM post-processes the weig
 whatever the features' modes. A layer of a rewritten target's class runs the site. It
 overlaps where the feature is in mode ``dual_stream`` and upstream's own ``active`` condition
 holds and every linear layer its branches call is stream-safe and no declared refusal covers
-it; otherwise the census names why not (the mode, the refusal, the condition that is false, or
-the kernel with a per-device workspace). What is decided per call
+it; otherwise the census names why not (the mode, the refusal, the condition that is false, a
+module the branches call that this layer does not have, so its forward takes upstream's other
+path and never reaches the site, or the kernel with a per-device workspace). What is decided per call
   (a second stream, the token range, CUDA-graph capture, DBO threads, LoRA, which vLLM wraps
   after this step) is not a layer's property: the log line names the platform's answer for
   the second stream, and the per-call rules are the ladder's (``site_runtime``).
@@ -81,6 +82,21 @@ def projections_of(rt, layer) -> tuple:
     return tuple(m for m in found if isinstance(m, torch.nn.Module))
 
 
+def absent_projection(rt, layer) -> str:
+    """Why ``layer`` never reaches the site ("" if it can): a module the branches call is None
+    on it, as on a BailingMoeV3 layer built with b_proj apart (no qkvb_proj), whose forward
+    takes upstream's other path."""
+    params = rt.site.params
+    try:
+        found = rt.compiled.projections(layer, *([None] * (len(params) - 1)))
+    except Exception:  # reached through another parameter: judged per call
+        return ""
+    for expr, module in zip(rt.compiled.calls, found):
+        if module is None:
+            return f"no {expr} on this layer (upstream's other path)"
+    return ""
+
+
 def inactive_reason(rt) -> str:
     """Why a layer whose ``active`` condition is false runs only the ungated branch."""
     form = rt.site.forms[rt.compiled.form_index]
@@ -101,6 +117,8 @@ def site_report(model: torch.nn.Module, site) -> dict | None:
             serial[refused] += 1
         elif rt.compiled.active is not None and not rt.compiled.active(layer):
             serial[inactive_reason(rt)] += 1
+        elif absent := absent_projection(rt, layer):
+            serial[absent] += 1
         elif unsafe := stream_safety.first_unsafe(projections_of(rt, layer)):
             serial[f"not stream-safe: {unsafe}"] += 1
         elif untrusted := rt.untrusted_callee(layer):
