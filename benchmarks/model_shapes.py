@@ -95,6 +95,28 @@ MODELS: dict[str, dict] = {
         linear_num_value_heads=30,
         linear_value_head_dim=192,
     ),
+    "Ling-3.0-flash": dict(
+        # BailingMoeV3ForCausalLM (model_type bailing_hybrid), config.json as quoted by two
+        # independent third-party copies: hidden 2560, 32 heads of 128, 42 layers
+        source="inclusionAI/Ling-3.0-flash",
+        family="bailing_moe_v3",
+        hidden_size=2560,
+        num_attention_heads=32,
+        head_dim=128,
+    ),
+    "Kimi-Linear-48B-A3B": dict(
+        # config.json of the checkpoint as quoted by two independent third-party copies (its
+        # hidden_size, heads, MLA ranks and linear_attn_config); no q_lora_rank
+        source="moonshotai/Kimi-Linear-48B-A3B-Instruct",
+        family="kimi_linear",
+        hidden_size=2304,
+        num_attention_heads=32,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        kda_num_heads=32,
+        kda_head_dim=128,
+    ),
 }
 TP_SIZES = (1, 2, 4, 8)
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -297,6 +319,34 @@ def _delta_in_proj_bailing_moe_v3(c: dict, tp: int) -> tuple:
     )
 
 
+def _delta_in_proj_kimi_gdn(c: dict, tp: int) -> tuple:
+    # KimiGatedDeltaNetAttention.forward (low-rank gate): in_proj_qkvgfab (q, k, v and beta
+    # sharded by tp, f_a = head_dim replicated) beside g_a_proj (ReplicatedLinear, hidden ->
+    # head_dim) then g_b_proj (ColumnParallelLinear, head_dim -> heads * head_dim, sharded).
+    h, d = c["hidden_size"], c["kda_head_dim"]
+    heads = _shard(c["kda_num_heads"], tp, "kda_num_heads")
+    return (
+        Branch("hidden", h, (Gemm("in_proj_qkvgfab", h, 3 * heads * d + heads + d),)),
+        Branch("hidden", h, (Gemm("g_a_proj", h, d), Gemm("g_b_proj", d, heads * d))),
+        False,
+        (),
+    )
+
+
+def _kv_a_proj_kimi_linear(c: dict, tp: int) -> tuple:
+    # MultiHeadLatentAttention._forward_full_rank_q: q_proj (ColumnParallelLinear, hidden ->
+    # heads * (nope + rope), sharded) beside kv_a_proj_with_mqa (ReplicatedLinear, hidden ->
+    # kv_lora + rope).
+    h = c["hidden_size"]
+    heads = _shard(c["num_attention_heads"], tp, "num_attention_heads")
+    return (
+        Branch("hidden", h, (Gemm("q_proj", h, heads * (c["qk_nope_head_dim"] + c["qk_rope_head_dim"])),)),
+        Branch("hidden", h, (Gemm("kv_a_proj_with_mqa", h, c["kv_lora_rank"] + c["qk_rope_head_dim"]),)),
+        False,
+        (),
+    )
+
+
 # site -> (model family, what each branch computes: branch0, branch1, fused, notes[, more])
 SITES = {
     "gdn_in_proj": ("gdn", _gdn_in_proj),
@@ -306,6 +356,8 @@ SITES = {
     "kv_a_proj_minicpm3": ("minicpm3", _kv_a_proj_minicpm3),
     "delta_in_proj_olmo_hybrid": ("olmo_hybrid", _delta_in_proj_olmo_hybrid),
     "delta_in_proj_bailing_moe_v3": ("bailing_moe_v3", _delta_in_proj_bailing_moe_v3),
+    "delta_in_proj_kimi_gdn": ("kimi_linear", _delta_in_proj_kimi_gdn),
+    "kv_a_proj_kimi_linear": ("kimi_linear", _kv_a_proj_kimi_linear),
 }
 
 

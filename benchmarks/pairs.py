@@ -351,6 +351,8 @@ def smoke_shapes() -> list[PairShapes]:
         "olmo_hybrid": dict(family="olmo_hybrid", hidden_size=64, linear_num_key_heads=2, linear_key_head_dim=16,
                             linear_num_value_heads=4, linear_value_head_dim=16),
         "bailing_moe_v3": dict(family="bailing_moe_v3", hidden_size=64, num_attention_heads=4, head_dim=16),
+        "kimi_linear": dict(family="kimi_linear", hidden_size=64, num_attention_heads=4, kv_lora_rank=16,
+                            qk_nope_head_dim=8, qk_rope_head_dim=8, kda_num_heads=4, kda_head_dim=16),
     }
     return [PairShapes(site, f"tiny-{family}", 1, *build(tiny[family], 1)) for site, (family, build) in SITES.items()]
 

@@ -16,6 +16,7 @@ from vllm_overlap.cli import model_features
 GDN_LAYERS = {"layer_types": ["linear_attention", "full_attention"]}
 MLA = {"kv_lora_rank": 512}
 INDEXER = {"kv_lora_rank": 512, "index_topk": 2048}
+KIMI_KDA = {"linear_attn_config": {"kda_layers": [1, 2, 3], "full_attn_layers": [4]}}
 BAILING = {"model_type": "bailing_hybrid", "layer_group_size": 5}
 USES = "uses it"
 
@@ -40,7 +41,10 @@ def _answers(arch, **attrs):
         ("Dots3NoteForCausalLM", INDEXER, set()),  # legacy Indexer, refused inside Dots3Note
         # loose attributes that used to read "uses it"
         ("OlmoHybridForCausalLM", GDN_LAYERS, {"delta_in_proj"}),
-        ("AliceAIForCausalLM", GDN_LAYERS, set()),
+        ("AliceAIForCausalLM", GDN_LAYERS, {"delta_in_proj"}),  # KimiGatedDeltaNetAttention
+        ("KimiLinearForCausalLM", {**KIMI_KDA, **MLA}, {"delta_in_proj", "kv_a_proj"}),
+        ("KimiLinearForCausalLM", {"linear_attn_config": {"kda_layers": []}, **MLA}, {"kv_a_proj"}),
+        ("KimiK3ForConditionalGeneration", {**KIMI_KDA, **MLA}, set()),  # KimiK3DeltaAttention
         ("Glm5NextForCausalLM", {**GDN_LAYERS, **INDEXER}, set()),
         ("HYV4ForCausalLM", INDEXER, set()),
         ("Step5ForCausalLM", INDEXER, set()),

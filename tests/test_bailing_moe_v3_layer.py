@@ -154,7 +154,7 @@ def test_the_census_counts_a_separate_b_proj_layer_as_not_reaching_the_site(
         "mode": "dual_stream",
         "layers": 2,
         "overlap": 1,
-        "serial": {"no self.qkvb_proj on this layer (upstream's other path)": 1},
+        "serial": {"not reached: upstream's forward takes another path here (the site needs not self.separate_b_proj)": 1},
     }
 
 

@@ -65,3 +65,18 @@ def test_calibrate_keeps_a_range_per_measured_feature(timed):
     assert ranges == expected
     assert f"# mla_q_b_proj_legacy (mla_q_b_proj): not measured: {ENGINE_ONLY}" in lines
     assert ("#       8 tokens: on/off 0.900" in lines) == timed
+
+
+def test_tp_scaling_divides_head_counts_in_attributes_and_in_dict_attributes():
+    """Per-rank shapes: a head count held in a dict attribute (Kimi's linear_attn_config) is
+    divided too, the caller's config left as it was; an indivisible count is refused."""
+    from types import SimpleNamespace
+
+    from vllm_overlap.site_layers import scaled_for_tp
+
+    config = SimpleNamespace(num_attention_heads=8, linear_attn_config={"num_heads": 4, "head_dim": 32})
+    scaled = scaled_for_tp(config, 2, ("num_attention_heads", "linear_attn_config.num_heads"))
+    assert scaled.num_attention_heads == 4 and scaled.linear_attn_config == {"num_heads": 2, "head_dim": 32}
+    assert config.linear_attn_config["num_heads"] == 4
+    with pytest.raises(ValueError, match="linear_attn_config.num_heads=4 is not divisible by tensor parallel size 8"):
+        scaled_for_tp(config, 8, ("linear_attn_config.num_heads",))

@@ -72,6 +72,20 @@ def test_deepseek_sites_per_rank_widths():
     assert widths(glm_mla) == [[("indexer.wq_b", 2048, 4096)], [("q_b_proj", 2048, 8 * 256)]]
 
 
+def test_delta_and_kv_a_sites_per_rank_widths():
+    # Ling-3.0-flash: hidden 2560, 32 heads x 128. qkvb: q, k, v (heads * 128 each) + beta
+    # (one per head); f and g: heads * 128. At tp 2: 16 heads.
+    ling = model_shapes.site_shapes("delta_in_proj_bailing_moe_v3", "Ling-3.0-flash", 2)
+    assert widths(ling) == [[("qkvb_proj", 2560, 3 * 2048 + 16)], [("f_proj", 2560, 2048)], [("g_proj", 2560, 2048)]]
+    # Kimi-Linear: hidden 2304, KDA 32 heads x 128. in_proj: q, k, v and beta sharded, f_a
+    # (head_dim) replicated; g_a replicated (2304 -> 128), g_b sharded. At tp 4: 8 heads.
+    kda = model_shapes.site_shapes("delta_in_proj_kimi_gdn", "Kimi-Linear-48B-A3B", 4)
+    assert widths(kda) == [[("in_proj_qkvgfab", 2304, 3 * 1024 + 8 + 128)], [("g_a_proj", 2304, 128), ("g_b_proj", 128, 1024)]]
+    # Kimi-Linear MLA: 32 heads x (128 + 64), kv_lora 512 + rope 64. At tp 8: 4 heads.
+    mla = model_shapes.site_shapes("kv_a_proj_kimi_linear", "Kimi-Linear-48B-A3B", 8)
+    assert widths(mla) == [[("q_proj", 2304, 4 * 192)], [("kv_a_proj_with_mqa", 2304, 576)]]
+
+
 def test_a_site_on_the_wrong_family_or_an_indivisible_tp_is_refused():
     with pytest.raises(ValueError, match="has no gdn_in_proj site"):
         model_shapes.site_shapes("gdn_in_proj", "DeepSeek-V3.2", 1)
@@ -90,8 +104,9 @@ def test_plan_covers_every_site_model_and_tp_and_says_why_fp8_is_left_out_on_a_c
     keys = {(s.site, s.model, s.tp, dtype) for s, dtype, _ in jobs}
     # 4 Qwen models x 4 tp for gdn_in_proj, 2 DeepSeek models x 4 tp for mla_q_b_proj, the
     # two replicated indexer sites once per model, MiniCPM3-4B (40 heads) x 4 tp and
-    # OLMo-Hybrid-7B (30 value heads) at tp 1 and 2: bf16 only on a CPU
-    assert len(keys) == 4 * 4 + 2 * 4 + 2 * 2 + 4 + 2
+    # OLMo-Hybrid-7B (30 value heads) at tp 1 and 2, Ling-3.0-flash x 4 tp, Kimi-Linear's two
+    # sites x 4 tp: bf16 only on a CPU
+    assert len(keys) == 4 * 4 + 2 * 4 + 2 * 2 + 4 + 2 + 4 + 2 * 4
     assert {dtype for *_, dtype in keys} == {"bf16"}
     assert {(site, tp) for site, _, tp, _ in keys if site.startswith("deepseek_indexer")} == {
         ("deepseek_indexer", 1),

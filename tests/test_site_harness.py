@@ -127,6 +127,28 @@ def _bailing_moe_v3(request, tokens, dtype=BF16, seed=0):
     return _inputs("delta_in_proj_bailing_moe_v3", layer, hf, tokens, dtype)
 
 
+def _kimi_gdn(request, tokens, dtype=BF16, seed=0):
+    """Kimi-Linear's GDN layer (low-rank gate): what the site runs is real."""
+    from vllm_overlap.site_layers import build_kimi_gdn_layer
+    from vllm_overlap.tiny_models import kimi_linear_config
+
+    request.getfixturevalue("overlay_applied")
+    hf = kimi_linear_config()
+    layer = build_kimi_gdn_layer(request.getfixturevalue("vllm_context"), hf, dtype=dtype, seed=seed)
+    return _inputs("delta_in_proj_kimi_gdn", layer, hf, tokens, dtype)
+
+
+def _kimi_mla(request, tokens, dtype=BF16, seed=0):
+    """Kimi-Linear's MLA layer (full-rank q): what the site runs is real."""
+    from vllm_overlap.site_layers import build_kimi_mla_layer
+    from vllm_overlap.tiny_models import kimi_linear_config
+
+    request.getfixturevalue("overlay_applied")
+    hf = kimi_linear_config()
+    layer = build_kimi_mla_layer(request.getfixturevalue("vllm_context"), hf, dtype=dtype, seed=seed)
+    return _inputs("kv_a_proj_kimi_linear", layer, hf, tokens, dtype)
+
+
 BUILDERS = {
     "gdn_in_proj": _gdn,
     "deepseek_indexer_legacy": _indexer,
@@ -136,6 +158,8 @@ BUILDERS = {
     "kv_a_proj_minicpm3": _minicpm3,
     "delta_in_proj_olmo_hybrid": _olmo_hybrid,
     "delta_in_proj_bailing_moe_v3": _bailing_moe_v3,
+    "delta_in_proj_kimi_gdn": _kimi_gdn,
+    "kv_a_proj_kimi_linear": _kimi_mla,
 }
 
 
@@ -163,6 +187,20 @@ DEACTIVATE = {
     "mla_q_b_proj_legacy": _skip_topk,
 }
 
+def _set(attr, value):
+    def unreach(args):
+        setattr(args[0], attr, value)
+
+    return unreach
+
+
+# How to make a layer take upstream's other path, for every site that declares reached_when.
+UNREACH = {
+    "delta_in_proj_bailing_moe_v3": _set("separate_b_proj", True),
+    "delta_in_proj_kimi_gdn": _set("use_full_rank_gate", True),
+    "kv_a_proj_kimi_linear": _set("q_lora_rank", 64),
+}
+
 OP_SITES = sorted(s.id for s in SITES.values() if s.dynamo == "op")
 TOKEN_COUNTS = [0, 1, 7, 256, 1025]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -170,6 +208,27 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 def test_every_site_has_a_builder():
     assert set(BUILDERS) == set(SITES)
+
+
+def test_every_site_with_another_path_says_how_to_take_it():
+    assert set(UNREACH) == {s.id for s in SITES.values() if s.reached_when}
+
+
+@pytest.mark.parametrize("site_id", sorted(UNREACH))
+def test_the_census_counts_a_layer_on_upstreams_other_path_as_not_reaching_the_site(
+    request, deepseek_overlay, site_id, monkeypatch
+):
+    from vllm_overlap import census
+    from vllm_overlap.runtime import site_census
+
+    monkeypatch.setattr(census, "site_reports", {})
+    reached = BUILDERS[site_id](request, 1)[0]
+    other = BUILDERS[site_id](request, 1, seed=1)
+    UNREACH[site_id](other)
+    row = site_census.post_load(torch.nn.ModuleList([reached, other[0]]))[site_id]
+    needs = SITES[site_id].reached_when
+    assert (row["layers"], row["overlap"]) == (2, 1)
+    assert row["serial"] == {f"not reached: upstream's forward takes another path here (the site needs {needs})": 1}
 
 
 def test_every_gated_site_says_how_to_deactivate_its_layer():

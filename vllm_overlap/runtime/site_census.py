@@ -5,8 +5,8 @@ Runs once per model from the post-load hook (before vLLM post-processes the weig
 whatever the features' modes. A layer of a rewritten target's class runs the site. It
 overlaps where the feature is in mode ``dual_stream`` and upstream's own ``active`` condition
 holds and every linear layer its branches call is stream-safe and no declared refusal covers
-it; otherwise the census names why not (the mode, the refusal, the condition that is false, a
-module the branches call that this layer does not have, so its forward takes upstream's other
+it; otherwise the census names why not (the mode, the refusal, the condition that is false,
+the site's ``reached_when`` being false on the layer, so that its forward takes upstream's other
 path and never reaches the site, or the kernel with a per-device workspace). What is decided per call
   (a second stream, the token range, CUDA-graph capture, DBO threads, LoRA, which vLLM wraps
   after this step) is not a layer's property: the log line names the platform's answer for
@@ -82,19 +82,26 @@ def projections_of(rt, layer) -> tuple:
     return tuple(m for m in found if isinstance(m, torch.nn.Module))
 
 
-def absent_projection(rt, layer) -> str:
-    """Why ``layer`` never reaches the site ("" if it can): a module the branches call is None
-    on it, as on a BailingMoeV3 layer built with b_proj apart (no qkvb_proj), whose forward
-    takes upstream's other path."""
-    params = rt.site.params
-    try:
-        found = rt.compiled.projections(layer, *([None] * (len(params) - 1)))
-    except Exception:  # reached through another parameter: judged per call
-        return ""
-    for expr, module in zip(rt.compiled.calls, found):
-        if module is None:
-            return f"no {expr} on this layer (upstream's other path)"
+def unreached_reason(site, layer) -> str:
+    """Why ``layer``'s forward never reaches the site's statements ("" if it does): the site's
+    ``reached_when`` (upstream's own condition for the path that holds them) is false on it."""
+    if site.reached_when and not _reached(site)(layer):
+        return f"not reached: upstream's forward takes another path here (the site needs {site.reached_when})"
     return ""
+
+
+_reached_checks: dict[str, object] = {}
+
+
+def _reached(site):
+    check = _reached_checks.get(site.id)
+    if check is None:
+        from ..branches import compile_function
+
+        name = f"{site.id}__reached"
+        text = f"def {name}({site.params[0]}):\n    return bool({site.reached_when})\n"
+        check = _reached_checks[site.id] = compile_function(text, name, {}, f"<vllm-overlap {name}>", 1)
+    return check
 
 
 def inactive_reason(rt) -> str:
@@ -117,8 +124,8 @@ def site_report(model: torch.nn.Module, site) -> dict | None:
             serial[refused] += 1
         elif rt.compiled.active is not None and not rt.compiled.active(layer):
             serial[inactive_reason(rt)] += 1
-        elif absent := absent_projection(rt, layer):
-            serial[absent] += 1
+        elif unreached := unreached_reason(site, layer):
+            serial[unreached] += 1
         elif unsafe := stream_safety.first_unsafe(projections_of(rt, layer)):
             serial[f"not stream-safe: {unsafe}"] += 1
         elif untrusted := rt.untrusted_callee(layer):
