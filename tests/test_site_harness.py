@@ -350,6 +350,43 @@ def test_branches_share_no_storage_that_either_writes(request, deepseek_overlay,
 
 
 @pytest.mark.parametrize("site_id", sorted(BUILDERS))
+def test_the_first_run_hazard_check_passes_every_built_in_site(request, deepseek_overlay, site_id):
+    """The check a user site's first run goes through (``runtime.hazards``), on each built-in
+    site's real layer: no branch writes memory another uses, no collective; its results are
+    the serial statements'."""
+    from vllm_overlap.runtime.hazards import run_checked
+
+    args = BUILDERS[site_id](request, 5)
+    rt = site_runtime(site_id)
+    expected = _run(_serial(site_id), site_id, args)
+    fresh = _fresh(args)
+    reset, observe = EFFECTS.get(site_id, (None, None))
+    if reset:
+        reset(fresh)
+    with torch.no_grad():
+        results, finding = run_checked({w: (lambda fn=fn: fn(*fresh)) for w, fn in rt.compiled.branches.items()}, rt.compiled.order)
+    assert finding is None
+    actual = rt.site.result(*(results[w] for w in rt.compiled.branches))
+    assert same_tensors(expected, (actual, observe(fresh)) if observe else actual)
+
+
+def test_the_first_run_hazard_check_fails_a_branch_that_writes_an_input(request, deepseek_overlay):
+    """Negative control on a real layer: GDN's aux branch made to write into the hidden states
+    the current branch reads."""
+    from vllm_overlap.runtime.hazards import run_checked
+
+    layer, hidden = BUILDERS["gdn_in_proj"](request, 5)
+    rt = site_runtime("gdn_in_proj")
+    branches = {
+        "current": lambda: rt.compiled.branches["current"](layer, hidden),
+        "aux": lambda: (rt.compiled.branches["aux"](layer, hidden), hidden.mul_(1)),
+    }
+    with torch.no_grad():
+        _, finding = run_checked(branches, rt.compiled.order)
+    assert finding == "the aux branch writes memory the current branch uses (1 storage(s))"
+
+
+@pytest.mark.parametrize("site_id", sorted(BUILDERS))
 def test_no_second_stream_or_lora_runs_serially(request, deepseek_overlay, site_id, forks, monkeypatch):
     from vllm_overlap.runtime import gates
 

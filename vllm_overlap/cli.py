@@ -93,11 +93,11 @@ def _vllm_names() -> list[dict]:
 def collect(model: str | None = None) -> dict:
     """Load the config, apply every enabled feature in this process, and report."""
     from . import active_config, outcomes, plugin
-    from .patches import FEATURES
 
     plugin.register()
     loaded = active_config.loaded()
-    for feature in FEATURES.values():
+    features = plugin.features()  # the declared ones, then the config's proven user sites
+    for feature in features.values():
         if not loaded.config.feature(feature.name).enabled:
             continue
         for module in feature.modules():
@@ -117,7 +117,7 @@ def collect(model: str | None = None) -> dict:
                         )
                     )
     rows, absent, ok = [], [], True
-    for feature in FEATURES.values():
+    for feature in features.values():
         enabled = loaded.config.feature(feature.name).enabled
         for rewrite in feature.rewrites:
             outcome = outcomes.outcomes[(feature.name, str(rewrite.target))]
@@ -135,6 +135,19 @@ def collect(model: str | None = None) -> dict:
                     "result": outcome.describe(),
                 }
             )
+    for name, (module, function, reason) in plugin.USER_REFUSED.items():  # refused, or off
+        enabled = reason != "off"
+        ok = ok and not enabled
+        rows.append(
+            {
+                "feature": name,
+                "target": function,
+                "module": module,
+                "enabled": enabled,
+                "anchors": "-",
+                "result": reason if enabled else "off",
+            }
+        )
     from .streams import DBO_POLICY
 
     return {
@@ -250,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--by-site", action="store_true", help="one row per site, not per target")
     p.set_defaults(func=cmd_compat)
+    p = sub.add_parser(
+        "prove", help="prove the config's user sites against the installed vLLM (no model loaded)"
+    )
+    p.add_argument("config", help="a config file with a sites: section")
+    p.set_defaults(func=lambda args: __import__("vllm_overlap.prove", fromlist=["main"]).main(args.config))
     p = sub.add_parser(
         "calibrate", help="measure on this GPU and write a config with per-feature token ranges"
     )

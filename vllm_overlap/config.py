@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import yaml
-from pydantic import ValidationError, create_model
+from pydantic import ValidationError, create_model, model_validator
 
 from .patches import FEATURES
-from .settings import FeatureConfig, GdnInProjConfig, Strict  # noqa: F401  (re-exported)
+from .settings import FeatureConfig, GdnInProjConfig, Strict, UserSiteConfig  # noqa: F401  (re-exported)
 
 ENV_CONFIG = "VLLM_OVERLAP_CONFIG"
 ENV_SWITCH = "VLLM_OVERLAP"
@@ -68,10 +68,26 @@ class OverlayConfig(Strict):
     enabled: bool = True
     strict: bool = False
     features: FeaturesConfig = FeaturesConfig()
+    # Sites the user declares (``vllm_overlap.user_sites``): each is a feature of its own,
+    # named ``user_<id>``, with its switch and token range in the entry.
+    sites: list[UserSiteConfig] = []
+
+    @model_validator(mode="after")
+    def _unique_site_ids(self):
+        ids = [s.id for s in self.sites]
+        for i, site_id in enumerate(ids):
+            if site_id in ids[:i]:
+                raise ValueError(f"sites.{i}.id = {site_id!r}: another site has this id")
+        return self
 
     def feature(self, name: str) -> FeatureConfig:
-        """The settings a feature runs with (switched off when the whole overlay is)."""
-        cfg = getattr(self.features, name)
+        """The settings a feature runs with (switched off when the whole overlay is): a
+        declared feature's, or a user site's (``user_<id>``)."""
+        cfg = getattr(self.features, name, None)
+        if cfg is None:
+            cfg = next((s for s in self.sites if s.feature_name == name), None)
+            if cfg is None:
+                raise KeyError(f"no feature {name!r}")
         return cfg if self.enabled else cfg.model_copy(update={"enabled": False})
 
     def fingerprint(self) -> str:

@@ -32,6 +32,16 @@ _lock = threading.RLock()
 _registered = False
 _announced = False
 
+# The config's user sites (``vllm_overlap.user_sites``): proven ones run as features of their
+# own, ``user_<id>``; refused ones are recorded with the rule and statement that refused them.
+USER_FEATURES: dict[str, Feature] = {}
+USER_REFUSED: dict[str, tuple[str, str, str]] = {}  # feature name -> (module, function, reason)
+
+
+def features() -> dict[str, Feature]:
+    """Every feature of this process: the declared ones, then the config's proven user sites."""
+    return {**FEATURES, **USER_FEATURES}
+
 
 class StrictError(OverlayStop):
     """strict: true, and an enabled feature could not be applied: start-up stops."""
@@ -45,7 +55,8 @@ def register() -> None:
             return
         loaded = load_config()
         active_config.set_loaded(loaded)
-        for feature in FEATURES.values():
+        _prove_user_sites(loaded)
+        for feature in features().values():
             status = outcomes.PENDING if _enabled(feature) else outcomes.OFF
             for rewrite in feature.rewrites:
                 outcomes.record(outcomes.Outcome(feature.name, str(rewrite.target), status))
@@ -55,9 +66,43 @@ def register() -> None:
             _announce()  # nothing will ever be imported for us: say so now
             return
         _install_post_load_hooks()
-        for module in sorted({m for f in FEATURES.values() for m in f.modules()}):
-            if any(_enabled(f) and module in f.modules() for f in FEATURES.values()):
+        for module in sorted({m for f in features().values() for m in f.modules()}):
+            if any(_enabled(f) and module in f.modules() for f in features().values()):
                 wrapt.register_post_import_hook(_on_import, module)
+
+
+def _prove_user_sites(loaded) -> None:
+    """Prove each enabled user site against the installed vLLM's source (read, not imported);
+    a refusal, or a failure of ours, is that site's outcome, never an exception into vLLM."""
+    from .user_sites import feature_of, prove_all
+
+    USER_FEATURES.clear()
+    USER_REFUSED.clear()
+    config = loaded.config
+    if not config.enabled or not config.sites:
+        return
+    try:
+        proofs = prove_all(config, loaded.source)
+    except Exception as exc:  # ours
+        for cfg in config.sites:
+            USER_REFUSED[cfg.feature_name] = (cfg.module, cfg.function, internal_error(exc, "proving user sites"))
+        proofs = []
+    for proof in proofs:
+        cfg = proof.config
+        if not cfg.enabled:
+            USER_REFUSED[cfg.feature_name] = (cfg.module, cfg.function, "off")
+            continue
+        if proof.site is None:
+            reason = f"refused: {proof.refused}"
+            USER_REFUSED[cfg.feature_name] = (cfg.module, cfg.function, reason)
+            outcomes.record(outcomes.Outcome(cfg.feature_name, f"{cfg.module}.{cfg.function}", outcomes.SKIPPED, reason))
+            continue
+        USER_FEATURES[cfg.feature_name] = feature_of(proof)
+        if proof.plain_reason:
+            _log_info(f"vllm-overlap user site {cfg.id}: {proof.plain_reason}")
+    refused = [f"{n}: {r}" for n, (_, _, r) in USER_REFUSED.items() if r != "off"]
+    if refused and config.strict:
+        raise StrictError(f"strict: true and a user site cannot be applied: {'; '.join(refused)}")
 
 
 # Every loader reaches vLLM's post-processing through this function (BaseModelLoader, the
@@ -72,9 +117,9 @@ def _install_post_load_hooks() -> None:
     """Run the site census and each enabled feature's post-load step before vLLM
     post-processes the weights, once per model, whichever loader loads it."""
     steps = []
-    if any(_enabled(feature) for feature in FEATURES.values()):
+    if any(_enabled(feature) for feature in features().values()):
         steps.append(SITE_CENSUS)  # first: it counts the layers as loaded, before any fusing
-    for feature in FEATURES.values():
+    for feature in features().values():
         cfg = active_config.feature_config(feature.name)
         if cfg.enabled and feature.post_load and cfg.mode in feature.post_load_modes:
             if feature.post_load not in steps:  # features may share one step
@@ -120,6 +165,13 @@ def _run_post_load_step(step: str, model) -> None:
         _log_internal_error(reason)
 
 
+def _log_info(line: str) -> None:
+    try:
+        logger().info("%s", line)
+    except Exception:  # the logger itself: nothing more can be said
+        pass
+
+
 def _log_internal_error(reason: str) -> None:
     try:
         logger().warning("vllm-overlap: %s", reason)
@@ -158,7 +210,7 @@ def apply_module(module_name: str) -> list[outcomes.Outcome]:
     with _lock:
         results = []
         for site, rewrite in stacking_order(module_name):
-            results.append(apply_rewrite(FEATURES[site.feature], site, rewrite))
+            results.append(apply_rewrite(features()[site.feature], site, rewrite))
         _announce()
         _enforce_strict(results)
         return results
@@ -168,13 +220,13 @@ def stacking_order(module_name: str) -> list[tuple[Site, object]]:
     """(site, rewrite) of every enabled feature in ``module_name``, in the order they apply:
     by the site's ``stack``, then the registry's order."""
     pairs = []
-    for feature in FEATURES.values():
+    for feature in features().values():
         if not _enabled(feature):
             continue
         mode = active_config.feature_config(feature.name).mode
         for rewrite in feature.rewrites_in(module_name, mode):
             pairs.append((feature.site(rewrite.site), rewrite))
-    order = {s.id: i for i, s in enumerate(s for f in FEATURES.values() for s in f.sites)}
+    order = {s.id: i for i, s in enumerate(s for f in features().values() for s in f.sites)}
     return sorted(pairs, key=lambda pair: (pair[0].stack, order[pair[0].id]))
 
 
@@ -245,7 +297,10 @@ def feature_summary(feature: Feature) -> str:
 
 def summary_line() -> str:
     loaded = active_config.loaded()
-    feats = ", ".join(f"{f.name} {feature_summary(f)}" for f in FEATURES.values())
+    feats = ", ".join(
+        [f"{f.name} {feature_summary(f)}" for f in features().values()]
+        + [f"{name} {reason}" for name, (_, _, reason) in USER_REFUSED.items()]
+    )
     return (
         f"vllm-overlap {__version__} [pid {os.getpid()}] config {loaded.source}: {feats}"
     )

@@ -38,3 +38,37 @@ class GdnInProjConfig(FeatureConfig):
     # mode fused: what a layer that cannot be fused (quantised, mixed dtypes or sharding,
     # LoRA) runs instead: the upstream serial statements, or the dual-stream op.
     fused_fallback: Literal["serial", "dual_stream"] = "serial"
+
+
+USER_SITE_ID = r"^[a-z][a-z0-9_]{0,39}$"
+QUALNAME = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
+
+
+class UserSiteConfig(FeatureConfig):
+    """One entry of ``sites:``: an overlap site the user declares. Its statement groups are
+    written as upstream wrote them (matched as anchors, ``$name`` captures allowed); the
+    overlay proves them independent against the installed vLLM's source before applying
+    anything (``vllm_overlap.user_sites``)."""
+
+    id: str = Field(pattern=USER_SITE_ID)
+    module: str = Field(pattern=QUALNAME)  # e.g. vllm.model_executor.models.minicpm3
+    function: str = Field(pattern=QUALNAME)  # Class.method
+    current: str = Field(min_length=1)  # the statements for the current stream
+    aux: list[str] = Field(min_length=1)  # one group per aux stream
+    tokens: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")  # the entry parameter whose first dimension counts tokens
+    no_lora: list[str] = []  # further modules (self.<name>) that must not be LoRA-wrapped
+    why: str = ""  # one line for doctor and the census
+
+    @model_validator(mode="after")
+    def _groups(self):
+        groups = [self.current, *self.aux]
+        for text in groups:
+            if not text.strip():
+                raise ValueError("a statement group is empty")
+        if len({g.strip() for g in groups}) != len(groups):
+            raise ValueError("two statement groups are the same text")
+        return self
+
+    @property
+    def feature_name(self) -> str:
+        return f"user_{self.id}"

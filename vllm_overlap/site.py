@@ -169,6 +169,11 @@ class Site:
     # site's statements (empty: always). The census counts a layer where it is false as not
     # reaching the site (e.g. "not self.separate_b_proj": such layers run other statements).
     reached_when: str = ""
+    # A user site: its first run in each process (outside capture) goes through the hazard
+    # check (``runtime.hazards``), which turns it off for the process on any finding.
+    checked_at_first_run: bool = False
+    # Further modules on the layer (expressions) whose LoRA wrapping makes the site serial.
+    no_lora: tuple[str, ...] = ()
 
     @property
     def op(self) -> str:

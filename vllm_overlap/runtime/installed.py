@@ -68,7 +68,13 @@ def prepare(feature: Feature, site: Site, mode: str):
             from .layers import register_instances
 
             owner, _ = resolve_owner(Target(module, func.__qualname__))
-            register_instances(owner, rt.layer_name)
+            if site.checked_at_first_run:  # a user site's layer: named as it is built
+                from ..user_sites import REGISTERED_NAME
+                from .layers import naming
+
+                register_instances(owner, naming(site.id, REGISTERED_NAME))
+            else:
+                register_instances(owner, rt.layer_name)
         ns = _namespaces.setdefault((feature.name, module), types.SimpleNamespace())
         name, entry = _entry(site, rt, mode)
         setattr(ns, name, entry)

@@ -93,6 +93,21 @@ def register_instances(cls: type, name_of: Callable[[Any], str]) -> None:
     _registering.add(cls)
 
 
+def naming(site_id: str, attribute: str) -> Callable[[Any], str]:
+    """A ``name_of`` for :func:`register_instances` where the layer has no name of its own (a
+    user site's): ``<site id>.<n>`` in construction order (the same on every rank and in
+    every process that builds the same model), kept on the instance under ``attribute``."""
+    counter = iter(range(1 << 62))
+
+    def name_of(instance) -> str:
+        name = instance.__dict__.get(attribute)
+        if name is None:
+            name = instance.__dict__[attribute] = f"{site_id}.{next(counter)}"
+        return name
+
+    return name_of
+
+
 def registered_layers() -> dict[str, torch.nn.Module]:
     """What the registry holds now (a copy)."""
     return dict(_layers)

@@ -87,6 +87,10 @@ def check_output(out: torch.Tensor, like: torch.Tensor, width: int, what: str, h
     return out.contiguous()
 
 
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def _flat(value: Any, arity: int) -> tuple:
     return tuple(value) if arity > 1 else (value,)
 
@@ -105,6 +109,10 @@ class SiteRuntime:
         if site.dynamo == "op":
             self._op = _make_op(self)
         self._untrusted = _callee_check(site) if site.callees else None
+        # A user site: the hazard check of its first run in this process, and its finding.
+        self._checked = not site.checked_at_first_run
+        self.off_reason = ""
+        self._no_lora = _expression(site, list(site.no_lora), "no_lora") if site.no_lora else None
 
     # -- the ladder ---------------------------------------------------------------------------
 
@@ -114,6 +122,8 @@ class SiteRuntime:
         if c.active is not None and not c.active(args[0]):
             return site.result(*c.serial(*args, skip=c.gated))
         projections = c.projections(*args)
+        if self._no_lora is not None:
+            projections = (*projections, *self._no_lora(args[0]))
         if not gates.overlap_possible() or gates.any_lora(projections):
             return site.result(*c.serial(*args))
         if stream_safety.first_unsafe(projections):  # a kernel with a per-device workspace
@@ -150,8 +160,14 @@ class SiteRuntime:
 
     def overlapped(self, *args) -> tuple:
         """Each branch's result (current, aux...) through the stream primitive: the pair's,
-        or the fan-out's where the site has more than one aux branch."""
+        or the fan-out's where the site has more than one aux branch. A user site's first
+        run in the process (outside capture) is the hazard check instead, serially; a finding
+        keeps it serial for the rest of the process."""
         c = self.compiled
+        if self.off_reason:
+            return c.serial(*args)
+        if not self._checked and not _capturing():
+            return self._first_run(*args)
         fns = [lambda fn=fn: fn(*args) for fn in c.branches.values()]
         tokens = args[self.tokens_index].shape[0]
         feature = active_config.site_config(self.site)
@@ -159,6 +175,20 @@ class SiteRuntime:
             return streams.run_pair(self.site.id, fns[0], fns[1], tokens, feature)
         first, rest = streams.run_many(self.site.id, fns[0], fns[1:], tokens, feature)
         return (first, *rest)
+
+    def _first_run(self, *args) -> tuple:
+        from ..log import logger
+        from .hazards import run_checked
+
+        c = self.compiled
+        results, finding = run_checked({n: (lambda fn=fn: fn(*args)) for n, fn in c.branches.items()}, c.order)
+        self._checked = True
+        if finding:
+            self.off_reason = f"hazard check: {finding}"
+            logger().warning("vllm-overlap site %s: off for this process: %s", self.site.id, self.off_reason)
+        else:
+            logger().info("vllm-overlap site %s: first run checked: no shared memory written, no collective", self.site.id)
+        return tuple(results[n] for n in c.branches)
 
     # -- the op's pieces ------------------------------------------------------------------------
 

