@@ -147,6 +147,31 @@ def test_statement_only_assignments():
     assert "a If statement: a group holds only assignments" in user_sites.prove(cfg, text).refused
 
 
+def test_statement_not_inside_a_loop():
+    """A later iteration could read what a group writes before the line the proof looks after."""
+    text = SYNTHETIC + "        for _ in range(2):\n            a = self.left(x)\n            b = self.right(x)\n            x = a + b\n        return x\n"
+    cfg = _cfg(module="probe_mod", function="Layer.forward", current="a = self.left(x)", aux=["b = self.right(x)"], tokens="x")
+    assert user_sites.prove(cfg, text).refused == (
+        "statement: the groups sit in a loop: a later iteration could read what they write"
+    )
+
+
+def test_name_a_local_shadows_a_global_and_an_unbound_name_is_refused():
+    """``F`` is a module global here, but the function binds its own: it is the entry's
+    parameter, not the global; a name bound nowhere is refused."""
+    text = SYNTHETIC.replace("class Layer:", "F = None\n\n\nclass Layer:") + "        F = x\n        a = self.left(F)\n"
+    text += "        b = self.right(x)\n        return a + b\n"
+    cfg = _cfg(module="probe_mod", function="Layer.forward", current="a = self.left(F)", aux=["b = self.right(x)"], tokens="x")
+    proof = user_sites.prove(cfg, text)
+    assert proof.site is not None, proof.refused
+    assert proof.site.params == ("self", "F", "x")
+    text = _synthetic("        a = self.left(nowhere)\n")
+    cfg = _cfg(module="probe_mod", function="Layer.forward", current="a = self.left(nowhere)", aux=["b = self.right(x)"], tokens="x")
+    assert user_sites.prove(cfg, text).refused == (
+        "name: the current group reads nowhere, which is neither bound in the function nor a module global"
+    )
+
+
 def test_assignment_item_assignment_in_real_code():
     """MiniCPM3 writes the roped q back into q in place."""
     refused = _refused(current="q[..., self.qk_nope_head_dim:] = q_pe", aux=[MINICPM3_KV])

@@ -11,7 +11,7 @@ The rules (each refusal names one):
 
 - ``match``: each group matches exactly once in the function, all in one block;
 - ``statement``: a group holds only assignments to plain names (no control flow, no
-  expression statements, no ``del``);
+  expression statements, no ``del``), and the groups are not inside a loop;
 - ``assignment``: no attribute or item assignment, no augmented assignment (``x += y`` is in
   place on a tensor);
 - ``in-place``: no in-place method (``x.add_(y)``, ``x.copy_(y)``: a name ending in ``_``);
@@ -24,6 +24,7 @@ The rules (each refusal names one):
 - ``between``: a statement between the groups that one of them is moved ahead of commutes with
   it (neither writes a name the other reads or writes) and obeys the rules above itself;
 - ``result``: every group produces a name the function uses after the groups;
+- ``name``: every name a group reads is bound in the function or a module global;
 - ``tokens``: the token-count parameter is one the groups read;
 - ``no_lora``: each module named there is one ``__init__`` builds.
 
@@ -252,6 +253,17 @@ def _group(func, text: str, which: str):
     raise Refused("match", f"the {which} group is not a run of statements of one block")  # pragma: no cover
 
 
+def _in_loop(func: ast.AST, body: list[ast.stmt]) -> bool:
+    """Whether ``body`` is (inside) the body of a for or while loop of ``func``."""
+    for node in ast.walk(func):
+        if isinstance(node, (ast.For, ast.AsyncFor, ast.While)):
+            for inner in ast.walk(node):
+                for name in ("body", "orelse", "finalbody"):
+                    if getattr(inner, name, None) is body:
+                        return True
+    return False
+
+
 def _used_after(func: ast.AST, body: list[ast.stmt], end: int) -> set[str]:
     """Names loaded anywhere in the function after ``body[end]`` (the rest of the block and of
     every enclosing block: a conservative superset of what the groups must return)."""
@@ -324,6 +336,8 @@ def _prove(proof: Proof, text: str, source: str) -> None:
         if set(idx) & {i for v in found.values() for i in v}:
             raise Refused("match", f"the {which} group overlaps another group")
         found[which] = idx
+    if _in_loop(func, body):
+        raise Refused("statement", "the groups sit in a loop: a later iteration could read what they write")
     for which, idx in found.items():
         for i in idx:
             _check_statement(body[i], modules)
@@ -379,11 +393,19 @@ def _prove(proof: Proof, text: str, source: str) -> None:
             raise Refused("result", f"the {w} group produces nothing the function uses after it")
         returns[w] = ordered
 
+    # A name the groups read is a parameter of the entry where the function binds it (an
+    # argument or any assignment in it: a local shadows a module global), else a global.
+    args = func.args
+    local = {a.arg for a in [*args.posonlyargs, *args.args, *args.kwonlyargs]}
+    local |= {a.arg for a in (args.vararg, args.kwarg) if a is not None} | _names(func, ast.Store)
     params = ["self"]
     for w in found:
         for name in reads[w]:
-            if name not in known and name not in params:
-                params.append(name)
+            if name in local:
+                if name not in params:
+                    params.append(name)
+            elif name not in known:
+                raise Refused("name", f"the {w} group reads {name}, which is neither bound in the function nor a module global")
     if not any("self" in reads[w] for w in reads):
         raise Refused("call", "the groups call nothing on self: no layer to overlap")
     if cfg.tokens not in params[1:]:
