@@ -460,3 +460,23 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     monkeypatch.setattr(streams, "_events", {})
     return forks
+
+
+def minicpm3_user_site_yaml(site_id: str) -> str:
+    """A config declaring MiniCPM3's q path beside kv_a_proj_with_mqa as user site ``site_id``,
+    with the built-in kv_a_proj (the same pair) off."""
+    return f"""
+features:
+  kv_a_proj: {{enabled: false}}
+sites:
+  - id: {site_id}
+    module: vllm.model_executor.models.minicpm3
+    function: MiniCPM3Attention.forward
+    current: |
+      q, _ = self.q_a_proj(hidden_states)
+      q = self.q_a_layernorm(q)
+      q, _ = self.q_b_proj(q)
+    aux:
+      - latent_cache, _ = self.kv_a_proj_with_mqa(hidden_states)
+    tokens: hidden_states
+"""

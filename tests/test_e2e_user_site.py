@@ -10,25 +10,11 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import run_llm
+from conftest import minicpm3_user_site_yaml, run_llm
 
 pytestmark = pytest.mark.slow
 
-CONFIG = """
-features:
-  kv_a_proj: {enabled: false}
-sites:
-  - id: minicpm3_q_kv
-    module: vllm.model_executor.models.minicpm3
-    function: MiniCPM3Attention.forward
-    current: |
-      q, _ = self.q_a_proj(hidden_states)
-      q = self.q_a_layernorm(q)
-      q, _ = self.q_b_proj(q)
-    aux:
-      - latent_cache, _ = self.kv_a_proj_with_mqa(hidden_states)
-    tokens: hidden_states
-"""
+CONFIG = minicpm3_user_site_yaml("minicpm3_q_kv")
 TARGET = "user_minicpm3_q_kv:vllm.model_executor.models.minicpm3.MiniCPM3Attention.forward"
 
 

@@ -11,26 +11,12 @@ import logging
 import pytest
 import torch
 
-from conftest import same_tensors
+from conftest import minicpm3_user_site_yaml, same_tensors
 from vllm_overlap import active_config, streams, user_sites
 from vllm_overlap.config import LoadedConfig, parse_config
 from vllm_overlap.runtime import hazards, installed
 
-CONFIG = """
-features:
-  kv_a_proj: {enabled: false}
-sites:
-  - id: probe_q_kv
-    module: vllm.model_executor.models.minicpm3
-    function: MiniCPM3Attention.forward
-    current: |
-      q, _ = self.q_a_proj(hidden_states)
-      q = self.q_a_layernorm(q)
-      q, _ = self.q_b_proj(q)
-    aux:
-      - latent_cache, _ = self.kv_a_proj_with_mqa(hidden_states)
-    tokens: hidden_states
-"""
+CONFIG = minicpm3_user_site_yaml("probe_q_kv")
 
 
 @pytest.fixture

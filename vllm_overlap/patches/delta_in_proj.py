@@ -3,6 +3,8 @@ Gated DeltaNet, BailingMoeV3's and Kimi-Linear's Kimi delta attention)."""
 
 from __future__ import annotations
 
+import textwrap
+
 from ..rewrite import Anchor, Target
 from ..settings import FeatureConfig
 from ..site import Branch, Facts, Feature, Form, Output, Site, text_config
@@ -111,80 +113,62 @@ BAILING_MODULE = "vllm.model_executor.models.bailing_moe_v3"
 # the layer's input. The fused path runs the three GEMMs as a fan-out; the split, beta and the
 # gate kernel (fused_kda_gate, Triton) follow the join. The separate-b_proj path keeps
 # upstream's statements in upstream's order.
+# Each upstream line is written once below; the anchor's find and replace are composed of them.
+_SEPARATE_B = """\
+assert self.qkv_proj is not None and self.b_proj is not None
+qkv = self.qkv_proj(hidden_states)[0]
+q, k, v = qkv.split(self.projection_size_per_partition, dim=-1)
+beta_logits = self.b_proj(hidden_states)[0]
+"""
+_QKVB = "qkvb = self.qkvb_proj(hidden_states)[0]\n"
+_QKVB_SPLIT = """\
+q, k, v, beta_logits = qkvb.split(
+    [
+        self.projection_size_per_partition,
+        self.projection_size_per_partition,
+        self.projection_size_per_partition,
+        self.local_num_heads,
+    ],
+    dim=-1,
+)
+"""
+_BETA = "beta = beta_logits.float().sigmoid().unsqueeze(0)\n"
+_F_PROJ = "g1 = self.f_proj(hidden_states)[0]\n"
+_GATE = """\
+g1 = fused_kda_gate(
+    g1,
+    self.A_log,
+    self.head_dim,
+    g_bias=self.dt_bias,
+    lower_bound=self.lower_bound if self.safe_gate else None,
+)
+g1 = g1.unsqueeze(0)
+"""
+_G2 = 'g2 = rearrange(self.g_proj(hidden_states)[0], "... (h d) -> ... h d", d=self.head_dim)\n'
+
+
+def _arm(text: str) -> str:
+    return textwrap.indent(text, "    ")
+
+
 BAILING_QKVB_F_G = Anchor(
-    find="""
-        if self.separate_b_proj:
-            assert self.qkv_proj is not None and self.b_proj is not None
-            qkv = self.qkv_proj(hidden_states)[0]
-            q, k, v = qkv.split(self.projection_size_per_partition, dim=-1)
-            beta_logits = self.b_proj(hidden_states)[0]
-        else:
-            assert self.qkvb_proj is not None
-            qkvb = self.qkvb_proj(hidden_states)[0]
-            q, k, v, beta_logits = qkvb.split(
-                [
-                    self.projection_size_per_partition,
-                    self.projection_size_per_partition,
-                    self.projection_size_per_partition,
-                    self.local_num_heads,
-                ],
-                dim=-1,
-            )
-        beta = beta_logits.float().sigmoid().unsqueeze(0)
-        g1 = self.f_proj(hidden_states)[0]
-        g1 = fused_kda_gate(
-            g1,
-            self.A_log,
-            self.head_dim,
-            g_bias=self.dt_bias,
-            lower_bound=self.lower_bound if self.safe_gate else None,
+    find=(
+        "if self.separate_b_proj:\n"
+        + _arm(_SEPARATE_B)
+        + "else:\n"
+        + _arm("assert self.qkvb_proj is not None\n" + _QKVB + _QKVB_SPLIT)
+        + _BETA + _F_PROJ + _GATE + _G2
+    ),
+    replace=(
+        "if self.separate_b_proj:\n"
+        + _arm(_SEPARATE_B + _BETA + _F_PROJ + _GATE + _G2)
+        + "else:\n"
+        + _arm(
+            "assert self.qkvb_proj is not None\n"
+            "qkvb, g1, g2 = __site__.qkvb_beside_f_g(self, hidden_states)\n"
+            + _QKVB_SPLIT + _BETA + _GATE
         )
-        g1 = g1.unsqueeze(0)
-        g2 = rearrange(
-            self.g_proj(hidden_states)[0], "... (h d) -> ... h d", d=self.head_dim
-        )
-    """,
-    replace="""
-        if self.separate_b_proj:
-            assert self.qkv_proj is not None and self.b_proj is not None
-            qkv = self.qkv_proj(hidden_states)[0]
-            q, k, v = qkv.split(self.projection_size_per_partition, dim=-1)
-            beta_logits = self.b_proj(hidden_states)[0]
-            beta = beta_logits.float().sigmoid().unsqueeze(0)
-            g1 = self.f_proj(hidden_states)[0]
-            g1 = fused_kda_gate(
-                g1,
-                self.A_log,
-                self.head_dim,
-                g_bias=self.dt_bias,
-                lower_bound=self.lower_bound if self.safe_gate else None,
-            )
-            g1 = g1.unsqueeze(0)
-            g2 = rearrange(
-                self.g_proj(hidden_states)[0], "... (h d) -> ... h d", d=self.head_dim
-            )
-        else:
-            assert self.qkvb_proj is not None
-            qkvb, g1, g2 = __site__.qkvb_beside_f_g(self, hidden_states)
-            q, k, v, beta_logits = qkvb.split(
-                [
-                    self.projection_size_per_partition,
-                    self.projection_size_per_partition,
-                    self.projection_size_per_partition,
-                    self.local_num_heads,
-                ],
-                dim=-1,
-            )
-            beta = beta_logits.float().sigmoid().unsqueeze(0)
-            g1 = fused_kda_gate(
-                g1,
-                self.A_log,
-                self.head_dim,
-                g_bias=self.dt_bias,
-                lower_bound=self.lower_bound if self.safe_gate else None,
-            )
-            g1 = g1.unsqueeze(0)
-    """,
+    ),
 )
 
 BAILING_MOE_V3 = Site(
@@ -198,14 +182,8 @@ BAILING_MOE_V3 = Site(
     forms=(
         Form(
             (BAILING_QKVB_F_G,),
-            current=Branch("qkvb = self.qkvb_proj(hidden_states)[0]", returns="qkvb"),
-            aux=(
-                Branch("g1 = self.f_proj(hidden_states)[0]", returns="g1"),
-                Branch(
-                    'g2 = rearrange(self.g_proj(hidden_states)[0], "... (h d) -> ... h d", d=self.head_dim)',
-                    returns="g2",
-                ),
-            ),
+            current=Branch(_QKVB, returns="qkvb"),
+            aux=(Branch(_F_PROJ, returns="g1"), Branch(_G2, returns="g2")),
         ),
     ),
     entry="qkvb_beside_f_g",
@@ -259,55 +237,48 @@ KIMI_MODULE = "vllm.model_executor.layers.mamba.gdn.kimi_gdn_linear_attn"
 # projection, then (low-rank gate) g_a_proj -> g_b_proj on the layer's input. The split reads
 # only the first projection's output, so the gate can start with it; the split stays after
 # both. Full-rank-gate layers (g within the fused projection) keep upstream's statements.
+_KIMI_IN_PROJ = "projected_qkvgfab = self.in_proj_qkvgfab(hidden_states)[0]\n"
+_KIMI_FULL_RANK = """\
+split_sizes = [
+    3 * self.local_projection_size,
+    self.local_projection_size,
+    self.head_dim,
+    self.local_num_heads,
+]
+if self.in_proj_padding:
+    split_sizes.append(self.in_proj_padding)
+projected = projected_qkvgfab.split(split_sizes, dim=-1)
+mixed_qkv, g_proj_states, f_a, beta = projected[:4]
+"""
+_KIMI_LOW_RANK_SPLIT = """\
+mixed_qkv, beta, f_a = projected_qkvgfab.split(
+    [
+        3 * self.local_projection_size,
+        self.local_num_heads,
+        self.head_dim,
+    ],
+    dim=-1,
+)
+"""
+_KIMI_GATE = "g_proj_states = self.g_b_proj(self.g_a_proj(hidden_states)[0])[0]\n"
+
 KIMI_IN_PROJ_AND_GATE = Anchor(
-    find="""
-        projected_qkvgfab = self.in_proj_qkvgfab(hidden_states)[0]
-        if self.use_full_rank_gate:
-            split_sizes = [
-                3 * self.local_projection_size,
-                self.local_projection_size,
-                self.head_dim,
-                self.local_num_heads,
-            ]
-            if self.in_proj_padding:
-                split_sizes.append(self.in_proj_padding)
-            projected = projected_qkvgfab.split(split_sizes, dim=-1)
-            mixed_qkv, g_proj_states, f_a, beta = projected[:4]
-        else:
-            mixed_qkv, beta, f_a = projected_qkvgfab.split(
-                [
-                    3 * self.local_projection_size,
-                    self.local_num_heads,
-                    self.head_dim,
-                ],
-                dim=-1,
-            )
-            g_proj_states = self.g_b_proj(self.g_a_proj(hidden_states)[0])[0]
-    """,
-    replace="""
-        if self.use_full_rank_gate:
-            projected_qkvgfab = self.in_proj_qkvgfab(hidden_states)[0]
-            split_sizes = [
-                3 * self.local_projection_size,
-                self.local_projection_size,
-                self.head_dim,
-                self.local_num_heads,
-            ]
-            if self.in_proj_padding:
-                split_sizes.append(self.in_proj_padding)
-            projected = projected_qkvgfab.split(split_sizes, dim=-1)
-            mixed_qkv, g_proj_states, f_a, beta = projected[:4]
-        else:
-            projected_qkvgfab, g_proj_states = __site__.in_proj_beside_gate(self, hidden_states)
-            mixed_qkv, beta, f_a = projected_qkvgfab.split(
-                [
-                    3 * self.local_projection_size,
-                    self.local_num_heads,
-                    self.head_dim,
-                ],
-                dim=-1,
-            )
-    """,
+    find=(
+        _KIMI_IN_PROJ
+        + "if self.use_full_rank_gate:\n"
+        + _arm(_KIMI_FULL_RANK)
+        + "else:\n"
+        + _arm(_KIMI_LOW_RANK_SPLIT + _KIMI_GATE)
+    ),
+    replace=(
+        "if self.use_full_rank_gate:\n"
+        + _arm(_KIMI_IN_PROJ + _KIMI_FULL_RANK)
+        + "else:\n"
+        + _arm(
+            "projected_qkvgfab, g_proj_states = __site__.in_proj_beside_gate(self, hidden_states)\n"
+            + _KIMI_LOW_RANK_SPLIT
+        )
+    ),
 )
 
 KIMI_GDN = Site(
@@ -321,10 +292,8 @@ KIMI_GDN = Site(
     forms=(
         Form(
             (KIMI_IN_PROJ_AND_GATE,),
-            current=Branch("projected_qkvgfab = self.in_proj_qkvgfab(hidden_states)[0]", returns="projected_qkvgfab"),
-            aux=Branch(
-                "g_proj_states = self.g_b_proj(self.g_a_proj(hidden_states)[0])[0]", returns="g_proj_states"
-            ),
+            current=Branch(_KIMI_IN_PROJ, returns="projected_qkvgfab"),
+            aux=Branch(_KIMI_GATE, returns="g_proj_states"),
         ),
     ),
     entry="in_proj_beside_gate",
