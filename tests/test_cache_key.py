@@ -22,6 +22,18 @@ def test_key_follows_features_and_modes_not_token_ranges():
     assert _key(off.replace("kv_a_proj: {enabled: false}", "kv_a_proj: {enabled: true}")) != ""
 
 
+def test_key_follows_user_sites_declarations_not_their_token_ranges():
+    from conftest import minicpm3_user_site_yaml
+
+    user = minicpm3_user_site_yaml("probe")
+    without = _key(user.split("sites:", 1)[0])
+    assert _key(user) != without  # a user site changes the traced code
+    assert _key(user) == _key(user + "    max_tokens: 64\n    why: faster\n")
+    assert _key(user) != _key(user.replace("      q, _ = self.q_b_proj(q)\n", ""))  # another declaration
+    assert _key(user) != _key(user.replace("probe", "other"))
+    assert _key(user + "    enabled: false\n") == without
+
+
 def test_combine_keeps_vllms_hash_when_off_and_changes_it_when_on():
     h = "0123456789abcdef0123"
     assert combine(h, "") == h

@@ -5,7 +5,8 @@ plus environment factors; the source files Dynamo traced are only checked when a
 loaded, and all of them (vLLM's own files and our rewritten copy) still exist whichever way the
 overlay is set. So without this, a run with a feature off could load a graph compiled with it on.
 
-The key mixes in which features are enabled and their modes: what decides the traced code.
+The key mixes in which features are enabled and their modes, and each enabled user site's
+declaration: what decides the traced code.
 Token ranges are left out: they act at run time inside the ops, never in the graph.
 """
 
@@ -23,11 +24,14 @@ CONFIG_MODULE = "vllm.config.vllm"
 
 def overlay_key(config: OverlayConfig) -> str:
     """'' when every feature is off (the hash stays vLLM's own), else a stable string."""
-    enabled = {
+    enabled: dict = {
         name: config.feature(name).mode
         for name in FEATURE_NAMES
         if config.feature(name).enabled
     }
+    for site in config.sites:  # a user site: its declaration decides the traced code
+        if config.feature(site.feature_name).enabled:
+            enabled[site.feature_name] = site.model_dump(exclude={"min_tokens", "max_tokens", "why"})
     return json.dumps(enabled, sort_keys=True) if enabled else ""
 
 
