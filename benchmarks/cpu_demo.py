@@ -7,7 +7,8 @@ greedily with the built-in default config and with ``VLLM_OVERLAP=0``, eager and
 in a fresh process with a cold compile cache, and prints whether the token ids are identical.
 DeepSeek-V3 is MLA without an indexer (DeepSeek-V3.2 does not run on the CPU): it shows the
 DeepSeek rewrites applied and its layers left serial for that reason. MiniCPM3's attention layers
-run kv_a_proj (its census rows are printed).
+run kv_a_proj (its census rows are printed); a second MiniCPM3 row runs the same pair declared as
+a user site in a config file (``sites:``, built-in kv_a_proj off), proven before it runs.
 On the CPU there is no aux stream, so the overlay runs its serial path: this shows that it is
 correct and costs nothing there, not that it is faster (that needs a GPU: benchmarks/).
 """
@@ -24,10 +25,17 @@ import tempfile
 from vllm_overlap.tiny_models import build
 
 
-def run(model: str, overlay: bool, compiled: bool, cache_root: str) -> dict:
+# The user-site row's config: MiniCPM3's q path beside kv_a_proj_with_mqa, declared by hand
+# (the README's example).
+USER_SITE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "user-site-minicpm3.yaml")
+
+
+def run(model: str, overlay: bool, compiled: bool, cache_root: str, config: str | None = None) -> dict:
     env = dict(os.environ, VLLM_CACHE_ROOT=cache_root)
     env.pop("VLLM_OVERLAP_CONFIG", None)
     env["VLLM_OVERLAP"] = "1" if overlay else "0"
+    if config and overlay:
+        env["VLLM_OVERLAP_CONFIG"] = config
     # No second stream here: make the overlay take its op path (serially), so the demo runs
     # the code a GPU runs, minus the fork. Without it the CPU simply runs upstream statements.
     env["VLLM_OVERLAP_TEST_OP_PATH"] = "1"
@@ -55,6 +63,8 @@ def main() -> None:
         "DeepSeek-V3": build("deepseek-v3", os.path.join(cache, "tiny-models", "deepseek-v3")),
         "MiniCPM3": build("minicpm3", os.path.join(cache, "tiny-models", "minicpm3")),
     }
+    models["MiniCPM3 (user site)"] = models["MiniCPM3"]
+    configs = {"MiniCPM3 (user site)": USER_SITE_CONFIG}
     print(f"tiny Qwen3-Next (2 GDN layers + 1 attention layer, random bf16 weights): {models['Qwen3-Next']}")
     print(f"tiny DeepSeek-V3 (2 MLA layers, no indexer, random bf16 weights): {models['DeepSeek-V3']}")
     print(f"tiny MiniCPM3 (2 attention layers, random bf16 weights): {models['MiniCPM3']}\n")
@@ -76,7 +86,7 @@ def main() -> None:
         results = {}
         for overlay in (True, False):
             with tempfile.TemporaryDirectory(prefix="vllm-overlap-demo-") as cache_root:
-                results[overlay] = run(model, overlay, compiled, cache_root)
+                results[overlay] = run(model, overlay, compiled, cache_root, configs.get(name))
         on, off = results[True], results[False]
         rows.append(
             {

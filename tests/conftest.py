@@ -463,20 +463,10 @@ def fake_gpu(monkeypatch):
 
 
 def minicpm3_user_site_yaml(site_id: str) -> str:
-    """A config declaring MiniCPM3's q path beside kv_a_proj_with_mqa as user site ``site_id``,
-    with the built-in kv_a_proj (the same pair) off."""
-    return f"""
-features:
-  kv_a_proj: {{enabled: false}}
-sites:
-  - id: {site_id}
-    module: vllm.model_executor.models.minicpm3
-    function: MiniCPM3Attention.forward
-    current: |
-      q, _ = self.q_a_proj(hidden_states)
-      q = self.q_a_layernorm(q)
-      q, _ = self.q_b_proj(q)
-    aux:
-      - latent_cache, _ = self.kv_a_proj_with_mqa(hidden_states)
-    tokens: hidden_states
-"""
+    """``configs/user-site-minicpm3.yaml`` (the README's example: MiniCPM3's q path beside
+    kv_a_proj_with_mqa as a user site, the built-in kv_a_proj off) with the site named
+    ``site_id``."""
+    with open(os.path.join(ROOT, "configs", "user-site-minicpm3.yaml"), encoding="utf-8") as fh:
+        text = fh.read()
+    assert "  - id: minicpm3_q_kv\n" in text
+    return text.replace("  - id: minicpm3_q_kv\n", f"  - id: {site_id}\n")
