@@ -108,3 +108,43 @@ def test_the_entry_replays_from_a_cuda_graph(request, site_id):
         torch.cuda.synchronize()
         expected = rt.site.result(*rt.serial(*static))
     assert tensors_of(expected) and same_tensors(out, expected)
+
+
+def test_a_user_site_checks_its_first_run_then_forks_on_the_gpu(request, monkeypatch, minicpm3_vllm):
+    """The README's user site (MiniCPM3's q path beside kv_a_proj_with_mqa) on the real layer
+    on the GPU: the first call is the hazard check (serial, nothing found), the next forks onto
+    the aux stream; both equal the serial statements."""
+    import importlib
+
+    from conftest import minicpm3_user_site_yaml
+    from vllm_overlap import active_config, user_sites
+    from vllm_overlap.config import LoadedConfig, parse_config
+    from vllm_overlap.runtime import installed
+    from vllm_overlap.site_layers import build_minicpm3_attention
+    from vllm_overlap.tiny_models import minicpm3_config
+
+    request.getfixturevalue("overlay_applied")
+    config = parse_config(minicpm3_user_site_yaml("gpu_probe"), "user.yaml")
+    (cfg,) = config.sites
+    importlib.import_module(cfg.module)
+    proof = user_sites.prove(cfg, user_sites.read_module(cfg.module))
+    assert proof.site is not None, proof.refused
+    before = active_config.loaded()
+    active_config.set_loaded(LoadedConfig(config, "user.yaml"))
+    try:
+        rt = installed.standalone(proof.site, proof.site.targets[0])
+        layer = build_minicpm3_attention(minicpm3_vllm, minicpm3_config(), device="cuda", seed=2)
+        hidden = torch.randn(8, 128, device="cuda", dtype=torch.bfloat16)
+        forks = []
+        real = streams._parallel_impl()
+        monkeypatch.setattr(streams, "_parallel_impl", lambda: lambda *a: forks.append(1) or real(*a))
+        with torch.no_grad():
+            expected = rt.serial(layer, hidden)
+            first = rt(layer, hidden)
+            assert forks == [] and rt.off_reason == ""
+            second = rt(layer, hidden)
+        torch.cuda.synchronize()
+        assert forks == [1]
+        assert same_tensors(first, expected) and same_tensors(second, expected)
+    finally:
+        active_config.set_loaded(before)
