@@ -254,21 +254,24 @@ def build_v32_attention(
     return layer
 
 
-def build_minicpm3_attention(
-    vllm_config,
-    hf_config,
-    *,
-    dtype: torch.dtype = torch.bfloat16,
-    device="cpu",
-    seed: int = 0,
-):
-    """A real ``MiniCPM3Attention`` as ``MiniCPM3DecoderLayer`` builds it, seeded, post-processed
-    like the loader and registered under its prefix, as the overlay registers it when built."""
+def _built(vllm_config, make, prefix: str, *, dtype, device, seed: int, register: bool):
+    """``make(prefix)`` run as vLLM's loader builds a layer, seeded and post-processed like the
+    loader; ``register``: findable by its prefix outside a forward context too."""
+    with building(vllm_config, dtype, device):
+        layer = make(prefix)
+    _seed_weights(layer, vllm_config, seed)
+    if register:
+        register_layer(prefix, layer)
+    return layer
+
+
+def build_minicpm3_attention(vllm_config, hf_config, *, dtype=torch.bfloat16, device="cpu", seed: int = 0):
+    """A real ``MiniCPM3Attention`` as ``MiniCPM3DecoderLayer`` builds it, registered under its
+    prefix, as the overlay registers it when built."""
     from vllm.model_executor.models.minicpm3 import MiniCPM3Attention
 
-    prefix = f"minicpm3{next(_layer_ids)}.layers.0.self_attn"
-    with building(vllm_config, dtype, device):
-        layer = MiniCPM3Attention(
+    def make(prefix):
+        return MiniCPM3Attention(
             config=hf_config,
             hidden_size=hf_config.hidden_size,
             num_heads=hf_config.num_attention_heads,
@@ -282,49 +285,32 @@ def build_minicpm3_attention(
             quant_config=None,
             prefix=prefix,
         )
-    _seed_weights(layer, vllm_config, seed)
-    register_layer(prefix, layer)
-    return layer
+
+    prefix = f"minicpm3{next(_layer_ids)}.layers.0.self_attn"
+    return _built(vllm_config, make, prefix, dtype=dtype, device=device, seed=seed, register=True)
 
 
-def build_olmo_hybrid_gdn_layer(
-    vllm_config,
-    hf_config,
-    *,
-    dtype: torch.dtype = torch.bfloat16,
-    device="cpu",
-    seed: int = 0,
-):
-    """A real ``OlmoHybridGatedDeltaNetAttention`` with seeded weights, post-processed like the
-    loader (its ``__init__`` sets up Triton's allocator: on a machine without Triton the caller
-    stands that call in)."""
+def build_olmo_hybrid_gdn_layer(vllm_config, hf_config, *, dtype=torch.bfloat16, device="cpu", seed: int = 0):
+    """A real ``OlmoHybridGatedDeltaNetAttention`` (its ``__init__`` sets up Triton's allocator:
+    on a machine without Triton the caller stands that call in)."""
     from vllm.model_executor.layers.mamba.gdn.olmo_gdn_linear_attn import (
         OlmoHybridGatedDeltaNetAttention,
     )
 
+    def make(prefix):
+        return OlmoHybridGatedDeltaNetAttention(hf_config, vllm_config, prefix=prefix)
+
     prefix = f"olmo{next(_layer_ids)}.layers.0.linear_attn"
-    with building(vllm_config, dtype, device):
-        layer = OlmoHybridGatedDeltaNetAttention(hf_config, vllm_config, prefix=prefix)
-    _seed_weights(layer, vllm_config, seed)
-    return layer
+    return _built(vllm_config, make, prefix, dtype=dtype, device=device, seed=seed, register=False)
 
 
-def build_bailing_kda_layer(
-    vllm_config,
-    hf_config,
-    *,
-    dtype: torch.dtype = torch.bfloat16,
-    device="cpu",
-    seed: int = 0,
-):
+def build_bailing_kda_layer(vllm_config, hf_config, *, dtype=torch.bfloat16, device="cpu", seed: int = 0):
     """A real ``BailingMoeV3KimiDeltaAttention`` as ``BailingMoeV3DecoderLayer`` builds it on a
-    KDA layer, seeded, post-processed like the loader, findable under its prefix (where vLLM's
-    forward context holds it)."""
+    KDA layer, findable under its prefix (where vLLM's forward context holds it)."""
     from vllm.model_executor.models.bailing_moe_v3 import BailingMoeV3KimiDeltaAttention
 
-    prefix = f"bailing{next(_layer_ids)}.layers.0.self_attn"
-    with building(vllm_config, dtype, device):
-        layer = BailingMoeV3KimiDeltaAttention(
+    def make(prefix):
+        return BailingMoeV3KimiDeltaAttention(
             hf_config,
             quant_config=None,
             layer_id=0,
@@ -332,46 +318,30 @@ def build_bailing_kda_layer(
             model_config=vllm_config.model_config,
             cache_config=vllm_config.cache_config,
         )
-    _seed_weights(layer, vllm_config, seed)
-    register_layer(prefix, layer)
-    return layer
+
+    prefix = f"bailing{next(_layer_ids)}.layers.0.self_attn"
+    return _built(vllm_config, make, prefix, dtype=dtype, device=device, seed=seed, register=True)
 
 
-def build_kimi_gdn_layer(
-    vllm_config,
-    hf_config,
-    *,
-    dtype: torch.dtype = torch.bfloat16,
-    device="cpu",
-    seed: int = 0,
-):
-    """A real ``KimiGatedDeltaNetAttention`` as Kimi-Linear's decoder layer builds it, seeded,
-    post-processed like the loader, findable under its prefix."""
+def build_kimi_gdn_layer(vllm_config, hf_config, *, dtype=torch.bfloat16, device="cpu", seed: int = 0):
+    """A real ``KimiGatedDeltaNetAttention`` as Kimi-Linear's decoder layer builds it, findable
+    under its prefix."""
     from vllm.model_executor.layers.mamba.gdn.kimi_gdn_linear_attn import KimiGatedDeltaNetAttention
 
+    def make(prefix):
+        return KimiGatedDeltaNetAttention(hf_config, vllm_config, prefix=prefix)
+
     prefix = f"kimi{next(_layer_ids)}.layers.0.self_attn"
-    with building(vllm_config, dtype, device):
-        layer = KimiGatedDeltaNetAttention(hf_config, vllm_config, prefix=prefix)
-    _seed_weights(layer, vllm_config, seed)
-    register_layer(prefix, layer)
-    return layer
+    return _built(vllm_config, make, prefix, dtype=dtype, device=device, seed=seed, register=True)
 
 
-def build_kimi_mla_layer(
-    vllm_config,
-    hf_config,
-    *,
-    dtype: torch.dtype = torch.bfloat16,
-    device="cpu",
-    seed: int = 0,
-):
+def build_kimi_mla_layer(vllm_config, hf_config, *, dtype=torch.bfloat16, device="cpu", seed: int = 0):
     """A real Kimi-Linear ``MultiHeadLatentAttention`` (full-rank q: no q_lora_rank) as its
-    decoder layer builds it, seeded, post-processed like the loader."""
+    decoder layer builds it."""
     from vllm.models.kimi_k3.nvidia.mla import MultiHeadLatentAttention
 
-    prefix = f"kimimla{next(_layer_ids)}.layers.1.self_attn"
-    with building(vllm_config, dtype, device):
-        layer = MultiHeadLatentAttention(
+    def make(prefix):
+        return MultiHeadLatentAttention(
             hf_config,
             hidden_size=hf_config.hidden_size,
             num_heads=hf_config.num_attention_heads,
@@ -383,8 +353,9 @@ def build_kimi_mla_layer(
             cache_config=vllm_config.cache_config,
             prefix=prefix,
         )
-    _seed_weights(layer, vllm_config, seed)
-    return layer
+
+    prefix = f"kimimla{next(_layer_ids)}.layers.1.self_attn"
+    return _built(vllm_config, make, prefix, dtype=dtype, device=device, seed=seed, register=False)
 
 
 def cpu_mla_backend(device) -> type | None:
