@@ -199,6 +199,17 @@ def test_collective_by_name():
     )
 
 
+def test_collective_a_column_parallel_layer_that_gathers_its_output():
+    text = _synthetic("        a = self.left(x)\n").replace(
+        "self.left = ColumnParallelLinear(8, 8)", "self.left = ColumnParallelLinear(8, 8, gather_output=True)"
+    )
+    cfg = _cfg(module="probe_mod", function="Layer.forward", current="a = self.left(x)", aux=["b = self.right(x)"], tokens="x")
+    assert user_sites.prove(cfg, text).refused == (
+        "collective: `self.left(x)`: self.left is built with gather_output, which all-gathers its output"
+    )
+    assert user_sites.prove(cfg, text.replace("gather_output=True", "gather_output=False")).site is not None
+
+
 def test_collective_row_parallel_linear_in_real_code():
     refused = _refused(current="output, _ = self.o_proj(attn_output)")
     assert refused == "collective: `self.o_proj(attn_output)`: self.o_proj is a RowParallelLinear, which all-reduces its output"

@@ -15,7 +15,8 @@ The rules (each refusal names one):
 - ``assignment``: no attribute or item assignment, no augmented assignment (``x += y`` is in
   place on a tensor);
 - ``in-place``: no in-place method (``x.add_(y)``, ``x.copy_(y)``: a name ending in ``_``);
-- ``collective``: no collective (``all_reduce``, ``all_gather``... by name);
+- ``collective``: no collective (``all_reduce``, ``all_gather``... by name), no
+  ``RowParallelLinear`` (it all-reduces), no layer built with ``gather_output``;
 - ``call``: every call is a submodule of ``self`` that ``__init__`` builds as a vLLM linear
   layer other than ``RowParallelLinear`` (which all-reduces) or a norm, or a function or
   method on the short allowlist of pure tensor operations below; anything else is a call the
@@ -181,9 +182,14 @@ def submodules(tree: ast.Module, qualname: str) -> dict[str, str]:
                 value = node.value
                 if not isinstance(value, ast.Call):
                     continue
+                gathers = any(
+                    k.arg == "gather_output" and not (isinstance(k.value, ast.Constant) and k.value.value is False)
+                    for k in value.keywords
+                )
                 for t in targets:
                     if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self":
-                        out.setdefault(t.attr, ast.unparse(value.func))
+                        # a column-parallel layer built with gather_output all-gathers its output
+                        out.setdefault(t.attr, ast.unparse(value.func) + ("(gather_output)" if gathers else ""))
         todo += [ast.unparse(b) for b in cls.bases]
     return out
 
@@ -201,6 +207,8 @@ def _check_call(call: ast.Call, modules: dict[str, str]) -> None:
         name = ctor.rsplit(".", 1)[-1]
         if "RowParallel" in name:
             raise Refused("collective", f"self.{func.attr} is a {name}, which all-reduces its output", call)
+        if name.endswith("(gather_output)"):
+            raise Refused("collective", f"self.{func.attr} is built with gather_output, which all-gathers its output", call)
         if not (name.endswith("Linear") or ctor in NORMS or name in NORMS):
             raise Refused("call", f"self.{func.attr} is a {ctor}: the proof cannot see into it", call)
         return
