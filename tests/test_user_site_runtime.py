@@ -82,6 +82,26 @@ def test_a_branch_that_writes_what_another_reads_turns_the_site_off(user_runtime
     assert all(same_tensors(out, expected) for out in [first, *later])
 
 
+def test_an_unchecked_site_never_forks_during_a_capture(user_runtime, count_forks, monkeypatch):
+    """Called first inside a CUDA-graph capture: serial, unchecked; the check waits for the
+    first call outside a capture."""
+    from vllm_overlap.runtime import site_runtime
+
+    rt, layer = user_runtime
+    hidden = _hidden()
+    with torch.no_grad():
+        expected = rt.serial(layer, hidden)
+        monkeypatch.setattr(site_runtime, "_capturing", lambda: True)
+        captured = rt(layer, hidden)
+        assert rt._checked is False and count_forks == []
+        monkeypatch.setattr(site_runtime, "_capturing", lambda: False)
+        rt(layer, hidden)  # the check
+        assert rt._checked is True and count_forks == []
+        rt(layer, hidden)
+    assert count_forks == [("user_probe_q_kv", 5)]
+    assert same_tensors(captured, expected)
+
+
 def test_the_check_finds_nothing_in_independent_branches_and_runs_them_in_order():
     x = torch.randn(4, 8)
     w0, w1 = torch.randn(8, 8), torch.randn(8, 3)

@@ -162,12 +162,13 @@ class SiteRuntime:
         """Each branch's result (current, aux...) through the stream primitive: the pair's,
         or the fan-out's where the site has more than one aux branch. A user site's first
         run in the process (outside capture) is the hazard check instead, serially; a finding
-        keeps it serial for the rest of the process."""
+        keeps it serial for the rest of the process. Until checked it never forks (a capture
+        before any eager run records the serial statements)."""
         c = self.compiled
         if self.off_reason:
             return c.serial(*args)
-        if not self._checked and not _capturing():
-            return self._first_run(*args)
+        if not self._checked:  # never fork unchecked: serial during a capture, checked outside
+            return c.serial(*args) if _capturing() else self._first_run(*args)
         fns = [lambda fn=fn: fn(*args) for fn in c.branches.values()]
         tokens = args[self.tokens_index].shape[0]
         feature = active_config.site_config(self.site)
