@@ -181,9 +181,14 @@ def gdn_layer(vllm_context, overlay_applied):
     from vllm_overlap.tiny_models import qwen3_next_config
     from vllm_overlap.site_layers import build_gdn_layer
 
-    def make(interleaved: bool = True, dtype=torch.bfloat16, seed: int = 0):
+    def make(interleaved: bool = True, dtype=torch.bfloat16, seed: int = 0, process_weights: bool = True):
         return build_gdn_layer(
-            vllm_context, qwen3_next_config(2), interleaved=interleaved, dtype=dtype, seed=seed
+            vllm_context,
+            qwen3_next_config(2),
+            interleaved=interleaved,
+            dtype=dtype,
+            seed=seed,
+            process_weights=process_weights,
         )
 
     return make

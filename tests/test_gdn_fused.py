@@ -112,8 +112,7 @@ def test_a_layer_the_post_load_step_never_saw_says_so_and_runs_the_fallback(
     could not fuse runs it silently (the step's own line said why)."""
     from vllm_overlap import active_config
     from vllm_overlap.config import LoadedConfig, parse_config
-    from vllm_overlap.site_layers import build_gdn_layer, process_weights_like_the_loader
-    from vllm_overlap.tiny_models import qwen3_next_config
+    from vllm_overlap.site_layers import process_weights_like_the_loader
 
     cfg = parse_config("features: {gdn_in_proj: {mode: fused, fused_fallback: serial}}", "x")
     monkeypatch.setattr(active_config, "loaded", lambda: LoadedConfig(cfg, "test"))
@@ -121,8 +120,8 @@ def test_a_layer_the_post_load_step_never_saw_says_so_and_runs_the_fallback(
     never_seen = gdn_layer()
     # A checkpoint whose in_proj_ba has a (zero) bias: not fusable, same results. Loaded as the
     # loader takes it: the fusing step, then vLLM's post-processing, which puts the bias in the
-    # dtype this machine's GEMM path takes (fp32 for the AMX small-GEMM kernel).
-    seen = build_gdn_layer(vllm_context, qwen3_next_config(2), interleaved=True, seed=1, process_weights=False)
+    # dtype this machine's GEMM path takes (some CPU paths take only an fp32 bias).
+    seen = gdn_layer(seed=1, process_weights=False)
     seen.prefix = "model.layers.1.linear_attn"
     width = seen.in_proj_ba.output_size_per_partition
     seen.in_proj_ba.bias = torch.nn.Parameter(torch.zeros(width, dtype=torch.bfloat16), requires_grad=False)
