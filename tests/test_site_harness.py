@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from conftest import same_tensors, site_entry, site_runtime, tensors_of, wrap_branch
-from cpu_gemm_paths import skip_where_no_rows_kill_vllms_gemm
+from linear_no_rows import skip_where_no_rows_kill_vllms_linear
 from vllm_overlap import active_config, streams
 from vllm_overlap.config import LoadedConfig, OverlayConfig
 from vllm_overlap.patches import SITES
@@ -42,12 +42,14 @@ BF16 = torch.bfloat16
 # ---------------------------------------------------------------------------------------------
 
 
-def _inputs(site_id, layer, hf, tokens, dtype):
+def _inputs(request, site_id, layer, hf, tokens, dtype):
     """The entry's arguments as the layer benchmark makes them (``site_layers``), seeded; a
-    0-token case this machine's vLLM GEMM cannot run is skipped (``cpu_gemm_paths``)."""
+    0-token case this machine's vLLM linear layers cannot run is skipped (``linear_no_rows``)."""
     from vllm_overlap.site_layers import SITE_LAYERS
 
-    skip_where_no_rows_kill_vllms_gemm(layer, tokens)
+    if tokens == 0:
+        model = request.getfixturevalue("vllm_context").model_config.model
+        skip_where_no_rows_kill_vllms_linear(layer, model)
     gen = torch.Generator().manual_seed(tokens)
     return SITE_LAYERS[site_id].inputs(layer, hf, tokens, dtype, "cpu", gen)
 
@@ -56,7 +58,7 @@ def _gdn(request, tokens, dtype=BF16, seed=0):
     from vllm_overlap.tiny_models import qwen3_next_config
 
     layer = request.getfixturevalue("gdn_layer")(dtype=dtype, seed=seed)  # qwen3_next_config(2)
-    return _inputs("gdn_in_proj", layer, qwen3_next_config(2), tokens, dtype)
+    return _inputs(request, "gdn_in_proj", layer, qwen3_next_config(2), tokens, dtype)
 
 
 def _deepseek(request):
@@ -70,7 +72,7 @@ def _indexer(request, tokens, dtype=BF16, seed=1):
 
     vllm_config, standins, hf = _deepseek(request)
     indexer = build_indexer(vllm_config, hf, standins=standins, seed=seed, dtype=dtype)
-    return _inputs("deepseek_indexer_legacy", indexer, hf, tokens, dtype)
+    return _inputs(request, "deepseek_indexer_legacy", indexer, hf, tokens, dtype)
 
 
 def _v32_site(site_id):
@@ -79,7 +81,7 @@ def _v32_site(site_id):
 
         vllm_config, standins, hf = _deepseek(request)
         layer = build_v32_attention(vllm_config, hf, True, standins=standins, dtype=dtype, seed=seed)
-        return _inputs(site_id, layer, hf, tokens, dtype)
+        return _inputs(request, site_id, layer, hf, tokens, dtype)
 
     return build
 
@@ -91,7 +93,7 @@ def _mla_wrapper(request, tokens, dtype=BF16, seed=0):
 
     vllm_config, standins, hf = _deepseek(request)
     wrapper = build_mla_wrapper(vllm_config, hf, True, standins=standins, dtype=dtype, seed=seed)
-    return _inputs("mla_q_b_proj_legacy", wrapper, hf, tokens, dtype)
+    return _inputs(request, "mla_q_b_proj_legacy", wrapper, hf, tokens, dtype)
 
 
 def _minicpm3(request, tokens, dtype=BF16, seed=0):
@@ -101,7 +103,7 @@ def _minicpm3(request, tokens, dtype=BF16, seed=0):
     request.getfixturevalue("overlay_applied")
     hf = minicpm3_config()
     layer = build_minicpm3_attention(request.getfixturevalue("minicpm3_vllm"), hf, dtype=dtype, seed=seed)
-    return _inputs("kv_a_proj_minicpm3", layer, hf, tokens, dtype)
+    return _inputs(request, "kv_a_proj_minicpm3", layer, hf, tokens, dtype)
 
 
 def _olmo_hybrid(request, tokens, dtype=BF16, seed=0):
@@ -116,7 +118,7 @@ def _olmo_hybrid(request, tokens, dtype=BF16, seed=0):
     )
     hf = olmo_hybrid_config()
     layer = build_olmo_hybrid_gdn_layer(request.getfixturevalue("vllm_context"), hf, dtype=dtype, seed=seed)
-    return _inputs("delta_in_proj_olmo_hybrid", layer, hf, tokens, dtype)
+    return _inputs(request, "delta_in_proj_olmo_hybrid", layer, hf, tokens, dtype)
 
 
 def _bailing_moe_v3(request, tokens, dtype=BF16, seed=0):
@@ -127,7 +129,7 @@ def _bailing_moe_v3(request, tokens, dtype=BF16, seed=0):
     request.getfixturevalue("overlay_applied")
     hf = bailing_moe_v3_config()
     layer = build_bailing_kda_layer(request.getfixturevalue("vllm_context"), hf, dtype=dtype, seed=seed)
-    return _inputs("delta_in_proj_bailing_moe_v3", layer, hf, tokens, dtype)
+    return _inputs(request, "delta_in_proj_bailing_moe_v3", layer, hf, tokens, dtype)
 
 
 def _kimi_gdn(request, tokens, dtype=BF16, seed=0):
@@ -138,7 +140,7 @@ def _kimi_gdn(request, tokens, dtype=BF16, seed=0):
     request.getfixturevalue("overlay_applied")
     hf = kimi_linear_config()
     layer = build_kimi_gdn_layer(request.getfixturevalue("vllm_context"), hf, dtype=dtype, seed=seed)
-    return _inputs("delta_in_proj_kimi_gdn", layer, hf, tokens, dtype)
+    return _inputs(request, "delta_in_proj_kimi_gdn", layer, hf, tokens, dtype)
 
 
 def _kimi_mla(request, tokens, dtype=BF16, seed=0):
@@ -149,7 +151,7 @@ def _kimi_mla(request, tokens, dtype=BF16, seed=0):
     request.getfixturevalue("overlay_applied")
     hf = kimi_linear_config()
     layer = build_kimi_mla_layer(request.getfixturevalue("vllm_context"), hf, dtype=dtype, seed=seed)
-    return _inputs("kv_a_proj_kimi_linear", layer, hf, tokens, dtype)
+    return _inputs(request, "kv_a_proj_kimi_linear", layer, hf, tokens, dtype)
 
 
 BUILDERS = {

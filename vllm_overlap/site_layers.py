@@ -105,8 +105,8 @@ def topk_buffer(vllm_config, hf_config, device="cpu") -> torch.Tensor:
 
 def _seed_weights(layer: torch.nn.Module, vllm_config, seed: int, *, attention: bool = True) -> None:
     """Seeded weights (norm weights near 1), then what vLLM's loader does after loading:
-    the quant methods' processing (which picks the machine's GEMM path), then the attention
-    layers' (which sets W_UK_T / W_UV from kv_b_proj)."""
+    the quant methods' processing (which picks the machine's GEMM path), then, unless
+    ``attention`` is false, the attention layers' (which sets W_UK_T / W_UV from kv_b_proj)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in layer.named_parameters():
