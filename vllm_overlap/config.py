@@ -6,6 +6,11 @@ through ``VLLM_OVERLAP_CONFIG`` (a path); the model defaults otherwise
 (``configs/default.yaml`` writes them out). ``VLLM_OVERLAP=0``, like a file saying
 ``enabled: false`` (``configs/off.yaml``), turns every feature off, present and future.
 A bad file raises :class:`ConfigError`, one message naming the file, the key and the value.
+
+The file is read with bounds: a regular file (a link to one is fine; a FIFO, a directory or a
+device is refused before anything waits on it), at most :data:`MAX_CONFIG_BYTES`, strict UTF-8,
+parsed as YAML 1.2 with bounded nesting and aliases and no duplicate keys (``config_yaml``).
+A set but blank ``VLLM_OVERLAP_CONFIG`` is an error, not the defaults.
 """
 
 from __future__ import annotations
@@ -13,17 +18,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import reprlib
+import stat
 from dataclasses import dataclass
 from typing import Literal
 
 import yaml
 from pydantic import ValidationError, create_model, model_validator
 
+from . import config_yaml
 from .patches import FEATURES
 from .settings import FeatureConfig, GdnInProjConfig, Strict, UserSiteConfig  # noqa: F401  (re-exported)
 
 ENV_CONFIG = "VLLM_OVERLAP_CONFIG"
 ENV_SWITCH = "VLLM_OVERLAP"
+MAX_CONFIG_BYTES = 1 << 20  # 1 MiB
 
 
 class OverlayStop(SystemExit):
@@ -113,25 +123,51 @@ def _format_key(loc: tuple) -> str:
     return ".".join(str(part) for part in loc) or "<top level>"
 
 
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = _repr.maxlong = 60
+_repr.maxlevel, _repr.maxlist, _repr.maxdict = 3, 6, 6
+
+# What YAML 1.1 (PyYAML's safe_load) would have read as a boolean or an integer; this file is
+# read as YAML 1.2, where they are strings.
+_YAML11_BOOL = {"yes", "no", "on", "off", "y", "n"}
+_YAML11_INT = re.compile(r"[-+]?(?:0b[01_]+|[0-9][0-9_]*(?::[0-5]?[0-9])*)\Z")
+
+
+def _hint(err: dict) -> str:
+    value = err.get("input")
+    if not isinstance(value, str):
+        return ""
+    if err["type"] == "bool_type" and value.lower() in _YAML11_BOOL:
+        return " (the file is read as YAML 1.2, where only true or false are booleans)"
+    if err["type"] == "int_type" and _YAML11_INT.match(value):
+        return " (the file is read as YAML 1.2: no base 60, binary or _ in integers)"
+    return ""
+
+
 def _describe(errors: list[dict]) -> str:
     lines = []
     for err in errors:
         key = _format_key(tuple(err["loc"]))
-        value = err.get("input")
+        value = _repr.repr(err.get("input"))
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            lines.append(f"unknown key {key!r} (value {value!r})")
+            lines.append(f"unknown key {key!r} (value {value})")
         elif err["type"] == "value_error":
             lines.append(f"{key}: {msg.removeprefix('Value error, ')}")
         else:
-            lines.append(f"{key} = {value!r}: {msg}")
+            lines.append(f"{key} = {value}: {msg}{_hint(err)}")
+        if len(lines) == 3 and len(errors) > 3:
+            lines.append(f"and {len(errors) - 3} more")
+            break
     return "; ".join(lines)
 
 
 def parse_config(text: str, source: str) -> OverlayConfig:
-    """Validate YAML text; ``source`` names it in errors."""
+    """Validate YAML text (read as YAML 1.2, ``config_yaml``); ``source`` names it in errors."""
     try:
-        data = yaml.safe_load(text)
+        data = config_yaml.load(text)
+    except config_yaml.Refused as exc:
+        raise ConfigError(f"config {source}: {exc.where}: {exc.problem}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -141,7 +177,7 @@ def parse_config(text: str, source: str) -> OverlayConfig:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(
-            f"config {source}: top level must be a mapping, got {type(data).__name__} {data!r}"
+            f"config {source}: top level must be a mapping, got {type(data).__name__} {_repr.repr(data)}"
         )
     try:
         return OverlayConfig.model_validate(data)
@@ -149,13 +185,67 @@ def parse_config(text: str, source: str) -> OverlayConfig:
         raise ConfigError(f"config {source}: {_describe(exc.errors())}") from None
 
 
-def load_config_file(path: str) -> OverlayConfig:
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _not_regular(path: str, mode: int) -> ConfigError:
+    kind = next((name for test, name in _KINDS if test(mode)), "not a file")
+    return ConfigError(f"config {path}: not a regular file ({kind})")
+
+
+def _too_large(path: str) -> ConfigError:
+    return ConfigError(f"config {path}: larger than {MAX_CONFIG_BYTES >> 20} MiB")
+
+
+def _read_bounded(path: str) -> bytes:
+    """The bytes of the regular file at ``path`` (links followed), at most MAX_CONFIG_BYTES.
+
+    Anything else is refused before it is opened for reading (a FIFO would wait for a writer,
+    a device might never end), and again after opening, non-blocking, in case it changed."""
+
+    def unreadable(exc: OSError) -> ConfigError:
+        return ConfigError(f"config {path} (from {ENV_CONFIG}): cannot read it: {exc.strerror or exc}")
+
     try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise _not_regular(path, info.st_mode)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | os.O_CLOEXEC)
     except OSError as exc:
+        raise unreadable(exc) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise _not_regular(path, info.st_mode)
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise _too_large(path)
+        chunks, size = [], 0
+        while chunk := os.read(fd, min(1 << 16, MAX_CONFIG_BYTES + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_CONFIG_BYTES:
+                raise _too_large(path)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise unreadable(exc) from None
+    finally:
+        os.close(fd)
+
+
+def load_config_file(path: str) -> OverlayConfig:
+    data = _read_bounded(path)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
         raise ConfigError(
-            f"config {path} (from {ENV_CONFIG}): cannot read it: {exc.strerror or exc}"
+            f"config {path}: not UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start} (line {line})"
         ) from None
     return parse_config(text, path)
 
@@ -168,7 +258,11 @@ def load_config(environ: dict[str, str] | None = None) -> LoadedConfig:
         raise ConfigError(f"{ENV_SWITCH} = {switch!r}: must be 0 (off) or 1 (on)")
     if switch == "0":
         return LoadedConfig(_all_off(), f"{ENV_SWITCH}=0")
-    path = env.get(ENV_CONFIG, "").strip()
-    if path:
+    if ENV_CONFIG in env:
+        path = env[ENV_CONFIG].strip()
+        if not path:
+            raise ConfigError(
+                f"{ENV_CONFIG} is set but blank: name a config file, or unset it for the built-in defaults"
+            )
         return LoadedConfig(load_config_file(path), path)
     return LoadedConfig(OverlayConfig(), "built-in defaults")

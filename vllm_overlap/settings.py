@@ -19,8 +19,8 @@ class FeatureConfig(Strict):
 
     enabled: bool = True
     mode: Literal["dual_stream"] = "dual_stream"
-    min_tokens: int = Field(1, ge=0)
-    max_tokens: int = Field(1024, ge=0)
+    min_tokens: int = Field(1, ge=0, le=2**31 - 1)
+    max_tokens: int = Field(1024, ge=0, le=2**31 - 1)
 
     @model_validator(mode="after")
     def _range(self):
