@@ -23,6 +23,7 @@ from vllm_overlap.settings import FeatureConfig, UserSiteConfig
 MINICPM3 = "vllm.model_executor.models.minicpm3"
 OLMO = "vllm.model_executor.layers.mamba.gdn.olmo_gdn_linear_attn"
 KIMI = "vllm.model_executor.layers.mamba.gdn.kimi_gdn_linear_attn"
+GDN = "vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn"
 
 MINICPM3_Q = """
 q, _ = self.q_a_proj(hidden_states)
@@ -205,7 +206,7 @@ def test_collective_a_column_parallel_layer_that_gathers_its_output():
     )
     cfg = _cfg(module="probe_mod", function="Layer.forward", current="a = self.left(x)", aux=["b = self.right(x)"], tokens="x")
     assert user_sites.prove(cfg, text).refused == (
-        "collective: `self.left(x)`: self.left is built with gather_output, which all-gathers its output"
+        "collective: `self.left(x)`: self.left is a ColumnParallelLinear built with gather_output=True: it may all-gather its output"
     )
     assert user_sites.prove(cfg, text.replace("gather_output=True", "gather_output=False")).site is not None
 
@@ -229,13 +230,13 @@ def test_call_the_proof_cannot_see_into_in_real_code():
 
 
 def test_independent_in_real_code():
-    refused = _refused(current="q, _ = self.q_a_proj(hidden_states)", aux=["q = self.q_a_layernorm(q)"])
+    refused = _refused(current="q, _ = self.q_a_proj(hidden_states)\nq = self.q_a_layernorm(q)", aux=["q, _ = self.q_b_proj(q)"])
     assert refused == "independent: the current group writes q, which the aux group reads"
 
 
 def test_between_a_statement_that_does_not_commute_in_real_code():
-    """kv_a's split sits between the q norm and the kv norm, and writes what the latter reads."""
-    refused = _refused(current="q = self.q_a_layernorm(q)", aux=["kv_a = self.kv_a_layernorm(kv_a)"])
+    """kv_a's split sits between q_b_proj and kv_b_proj, and writes what the latter reads."""
+    refused = _refused(current="q, _ = self.q_b_proj(q)", aux=["kv, _ = self.kv_b_proj(kv_a)"])
     assert refused.startswith("between: `kv_a, _ = latent_cache.split(")
     assert refused.endswith("does not commute with the aux group (both touch kv_a)")
 
@@ -253,6 +254,198 @@ def test_tokens_must_be_a_name_the_groups_read():
 def test_no_lora_names_a_module_init_builds():
     assert _refused(no_lora=["self.nope"]) == "no_lora: self.nope is not built in MiniCPM3Attention.__init__"
     assert _prove(no_lora=["self.kv_b_proj"]).site.no_lora == ("self.kv_b_proj",)
+
+
+# ---------------------------------------------------------------------------------------------
+# Refused since issue 25 (each accepted by the proof before it): names resolved to what they
+# are, in-place forms, moved statements, what the runtime does
+# ---------------------------------------------------------------------------------------------
+
+PAIR = """\
+from torch import nn
+import torch
+import torch.nn.functional as F
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+
+
+class Layer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.a_proj = ColumnParallelLinear(8, 8)
+        self.b_proj = ColumnParallelLinear(8, 8)
+        self.norm = RMSNorm(8)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor):
+"""
+
+
+def _pair(body: str, current: str, aux: str, tokens: str = "x", init: str = "", head: str = "", tail: str = "") -> str:
+    """The refusal of a two-group site on ``body`` in a synthetic layer (PAIR), or "" if it
+    is accepted."""
+    text = head + PAIR.replace("        self.norm = RMSNorm(8)\n", "        self.norm = RMSNorm(8)\n" + init) + body + tail
+    cfg = _cfg(module="probe_pair", function="Layer.forward", current=current, aux=[aux], tokens=tokens)
+    return user_sites.prove(cfg, text).refused
+
+
+def test_pair_positive_control():
+    body = "        p, _ = self.a_proj(x)\n        q, _ = self.b_proj(residual)\n        return p + q\n"
+    assert _pair(body, "p, _ = self.a_proj(x)", "q, _ = self.b_proj(residual)") == ""
+
+
+def test_between_a_norm_given_a_residual_writes_it_in_place():
+    """vLLM's RMSNorm with a residual runs fused_add_rms_norm, which writes x and residual in
+    place: moving it after the aux group, which reads residual, changes what that reads."""
+    body = (
+        "        p, _ = self.a_proj(x)\n        h, r = self.norm(x, residual)\n"
+        "        q, _ = self.b_proj(residual)\n        return p + q + h + r\n"
+    )
+    assert _pair(body, "p, _ = self.a_proj(x)", "q, _ = self.b_proj(residual)") == (
+        "between: `h, r = self.norm(x, residual)`: it writes residual, x in place, and the aux group it "
+        "would move after reads residual, which may be the same memory"
+    )
+
+
+def test_in_place_a_norm_given_a_residual_in_a_group():
+    body = "        p, _ = self.a_proj(x)\n        p, r = self.norm(p, residual)\n        q, _ = self.b_proj(x)\n        return p + q + r\n"
+    assert _pair(body, "p, _ = self.a_proj(x)\np, r = self.norm(p, residual)", "q, _ = self.b_proj(x)") == (
+        "in-place: `self.norm(p, residual)`: self.norm is a RMSNorm given a residual: it writes its arguments in place"
+    )
+
+
+@pytest.mark.parametrize(
+    "line, reason",
+    [
+        ("p = F.silu(p, inplace=True)", "`F.silu(p, inplace=True)`: silu with inplace=True writes its input in place"),
+        ("p = F.silu(p, True)", "`F.silu(p, True)`: silu with the inplace flag True writes its input in place"),
+        ("p = torch.cat([p, x], out=x)", "`torch.cat([p, x], out=x)`: cat with out= writes x"),
+    ],
+)
+def test_in_place_inplace_flags_and_out(line, reason):
+    body = f"        p, _ = self.a_proj(x)\n        {line}\n        q, _ = self.b_proj(x)\n        return p + q\n"
+    assert _pair(body, f"p, _ = self.a_proj(x)\n{line}", "q, _ = self.b_proj(x)") == f"in-place: {reason}"
+
+
+def test_collective_a_row_parallel_layer_under_an_alias():
+    head = "from vllm.model_executor.layers.linear import RowParallelLinear as OutLinear\n"
+    body = "        p, _ = self.a_proj(x)\n        q, _ = self.o(x)\n        return p + q\n"
+    assert _pair(body, "p, _ = self.a_proj(x)", "q, _ = self.o(x)", init="        self.o = OutLinear(8, 8)\n", head=head) == (
+        "collective: `self.o(x)`: self.o is a RowParallelLinear, which all-reduces its output"
+    )
+
+
+def test_collective_gather_output_passed_by_position():
+    body = "        p, _ = self.a_proj(x)\n        q, _ = self.c(x)\n        return p + q\n"
+    init = "        self.c = ColumnParallelLinear(8, 8, False, True)\n"
+    assert _pair(body, "p, _ = self.a_proj(x)", "q, _ = self.c(x)", init=init) == (
+        "collective: `self.c(x)`: self.c is a ColumnParallelLinear built with gather_output=True: it may all-gather its output"
+    )
+
+
+def test_collective_a_layer_built_row_parallel_in_one_branch_of_init():
+    """mllama4's Llama4VisionAttention.o_proj: ReplicatedLinear in one branch, RowParallelLinear
+    in the other; every constructor counts, not the first."""
+    init = (
+        "        if config.use_data_parallel:\n            self.o = ReplicatedLinear(8, 8)\n"
+        "        else:\n            self.o = RowParallelLinear(8, 8)\n"
+    )
+    body = "        p, _ = self.a_proj(x)\n        q, _ = self.o(x)\n        return p + q\n"
+    assert _pair(body, "p, _ = self.a_proj(x)", "q, _ = self.o(x)", init=init) == (
+        "collective: `self.o(x)`: self.o is a RowParallelLinear, which all-reduces its output"
+    )
+
+
+@pytest.mark.parametrize(
+    "head, ctor, what",
+    [
+        ("class MyLinear(nn.Module):\n    pass\n\n\n", "MyLinear(8, 8)", "MyLinear"),
+        ("from mylib import RMSNorm\n", "RMSNorm(8)", "RMSNorm"),
+        ("from vllm.model_executor.layers.linear import KimiK3MergedQKVGateLinear\n", "KimiK3MergedQKVGateLinear(8, [8])", "KimiK3MergedQKVGateLinear"),
+    ],
+)
+def test_call_a_layer_is_what_its_constructor_resolves_to_not_its_name(head, ctor, what):
+    body = "        p, _ = self.a_proj(x)\n        q, _ = self.o(x)\n        return p + q\n"
+    refused = _pair(body, "p, _ = self.a_proj(x)", "q, _ = self.o(x)", init=f"        self.o = {ctor}\n", tail="\n\n" + head)
+    assert refused == f"call: `self.o(x)`: self.o is a {what}: the proof cannot see into it"
+
+
+@pytest.mark.parametrize(
+    "line, init, reason",
+    [
+        ("w = self.table[0]", "        self.table = [x for x in range(3)]\n", "subscripting self.table runs its __getitem__"),
+        ("w, v = self.pair", "        self.pair = (1, 2)\n", "unpacking self.pair runs its __iter__"),
+        ("w = self.scale", "", "self.scale is a property: reading it runs code the proof cannot see"),
+    ],
+)
+def test_call_subscripts_unpacking_and_properties_run_code(line, init, reason):
+    tail = "\n    @property\n    def scale(self):\n        return 2\n"
+    body = f"        p, _ = self.a_proj(x)\n        {line}\n        q, _ = self.b_proj(x)\n        return p + q + w\n"
+    refused = _pair(body, f"p, _ = self.a_proj(x)\n{line}", "q, _ = self.b_proj(x)", init=init, tail=tail)
+    assert refused.startswith("call: ") and reason in refused
+
+
+def test_gemm_each_group_calls_a_linear_layer():
+    body = "        p = x.view(-1)\n        q = residual.view(-1)\n        return p + q\n"
+    assert _pair(body, "p = x.view(-1)", "q = residual.view(-1)") == (
+        "gemm: the current group calls no vLLM linear layer: nothing to overlap"
+    )
+
+
+def test_per_step_a_method_no_forward_reaches():
+    tail = "\n    def project(self, x):\n        p, _ = self.a_proj(x)\n        q, _ = self.b_proj(x)\n        return p + q\n"
+    text = PAIR + "        return x\n" + tail
+    cfg = _cfg(module="probe_pair", function="Layer.project", current="p, _ = self.a_proj(x)", aux=["q, _ = self.b_proj(x)"], tokens="x")
+    assert user_sites.prove(cfg, text).refused == (
+        "per-step: Layer.project does not run per forward step: it is not a forward method of its class, "
+        "nor one a forward method reaches"
+    )
+    reached = text.replace("        return x\n", "        return self.project(x)\n", 1)
+    assert user_sites.prove(cfg, reached).site is not None
+
+
+def test_per_step_weight_loaders_and_init_in_real_code():
+    refused = _refused(function="MiniCPM3Attention.__init__", current="self.q_a_proj = 1", aux=["self.q_b_proj = 2"])
+    assert refused.startswith("per-step: MiniCPM3Attention.__init__ does not run per forward step")
+
+
+def test_tokens_must_be_a_tensor():
+    """iquest's ``self.attn[loop_idx]``, zamba2's adapter: an int parameter as tokens."""
+    body = "        p, _ = self.a_proj(x[:n])\n        q, _ = self.b_proj(x[:n])\n        return p + q\n"
+    text = PAIR.replace("residual: torch.Tensor)", "residual: torch.Tensor, n: int)") + body
+    cfg = _cfg(module="probe_pair", function="Layer.forward", current="p, _ = self.a_proj(x[:n])", aux=["q, _ = self.b_proj(x[:n])"], tokens="n")
+    assert user_sites.prove(cfg, text).refused.startswith("tokens: tokens 'n' is not known to be a tensor")
+
+
+def test_runtime_a_function_that_calls_super_is_refused_as_the_runtime_skips_it():
+    body = "        p, _ = self.a_proj(x)\n        q, _ = self.b_proj(residual)\n        return super().forward(p + q)\n"
+    assert _pair(body, "p, _ = self.a_proj(x)", "q, _ = self.b_proj(residual)") == (
+        "runtime: the runtime would skip it: closes over __class__: cannot be recompiled outside its scope"
+    )
+
+
+def test_each_output_is_like_the_input_that_produces_it():
+    """molmo2's q (from x) and merged_kv (from another tensor of another length): each
+    output's leading dimensions come from its own input, not from tokens."""
+    body = "        p, _ = self.a_proj(x)\n        h = self.norm(residual)\n        q, _ = self.b_proj(h)\n        return p, q\n"
+    text = PAIR + body
+    cfg = _cfg(module="probe_pair", function="Layer.forward", current="p, _ = self.a_proj(x)", aux=["h = self.norm(residual)\nq, _ = self.b_proj(h)"], tokens="x")
+    proof = user_sites.prove(cfg, text)
+    assert proof.site is not None and proof.site.dynamo == "op", proof.refused or proof.plain_reason
+    assert [(o.name, o.like) for o in proof.site.outputs] == [("p", "x"), ("q", "residual")]
+
+
+def test_the_gdn_pair_declared_by_hand_rewrites_as_the_built_in_site():
+    """in_proj_qkvz and in_proj_ba are built by helpers (create_qkvz_proj, create_ba_proj): the
+    proof follows them into their return statements."""
+    cfg = _cfg(
+        module=GDN,
+        function="QwenGatedDeltaNetAttention.forward_cpu",
+        current="mixed_qkvz, _ = self.in_proj_qkvz(hidden_states)",
+        aux=["ba, _ = self.in_proj_ba(hidden_states)"],
+    )
+    proof = _same_but_the_call(cfg, "gdn_in_proj", "_vllm_overlap_gdn_in_proj.in_proj(")
+    assert proof.site.dynamo == "op"
+    assert [(o.width, o.like) for o in proof.site.outputs] == [("self.in_proj_qkvz", "hidden_states"), ("self.in_proj_ba", "hidden_states")]
 
 
 SYNTHETIC = """\
@@ -347,7 +540,7 @@ def test_prove_prints_each_sites_verdict_diff_and_models(tmp_path, capsys):
     assert "  models whose layers run it: MiniCPM3ForCausalLM\n" in out
     assert "+        q, latent_cache = _vllm_overlap_user_minicpm3_q_kv.run(self, hidden_states)\n" in out
     assert "-        latent_cache, _ = self.kv_a_proj_with_mqa(hidden_states)\n" in out
-    assert "site bad_pair: " in out and "  refused: independent: the current group writes q, which the aux group writes" in out
+    assert "site bad_pair: " in out and "  refused: gemm: the current group calls no vLLM linear layer: nothing to overlap" in out
     assert out.rstrip().endswith("1 of 2 user sites apply")
 
 
