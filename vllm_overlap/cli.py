@@ -148,6 +148,7 @@ def collect(model: str | None = None) -> dict:
                 "result": reason if enabled else "off",
             }
         )
+    from . import cache_dir
     from .streams import DBO_POLICY
 
     return {
@@ -156,6 +157,7 @@ def collect(model: str | None = None) -> dict:
         "config": loaded.source,
         "config_fingerprint": loaded.config.fingerprint(),
         "strict": loaded.config.strict,
+        "cache_dir": cache_dir.report(),  # where rewritten sources go, and why others were refused
         "rows": rows,
         "absent": absent,
         "vllm_names": _vllm_names(),
@@ -165,6 +167,7 @@ def collect(model: str | None = None) -> dict:
 
 
 def doctor_report(report: dict) -> str:
+    from .cache_dir import describe
     head = [
         f"vllm-overlap {report['vllm-overlap']}",
         f"vLLM:     {report['vllm']}",
@@ -173,6 +176,7 @@ def doctor_report(report: dict) -> str:
         f"config:   {report['config']} (fingerprint {report['config_fingerprint']}, "
         f"strict: {str(report['strict']).lower()})",
         f"DBO:      {report['dual_batch_overlap']}",
+        *([f"cache:    {describe(report['cache_dir'])}"] if "cache_dir" in report else []),
         "",
     ]
     rows = [dict(r, enabled="yes" if r["enabled"] else "no") for r in report["rows"]]

@@ -10,7 +10,8 @@ function, including upstream fixes made after this anchor was written, flows thr
 The rewritten function is compiled from its text in memory, never from a file: a second
 rewrite stacked on the same target starts from the first one's in-memory text. The same text
 is also written to a content-addressed file in a directory private to the user (0700, owned by
-them, writable by nobody else), and the compiled code names that file, so tracebacks show its
+them, writable by nobody else, and so is every directory leading to it: ``cache_dir.py``), and
+the compiled code names that file, so tracebacks show its
 real lines and vLLM's compile cache (which hashes the source files of the code Dynamo traced)
 keys on the rewritten code. An existing file is used only if its bytes are exactly the text.
 Anything unexpected raises :class:`RewriteSkipped` with a reason and leaves the target
@@ -25,12 +26,12 @@ import importlib
 import inspect
 import os
 import re
-import stat
-import tempfile
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from . import cache_dir as _cache_dir
 
 CAPTURE_PREFIX = "__vllm_overlap_capture_"
 _CAPTURE_RE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
@@ -232,78 +233,24 @@ def _capture(name: str, captures: dict[str, str], anchor: Anchor) -> str:
 # --------------------------------------------------------------------------- live targets
 
 
-def cache_dir() -> str:
-    base = os.environ.get("VLLM_OVERLAP_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-        "vllm-overlap",
-        "rewritten",
-    )
-    return base
-
-
-def fallback_cache_dir() -> str:
-    """Where the rewritten source goes when the cache directory cannot be used: a directory
-    of this user's own in the temp directory (another user may pre-create it; then it is
-    refused, never used)."""
-    return os.path.join(tempfile.gettempdir(), f"vllm-overlap-{os.geteuid()}", "rewritten")
-
-
-def private_dir_problem(directory: str) -> str | None:
-    """Create ``directory`` (0700) if missing; None if it is fit to hold code that this
-    process names as its own, else why not: it must be a real directory (not a link),
-    owned by this user, and writable by nobody else (no group or other write bit)."""
-    try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        info = os.lstat(directory)
-    except OSError as exc:
-        return f"{directory}: {exc.strerror or exc}"
-    if not stat.S_ISDIR(info.st_mode):
-        return f"{directory} is not a directory"
-    if info.st_uid != os.geteuid():
-        return f"{directory} is owned by uid {info.st_uid}, not this user ({os.geteuid()})"
-    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return f"{directory} is writable by others (mode {stat.S_IMODE(info.st_mode):o})"
-    return None
-
-
-def _holds_exactly(path: str, data: bytes) -> bool:
-    """Whether ``path`` is a regular file (not a link) whose bytes are exactly ``data``."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError:
-        return False
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-            return False
-        return fh.read(len(data) + 1) == data
+# The private directory of the rewritten sources' files: cache_dir.py (these names kept).
+cache_dir = _cache_dir.primary_dir
+fallback_cache_dir = _cache_dir.fallback_dir
+private_dir_problem = _cache_dir.private_dir_problem
 
 
 def _write_source(name: str, text: str) -> str:
     """A content-addressed file holding exactly ``text``; return its path.
 
     The file is for tracebacks and vLLM's compile-cache hash only: nothing is ever compiled
-    from it. An existing file whose bytes differ from ``text`` is replaced."""
+    from it. An existing file whose bytes differ from ``text`` is replaced. Where and how it
+    is written (a checked directory chain, relative to its descriptor): ``cache_dir.py``."""
     data = text.encode("utf-8")
     digest = hashlib.sha256(data).hexdigest()[:16]
-    problems = []
-    for directory in (cache_dir(), fallback_cache_dir()):
-        problem = private_dir_problem(directory)
-        if problem:
-            problems.append(problem)
-            continue
-        path = os.path.join(directory, f"{name}.{digest}.py")
-        try:
-            if not _holds_exactly(path, data):
-                fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")  # mode 0600
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
-                os.replace(tmp, path)  # atomic: concurrent workers write the same bytes
-            return path
-        except OSError as exc:
-            problems.append(f"{path}: {exc.strerror or exc}")
-    raise RewriteSkipped(
-        "no private cache directory for the rewritten source: " + "; ".join(problems)
-    )
+    try:
+        return _cache_dir.write_file(f"{name}.{digest}.py", data)
+    except _cache_dir.Unsafe as exc:
+        raise RewriteSkipped(f"no private cache directory for the rewritten source: {exc}") from None
 
 
 def resolve_owner(target: Target) -> tuple[Any, str]:
