@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import textwrap
 
 import pytest
 import torch
@@ -134,3 +135,152 @@ def test_the_check_finds_a_collective():
     )
     assert finding == "the aux branch runs a collective (vllm_overlap_test::all_reduce)"
     assert not hazards.is_collective(torch.ops.aten.mm.default)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 25: the check covers the moved statements, and runs again for every new combination of
+# argument aliasing and shape class; fake kernels per input (synthetic layers, fake modules)
+# ---------------------------------------------------------------------------------------------
+
+SYNTHETIC = """\
+import torch
+from torch import nn
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import ColumnParallelLinear
+
+
+class Layer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a_proj = ColumnParallelLinear(8, 8)
+        self.b_proj = ColumnParallelLinear(8, 4)
+        self.norm = RMSNorm(8)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, residual: torch.Tensor):
+        p, _ = self.a_proj(x)
+        h, r = self.norm(x, residual)
+        q, _ = self.b_proj(y)
+        return p, q, h, r
+"""
+
+
+class _Proj(torch.nn.Module):
+    def __init__(self, width: int, seed: int):
+        super().__init__()
+        self.output_size_per_partition = width
+        self.weight = torch.randn(width, 8, generator=torch.Generator().manual_seed(seed))
+
+    def forward(self, x):
+        return x @ self.weight.T, None
+
+
+class _InPlaceNorm(torch.nn.Module):
+    """What vLLM's RMSNorm with a residual does on CUDA (fused_add_rms_norm): both in place."""
+
+    def forward(self, x, residual):
+        residual.add_(x)
+        x.copy_(residual * 0.5)
+        return x, residual
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a_proj, self.b_proj, self.norm = _Proj(8, 1), _Proj(4, 2), _InPlaceNorm()
+
+
+@pytest.fixture
+def synthetic_runtime(monkeypatch):
+    """A user site on SYNTHETIC proven statically, its runtime compiled from that source with
+    the config loaded; and a layer of fake modules (what the runtime runs is upstream's text)."""
+    from vllm_overlap.branches import compile_form
+    from vllm_overlap.runtime.site_runtime import SiteRuntime
+    from vllm_overlap.settings import UserSiteConfig
+
+    def make(site_id: str, current: str, aux: str, tokens: str = "x"):
+        yaml = (
+            f"sites:\n  - id: {site_id}\n    module: probe_synthetic\n    function: Layer.forward\n"
+            f"    current: '{current}'\n    aux: ['{aux}']\n    tokens: {tokens}\n"
+        )
+        config = parse_config(yaml, "user.yaml")
+        (cfg,) = config.sites
+        proof = user_sites.prove(cfg, SYNTHETIC)
+        assert proof.site is not None, proof.refused
+        before = active_config.loaded()
+        active_config.set_loaded(LoadedConfig(config, "user.yaml"))
+        func_text = textwrap.dedent("    def forward" + SYNTHETIC.split("    def forward", 1)[1])
+        compiled = compile_form(proof.site, 0, func_text, {"torch": torch}, "<synthetic>", 1)
+        return SiteRuntime(compiled), proof, before
+
+    made = []
+
+    def factory(*args, **kw):
+        made.append(make(*args, **kw))
+        return made[-1][:2]
+
+    yield factory
+    for _, _, before in made:
+        active_config.set_loaded(before)
+
+
+def test_moved_statements_are_checked_again_for_each_new_aliasing(synthetic_runtime, count_forks, caplog):
+    """The norm given a residual writes residual in place and moves after the aux group, which
+    reads y: statically independent (other names), a hazard when y is residual. The first call
+    (no aliasing) is checked and clean, the second forks, the third (y is residual: a new
+    combination) is checked again, finds the hazard, and the site is off for the process with
+    one log line; the moved statement ran on copies, never twice on the real tensors."""
+    rt, proof = synthetic_runtime("probe_alias", "p, _ = self.a_proj(x)", "q, _ = self.b_proj(y)")
+    assert proof.site.params == ("self", "x", "y", "residual")
+    assert rt.compiled.region_pairs == (("moved statement `h, r = self.norm(x, residual)`", "aux"),)
+    layer = _Layer()
+    x, y, residual = (torch.randn(5, 8, generator=torch.Generator().manual_seed(s)) for s in (3, 4, 5))
+    with torch.no_grad(), caplog.at_level(logging.INFO):
+        rt.overlapped(layer, x, y, residual)
+        assert count_forks == [] and rt.off_reason == ""
+        rt.overlapped(layer, x, y, residual)
+        assert count_forks == [("user_probe_alias", 5)]
+        kept = residual.clone()
+        shared = rt.overlapped(layer, x, residual, residual)
+        assert torch.equal(residual, kept)
+        assert same_tensors(shared, rt.serial(layer, x, residual, residual))
+        later = [rt.overlapped(layer, x, residual, residual), rt.overlapped(layer, x, y, residual)]
+    assert rt.off_reason == (
+        "hazard check: the moved statement `h, r = self.norm(x, residual)` writes memory the aux branch uses (1 storage(s))"
+    )
+    assert caplog.text.count("off for this process") == 1
+    assert count_forks == [("user_probe_alias", 5)]  # never again
+    assert same_tensors(later[1], rt.serial(layer, x, y, residual))
+
+
+def test_a_new_shape_class_is_checked_again(synthetic_runtime, count_forks):
+    rt, _ = synthetic_runtime("probe_shapes", "p, _ = self.a_proj(x)", "q, _ = self.b_proj(y)")
+    layer = _Layer()
+    with torch.no_grad():
+        for tokens in (5, 7, 1, 0, 9):
+            x, y, residual = torch.randn(tokens, 8), torch.randn(tokens, 8), torch.randn(tokens, 8)
+            rt.overlapped(layer, x, y, residual)
+    assert len(rt._seen) == 3  # many tokens, one token, none
+    assert [n for _, n in count_forks] == [7, 9]
+
+
+def test_outputs_of_different_lengths_under_torch_compile(synthetic_runtime):
+    """molmo2's q and merged_kv: each output's first dimension is its own input's. The op
+    compiled (fullgraph) on inputs of 5 and 3 rows gives what the serial statements give."""
+    from vllm_overlap.runtime import layers
+
+    rt, proof = synthetic_runtime("probe_lengths", "p, _ = self.a_proj(x)", "q, _ = self.b_proj(y)")
+    assert [(o.name, o.like) for o in proof.site.outputs] == [("p", "x"), ("q", "y")]
+    layer = _Layer()
+    layer.__dict__[user_sites.REGISTERED_NAME] = "user_probe_lengths.0"
+    layers.register_layer("user_probe_lengths.0", layer)
+    x, y, residual = torch.randn(5, 8), torch.randn(3, 8), torch.randn(5, 8)
+
+    def run(x, y, residual):
+        p, q = rt._unflatten(rt._op(*rt.op_args(layer, x, y, residual)))
+        return p * 2, q.sum(0)
+
+    with torch.no_grad():
+        expected = rt.serial(layer, x, y, residual)
+        got = torch.compile(run, fullgraph=True, backend="aot_eager")(x, y, residual)
+    assert got[0].shape == (5, 8) and got[1].shape == (4,)
+    assert torch.equal(got[0], expected[0] * 2) and torch.equal(got[1], expected[1].sum(0))

@@ -42,6 +42,12 @@ class CompiledForm:
     gated: str | None  # the branch the gate guards
     projections: Callable[..., tuple]  # the modules the branches call (LoRA check)
     sources: dict[str, str]  # branch -> upstream's text of it
+    # Upstream's matched statements in upstream's order, the branches called as functions and
+    # the statements the rewrite moves after them inline, each marked as it starts (the
+    # dynamic check of moved statements: ``region(mark, branches, *params)``); None where the
+    # rewrite moves nothing or a moved statement reads what the site is not passed.
+    region: Callable[..., None] | None = None
+    region_pairs: tuple[tuple[str, str], ...] = ()  # (moved statement, branch it moves after)
 
     @property
     def current(self) -> Callable[..., Any]:
@@ -152,6 +158,7 @@ def compile_form(
             stores=stores,
             calls=calls,
             text=body,
+            returns=returns,
         )
     for a in found:
         for b in found:
@@ -174,6 +181,7 @@ def compile_form(
         filename,
         first_lineno,
     )
+    region, pairs = _region(site, form, func, lines, found, func_globals, filename, first_lineno)
     return CompiledForm(
         site,
         form_index,
@@ -183,7 +191,42 @@ def compile_form(
         gated,
         projections,
         {w: found[w]["text"] for w in found},
+        region,
+        pairs,
     )
+
+
+def _region(site, form, func, lines, found, func_globals, filename, first_lineno):
+    """The function of the matched statements in upstream's order (see ``CompiledForm.region``)
+    and the (moved statement, branch) pairs whose order the rewrite swaps."""
+    matches = find_anchor(func, form.anchors[0]) if len(form.anchors) == 1 else []
+    if len(matches) != 1:
+        return None, ()
+    owner = {id(s): w for w in found for s in found[w]["match"].stmts}
+    params = ", ".join(site.params)
+    body, labels = [], []
+    for stmt in matches[0].stmts:
+        which = owner.get(id(stmt))
+        if which in labels:
+            continue
+        if which is not None:
+            labels.append(which)
+            body += [f"__mark({which!r})", f"{found[which]['returns']} = __branches[{which!r}]({params})"]
+            continue
+        text = textwrap.dedent("".join(lines[stmt.lineno - 1 : stmt.end_lineno]))
+        label = f"moved statement `{text.splitlines()[0].strip()}`"
+        labels.append(label)
+        body += [f"__mark({label!r})", *text.rstrip("\n").splitlines()]
+    moved = [label for label in labels if label not in found]
+    if not moved:
+        return None, ()
+    name = f"{site.id}__region"
+    text = f"def {name}(__mark, __branches, {params}):\n" + textwrap.indent("\n".join([*body, "__mark(None)"]), "    ") + "\n"
+    free = _free_names(function_node(text).body, set()) - {"__mark", "__branches"}
+    if free - set(site.params) - set(func_globals) - set(vars(builtins)):
+        return None, ()
+    pairs = tuple((m, w) for i, m in enumerate(labels) if m in moved for w in labels[i + 1 :] if w in found)
+    return compile_function(text, name, func_globals, filename, first_lineno), pairs
 
 
 def _root(node: ast.AST) -> str | None:

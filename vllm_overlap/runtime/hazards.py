@@ -10,9 +10,15 @@ memory or its schema marks it written (a view of an input writes nothing). Its f
 - a collective (a c10d or vLLM communication op) in any branch (collectives stay on the main
   stream, in order on every rank).
 
-User sites run it the first time they run in each process, outside CUDA-graph capture; a
-finding turns the site off for the process (``site_runtime``). The test harness runs it on
-every built-in site.
+:func:`check_region` runs upstream's statements in upstream's order (the branches and the
+statements the rewrite moves after them, each marked) on copies of the arguments that keep
+their aliasing, and finds a moved statement that writes memory a branch it is moved after
+reads or writes, or reads memory that branch writes.
+
+User sites run both the first time they run in each process, and again for every new
+combination of argument aliasing and shape class (:func:`combination`), outside CUDA-graph
+capture; a finding turns the site off for the process (``site_runtime``). The test harness
+runs :func:`run_checked` on every built-in site.
 """
 
 from __future__ import annotations
@@ -78,19 +84,22 @@ class _Recorder(TorchDispatchMode):
                     self._touch(t, fresh_or_written)
         return result
 
-    def finding(self) -> str | None:
-        """The first hazard found, as a reason (None: none)."""
+    def finding(self, pairs: tuple[tuple[str, str], ...] | None = None) -> str | None:
+        """The first hazard found, as a reason (None: none): between every two branches, or
+        only between the two of each pair of ``pairs``."""
         if self.collectives:
             branch, name = self.collectives[0]
             return f"the {branch} branch runs a collective ({name})"
         names = list(self.reads)
-        for a in names:
-            for b in names:
-                if a == b:
-                    continue
-                shared = self.writes.get(a, set()) & (self.reads.get(b, set()) | self.writes.get(b, set()))
-                if shared:
-                    return f"the {a} branch writes memory the {b} branch uses ({len(shared)} storage(s))"
+        if pairs is None:
+            pairs = tuple((a, b) for a in names for b in names if a != b)
+        else:
+            pairs = pairs + tuple((b, a) for a, b in pairs)
+        for a, b in pairs:
+            shared = self.writes.get(a, set()) & (self.reads.get(b, set()) | self.writes.get(b, set()))
+            if shared:
+                what = "branch " if not a.startswith("moved") else ""
+                return f"the {a} {what}writes memory the {b} branch uses ({len(shared)} storage(s))"
         return None
 
 
@@ -105,3 +114,57 @@ def run_checked(branches: dict[str, Callable[[], Any]], order: tuple[str, ...]) 
             results[name] = branches[name]()
         recorder.branch = None
     return results, recorder.finding()
+
+
+def check_region(region: Callable, branches: dict[str, Callable], args: tuple, pairs) -> str | None:
+    """The first hazard between a moved statement and a branch it is moved after (None:
+    none), from upstream's statements run in upstream's order on copies of ``args[1:]``."""
+    recorder = _Recorder()
+
+    def mark(label: str | None) -> None:
+        recorder.branch = label
+
+    with torch.no_grad():
+        copies = (args[0], *copy_keeping_aliasing(args[1:]))
+        with recorder:
+            region(mark, branches, *copies)
+        recorder.branch = None
+    return recorder.finding(tuple(pairs))
+
+
+def copy_keeping_aliasing(values: tuple) -> tuple:
+    """Each tensor copied into new memory, two that share a storage sharing the copy of it."""
+    storages: dict[int, Any] = {}
+    out = []
+    for value in values:
+        if not isinstance(value, torch.Tensor):
+            out.append(value)
+            continue
+        storage = value.untyped_storage()
+        key = storage.data_ptr() if storage.nbytes() else id(value)
+        if key not in storages:
+            storages[key] = storage.clone()
+        copy = torch.empty(0, dtype=value.dtype, device=value.device)
+        out.append(copy.set_(storages[key], value.storage_offset(), value.size(), value.stride()))
+    return tuple(out)
+
+
+def combination(args: tuple) -> tuple:
+    """What a hazard may depend on in a call's arguments (``args[1:]``): each tensor's shape
+    class (first dimension 0, 1 or more; the others exact), dtype, device and contiguity, each
+    other value's type, and which arguments share a storage."""
+    parts, storages = [], []
+    for value in args[1:]:
+        if isinstance(value, torch.Tensor):
+            shape = tuple(value.shape)
+            parts.append((min(shape[0], 2) if shape else -1, shape[1:], value.dtype, value.device.type, value.is_contiguous()))
+            storage = value.untyped_storage()
+            storages.append(storage.data_ptr() if storage.nbytes() else None)
+        else:
+            parts.append(type(value).__name__)
+            storages.append(None)
+    shared = tuple(
+        (i, j) for i in range(len(storages)) for j in range(i + 1, len(storages))
+        if storages[i] is not None and storages[i] == storages[j]
+    )
+    return tuple(parts), shared

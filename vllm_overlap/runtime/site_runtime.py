@@ -109,8 +109,10 @@ class SiteRuntime:
         if site.dynamo == "op":
             self._op = _make_op(self)
         self._untrusted = _callee_check(site) if site.callees else None
-        # A user site: the hazard check of its first run in this process, and its finding.
-        self._checked = not site.checked_at_first_run
+        # A user site: the hazard check of each new combination of argument aliasing and
+        # shape class in this process (the combinations checked), and its finding.
+        self._check_each = site.checked_at_first_run
+        self._seen: set = set()
         self.off_reason = ""
         self._no_lora = _expression(site, list(site.no_lora), "no_lora") if site.no_lora else None
 
@@ -167,8 +169,12 @@ class SiteRuntime:
         c = self.compiled
         if self.off_reason:
             return c.serial(*args)
-        if not self._checked:  # never fork unchecked: serial during a capture, checked outside
-            return c.serial(*args) if _capturing() else self._first_run(*args)
+        if self._check_each:  # never fork unchecked: serial during a capture, checked outside
+            from .hazards import combination
+
+            key = combination(args)
+            if key not in self._seen:
+                return c.serial(*args) if _capturing() else self._first_run(key, *args)
         fns = [lambda fn=fn: fn(*args) for fn in c.branches.values()]
         tokens = args[self.tokens_index].shape[0]
         feature = active_config.site_config(self.site)
@@ -177,17 +183,26 @@ class SiteRuntime:
         first, rest = streams.run_many(self.site.id, fns[0], fns[1:], tokens, feature)
         return (first, *rest)
 
-    def _first_run(self, *args) -> tuple:
+    @property
+    def _checked(self) -> bool:
+        return not self._check_each or bool(self._seen)
+
+    def _first_run(self, key, *args) -> tuple:
+        """The hazard check of a new combination of arguments: the branches serially under
+        the recorder, and upstream's order with the moved statements on copies."""
         from ..log import logger
-        from .hazards import run_checked
+        from .hazards import check_region, run_checked
 
         c = self.compiled
+        first = not self._seen
         results, finding = run_checked({n: (lambda fn=fn: fn(*args)) for n, fn in c.branches.items()}, c.order)
-        self._checked = True
+        if finding is None and c.region is not None:
+            finding = check_region(c.region, c.branches, args, c.region_pairs)
+        self._seen.add(key)
         if finding:
             self.off_reason = f"hazard check: {finding}"
             logger().warning("vllm-overlap site %s: off for this process: %s", self.site.id, self.off_reason)
-        else:
+        elif first:
             logger().info("vllm-overlap site %s: first run checked: no shared memory written, no collective", self.site.id)
         return tuple(results[n] for n in c.branches)
 
