@@ -92,7 +92,7 @@ def test_compat_matrix_from_wheels_without_importing_them(tmp_path):
     by_site = matrix_table(rows, markdown=True, by_site=True).splitlines()
     assert by_site[0] == "| site | 9.0.0 | 9.1.0 |"
     gdn = next(line for line in by_site if line.startswith("| gdn_in_proj |"))
-    assert gdn.startswith("| gdn_in_proj | applies | skipped: anchor")
+    assert gdn.startswith("| gdn_in_proj | applies | forward_cuda skipped: anchor")
     # a release with none of a site's targets
     assert "| deepseek_indexer_v32 | - | - |" in by_site
 
@@ -124,3 +124,34 @@ def test_compat_and_diff_report_a_broken_declaration_as_skipped(tmp_path, monkey
         and " skipped: internal error: SyntaxError: " in line
         for line in err
     ), err
+
+
+def test_compat_says_upstream_where_vllm_forks_the_pair_itself(tmp_path):
+    """vLLM 0.34's forward_cuda shape: the anchors no longer match because upstream forks the
+    same pair through its own primitive; compat says ``upstream``, never ``applies`` for the
+    site, and a fork of other projections is still ``skipped``."""
+    native = """
+        if self._ba_stream is None:
+            mixed_qkvz, _ = self.in_proj_qkvz(qkvz_in)
+            ba, _ = self.in_proj_ba(hidden_states)
+        else:
+            mixed_qkvz, (ba,) = execute_in_parallel(
+                lambda: self.in_proj_qkvz(qkvz_in)[0],
+                [lambda: self.in_proj_ba(hidden_states)[0]],
+                start, [done], [self._ba_stream], enable=True,
+            )
+        return mixed_qkvz, ba
+    """
+    other = native.replace("[lambda: self.in_proj_ba(hidden_states)[0]]", "[lambda: self.out_proj(hidden_states)[0]]")
+    _fake_wheel(tmp_path, "9.2.0", native)
+    directory = _fake_wheel(tmp_path, "9.3.0", other)
+    rows = matrix(["9.2.0", "9.3.0"], directory)
+    cell = {(r["release"], r["target"]): r["result"] for r in rows}
+    assert cell["9.2.0", "QwenGatedDeltaNetAttention.forward_cuda"] == (
+        "upstream: vLLM forks in_proj_qkvz beside in_proj_ba itself (execute_in_parallel)"
+    )
+    assert cell["9.3.0", "QwenGatedDeltaNetAttention.forward_cuda"].startswith("skipped: anchor")
+    by_site = matrix_table(rows, markdown=True, by_site=True).splitlines()
+    gdn = next(line for line in by_site if line.startswith("| gdn_in_proj |"))
+    assert gdn.startswith("| gdn_in_proj | forward_cuda upstream: vLLM forks")
+    assert "| applies |" not in gdn

@@ -124,7 +124,8 @@ def collect(model: str | None = None) -> dict:
             if outcome.status == outcomes.ABSENT:  # another release's code shape of a site
                 absent.append(f"{feature.name} {rewrite.target}: {outcome.reason}")
                 continue
-            ok = ok and (not enabled or outcome.status == outcomes.APPLIED)
+            # upstream forking the pair itself there is not a failure (the overlay steps aside)
+            ok = ok and (not enabled or outcome.status in (outcomes.APPLIED, outcomes.UPSTREAM))
             rows.append(
                 {
                     "feature": feature.name,
@@ -148,7 +149,7 @@ def collect(model: str | None = None) -> dict:
                 "result": reason if enabled else "off",
             }
         )
-    from . import cache_dir
+    from . import cache_dir, cache_key, hooks
     from .streams import DBO_POLICY
 
     return {
@@ -158,6 +159,8 @@ def collect(model: str | None = None) -> dict:
         "config_fingerprint": loaded.config.fingerprint(),
         "strict": loaded.config.strict,
         "cache_dir": cache_dir.report(),  # where rewritten sources go, and why others were refused
+        "compile_cache_key": cache_key.describe(),
+        "hook_failures": list(hooks.failures) + list(plugin.REGISTER_FAILED),
         "rows": rows,
         "absent": absent,
         "vllm_names": _vllm_names(),
@@ -177,6 +180,8 @@ def doctor_report(report: dict) -> str:
         f"strict: {str(report['strict']).lower()})",
         f"DBO:      {report['dual_batch_overlap']}",
         *([f"cache:    {describe(report['cache_dir'])}"] if "cache_dir" in report else []),
+        *([f"compile-cache key: {report['compile_cache_key']}"] if "compile_cache_key" in report else []),
+        *(f"internal error: {reason}" for reason in report.get("hook_failures", [])),
         "",
     ]
     rows = [dict(r, enabled="yes" if r["enabled"] else "no") for r in report["rows"]]
@@ -185,7 +190,7 @@ def doctor_report(report: dict) -> str:
     table = format_table(rows, ["feature", "target", "enabled", "anchors", "result"])
     verdict = "all enabled features applied" if report["ok"] else "NOT all enabled features applied"
     text = "\n".join(head) + table + f"\n\n{verdict}"
-    missing = [n for n in report.get("vllm_names", []) if n["status"] != "present"]
+    missing = [n for n in report.get("vllm_names", []) if n["status"].startswith("absent")]
     if missing:
         text += "\n\nvLLM names the runtime reads that this vLLM lacks:\n" + format_table(
             missing, ["name", "status"]

@@ -3,7 +3,7 @@
 ``vllm-overlap compat 0.30.0 0.33.0`` downloads each ``vllm`` wheel once (``pip download
 --no-deps``, cached), reads the target modules straight out of the zip, and runs every
 site's anchor matching on them: a matrix of site x target x release (``--by-site``: one row
-per site, ``applies`` where any of its code shapes does).
+per site, ``applies`` only where every target the release has does).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 import zipfile
 
 from .patches import FEATURES
-from .sources import ABSENT, APPLIES, feature_diff
+from .sources import ABSENT, APPLIES, UPSTREAM, feature_diff
 from .tables import format_table
 
 
@@ -57,7 +57,8 @@ def _short(module: str, qualname: str) -> str:
 def release_rows(release: str, read) -> list[dict]:
     """One row per site x target for the release whose modules ``read(name)`` returns:
     ``applies``, ``absent`` (this release has no such module, class or method: another
-    release's code shape) or ``skipped: <why>``."""
+    release's code shape), ``upstream: <how>`` (upstream forks the pair itself there: the
+    overlay steps aside) or ``skipped: <why>``."""
     rows = []
     for feature in FEATURES.values():
         _, results = feature_diff(feature, read)
@@ -66,7 +67,7 @@ def release_rows(release: str, read) -> list[dict]:
                 result = results[str(target)]
                 if result.startswith(ABSENT):
                     result = ABSENT
-                elif result != APPLIES:
+                elif result != APPLIES and not result.startswith(UPSTREAM):
                     result = f"skipped: {result}"
                 rows.append(
                     {
@@ -88,13 +89,19 @@ def matrix(releases: list[str], directory: str | None = None) -> list[dict]:
     return rows
 
 
-def site_result(results: list[str]) -> str:
-    """One site's cell from its targets' results: ``applies`` if any target does, ``-`` if
-    the release has none of them, else the first reason it does not apply."""
-    if APPLIES in results:
+def site_result(results: list[tuple[str, str]]) -> str:
+    """One site's cell from its targets' ``(qualname, result)``: ``applies`` only where every
+    target this release has applies; ``-`` where it has none of them; else what each other
+    target does, after how many apply (never ``applies`` when one of its targets misses)."""
+    present = [(target, result) for target, result in results if result != ABSENT]
+    if not present:
+        return "-"
+    applied = sum(result == APPLIES for _, result in present)
+    if applied == len(present):
         return APPLIES
-    skipped = [r for r in results if r != ABSENT]
-    return skipped[0] if skipped else "-"
+    others = [f"{target.rsplit('.', 1)[-1]} {result}" for target, result in present if result != APPLIES]
+    head = [f"applies {applied}/{len(present)}"] if applied else []
+    return "; ".join(head + others)
 
 
 def matrix_table(rows: list[dict], markdown: bool = False, by_site: bool = False) -> str:
@@ -103,14 +110,17 @@ def matrix_table(rows: list[dict], markdown: bool = False, by_site: bool = False
     keyed: dict[tuple[str, ...], dict[str, list[str]]] = {}
     for r in rows:
         key = (r["site"],) if by_site else (r["site"], _short(r["module"], r["target"]))
-        keyed.setdefault(key, {}).setdefault(r["release"], []).append(r["result"])
+        keyed.setdefault(key, {}).setdefault(r["release"], []).append((r["target"], r["result"]))
     head = ["site"] if by_site else ["site", "target"]
     table = []
     for key, cells in keyed.items():
         row = dict(zip(head, key))
         for rel in releases:
             results = cells.get(rel, [])
-            row[rel] = site_result(results) if by_site else ("-" if results == [ABSENT] else results[0])
+            if by_site:
+                row[rel] = site_result(results)
+            else:
+                row[rel] = "-" if not results or results[0][1] == ABSENT else results[0][1]
         table.append(row)
     columns = [*head, *releases]
     if markdown:

@@ -8,13 +8,16 @@ APPLIED, SKIPPED, OFF, PENDING = "applied", "skipped", "off", "pending"
 # A target of another vLLM release (a site's alternative module, class or method) that this
 # vLLM does not have: nothing to rewrite, and nothing wrong.
 ABSENT = "absent"
+# A target where upstream now forks the site's pair itself (``vllm_overlap.upstream``): the
+# overlay steps aside there; never a reason for strict to stop.
+UPSTREAM = "upstream"
 
 
 @dataclass(frozen=True)
 class Outcome:
     feature: str
     target: str
-    status: str  # applied / skipped / absent / off / pending
+    status: str  # applied / skipped / absent / upstream / off / pending
     reason: str = ""
     path: str = ""  # the rewritten source file, when applied
 

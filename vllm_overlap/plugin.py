@@ -1,7 +1,7 @@
 """The vLLM general plugin: ``register()`` runs in every vLLM process.
 
-It reads the config, then installs a ``wrapt`` post-import hook per target module of each
-enabled feature; the rewrite happens when vLLM imports that module (in the process that builds
+It reads the config, then installs a post-import hook per target module of each
+enabled feature (through ``hooks``, the one way in); the rewrite happens when vLLM imports that module (in the process that builds
 the model), so ``register()`` itself imports no torch and initialises no CUDA.
 
 The firewall: the hooks run inside vLLM's own imports (and the post-load step inside its
@@ -19,9 +19,7 @@ import sys
 import threading
 import weakref
 
-import wrapt
-
-from . import __version__, active_config, cache_key, census, outcomes
+from . import __version__, active_config, cache_key, census, hooks, outcomes
 from .config import OverlayStop, load_config
 from .log import logger
 from .patches import FEATURES
@@ -48,27 +46,45 @@ class StrictError(OverlayStop):
 
 
 def register() -> None:
-    """Entry point of ``vllm.general_plugins``. Idempotent; raises ConfigError on a bad config."""
+    """Entry point of ``vllm.general_plugins``. Idempotent. Raises only the documented one-line
+    stops (ConfigError on a bad config, StrictError under ``strict: true``): a failure of ours
+    anywhere else is logged and recorded, and vLLM starts without the overlay's hooks."""
     global _registered
     with _lock:
         if _registered:
             return
         loaded = load_config()
         active_config.set_loaded(loaded)
-        _prove_user_sites(loaded)
-        for feature in features().values():
-            status = outcomes.PENDING if _enabled(feature) else outcomes.OFF
-            for rewrite in feature.rewrites:
-                outcomes.record(outcomes.Outcome(feature.name, str(rewrite.target), status))
-        _registered = True
-        cache_key.install(loaded.config)
-        if not any(o.status == outcomes.PENDING for o in outcomes.outcomes.values()):
-            _announce()  # nothing will ever be imported for us: say so now
-            return
-        _install_post_load_hooks()
-        for module in sorted({m for f in features().values() for m in f.modules()}):
-            if any(_enabled(f) and module in f.modules() for f in features().values()):
-                wrapt.register_post_import_hook(_on_import, module)
+        try:
+            _register(loaded)
+        except OverlayStop:
+            raise
+        except Exception as exc:
+            _registered = True
+            REGISTER_FAILED.append(internal_error(exc, "register()"))
+            _log_internal_error(REGISTER_FAILED[-1])
+
+
+# Why register() did nothing (empty: it did what the config asks).
+REGISTER_FAILED: list[str] = []
+
+
+def _register(loaded) -> None:
+    global _registered
+    _prove_user_sites(loaded)
+    for feature in features().values():
+        status = outcomes.PENDING if _enabled(feature) else outcomes.OFF
+        for rewrite in feature.rewrites:
+            outcomes.record(outcomes.Outcome(feature.name, str(rewrite.target), status))
+    _registered = True
+    cache_key.install(loaded.config)
+    if not any(o.status == outcomes.PENDING for o in outcomes.outcomes.values()):
+        _announce()  # nothing will ever be imported for us: say so now
+        return
+    _install_post_load_hooks()
+    for module in sorted({m for f in features().values() for m in f.modules()}):
+        if any(_enabled(f) and module in f.modules() for f in features().values()):
+            hooks.on_import(module, _on_import, what=f"in the hook on {module}")
 
 
 def _prove_user_sites(loaded) -> None:
@@ -128,27 +144,25 @@ def _install_post_load_hooks() -> None:
         return
     done: weakref.WeakSet = weakref.WeakSet()  # models whose steps ran (a loader may re-run)
 
-    def wrapper(wrapped, instance, args, kwargs):
+    def before(instance, args, kwargs):
         model = args[0] if args else kwargs["model"]
         if model not in done:
             done.add(model)
             for step in steps:
                 _run_post_load_step(step, model)
-        return wrapped(*args, **kwargs)
 
-    @_firewalled
     def hook(module) -> None:
         original = vars(module).get(POST_PROCESS)
-        if original is None or isinstance(original, wrapt.FunctionWrapper):
+        if original is None or hooks.is_ours(original):
             return
-        wrapped = wrapt.FunctionWrapper(original, wrapper)
+        wrapped = hooks.wrap_function(original, before=before, what=f"the post-load steps ({POST_PROCESS})")
         for name, other in list(sys.modules.items()):  # itself, and loaders that bound it
             namespace = getattr(other, "__dict__", None)
             if name.startswith("vllm.") and isinstance(namespace, dict):
                 if namespace.get(POST_PROCESS) is original:
                     setattr(other, POST_PROCESS, wrapped)
 
-    wrapt.register_post_import_hook(hook, LOADER_UTILS)
+    hooks.on_import(LOADER_UTILS, hook, what=f"in the hook on {LOADER_UTILS}")
 
 
 def _run_post_load_step(step: str, model) -> None:
@@ -179,27 +193,10 @@ def _log_internal_error(reason: str) -> None:
         pass
 
 
-def _firewalled(hook):
-    """A post-import hook that never raises into the import that ran it (but a strict stop)."""
-
-    def guarded(module) -> None:
-        try:
-            hook(module)
-        except OverlayStop:
-            raise
-        except Exception as exc:
-            _log_internal_error(
-                internal_error(exc, f"in the hook on {getattr(module, '__name__', module)}")
-            )
-
-    return guarded
-
-
 def _enabled(feature: Feature) -> bool:
     return active_config.feature_config(feature.name).enabled
 
 
-@_firewalled
 def _on_import(module) -> None:
     apply_module(module.__name__)
 
@@ -237,6 +234,10 @@ def apply_rewrite(feature: Feature, site: Site, rewrite) -> outcomes.Outcome:
     try:
         if mode not in feature.modes or (mode != "dual_stream" and mode not in dict(site.modes)):
             raise RewriteSkipped(f"mode {mode!r} is not implemented for site {site.id} in this version")
+        if site.traced_differs(mode):  # a stale compiled graph would be silent wrong code
+            unkeyed = cache_key.unkeyed_reason()
+            if unkeyed:
+                raise RewriteSkipped(unkeyed)
         path = apply(
             rewrite.target,
             rewrite.anchors,
@@ -248,11 +249,31 @@ def apply_rewrite(feature: Feature, site: Site, rewrite) -> outcomes.Outcome:
     except TargetAbsent as exc:
         outcome = outcomes.Outcome(feature.name, target, outcomes.ABSENT, str(exc))
     except RewriteSkipped as exc:
-        outcome = outcomes.Outcome(feature.name, target, outcomes.SKIPPED, str(exc))
+        upstream = _upstream_fork(site, rewrite.target)
+        if upstream:  # upstream forks this pair itself: step aside, nothing wrong
+            outcome = outcomes.Outcome(feature.name, target, outcomes.UPSTREAM, upstream.split(": ", 1)[1])
+        else:
+            outcome = outcomes.Outcome(feature.name, target, outcomes.SKIPPED, str(exc))
     except Exception as exc:  # ours: a bad declaration or an engine bug
         outcome = outcomes.Outcome(feature.name, target, outcomes.SKIPPED, internal_error(exc))
     outcomes.record(outcome)
     return outcome
+
+
+def _upstream_fork(site: Site, target) -> str | None:
+    """``upstream: <how>`` where the live target forks the site's pair itself (None: it does
+    not, or its source cannot be read)."""
+    import inspect
+
+    from .rewrite import resolve_owner
+    from .upstream import upstream_fork_in_source
+
+    try:
+        owner, attr = resolve_owner(target)
+        function = inspect.unwrap(getattr(vars(owner)[attr], "__func__", vars(owner)[attr]))
+        return upstream_fork_in_source(inspect.getsource(function), site)
+    except Exception:  # no source, or not a function: not recognised
+        return None
 
 
 RUNTIME = "vllm_overlap.runtime.installed"
@@ -285,11 +306,14 @@ def feature_summary(feature: Feature) -> str:
         return "off"
     applied = [o for o in outs if o.status == outcomes.APPLIED]
     skipped = [o for o in outs if o.status == outcomes.SKIPPED]
-    if not applied and not skipped:
+    upstream = [o for o in outs if o.status == outcomes.UPSTREAM]
+    if not applied and not skipped and not upstream:
         return "not loaded (its model code was not imported in this process)"
     parts = []
     if applied:  # of the targets this process imported that this vLLM has
-        parts.append(f"applied ({len(applied)}/{len(applied) + len(skipped)} targets)")
+        parts.append(f"applied ({len(applied)}/{len(applied) + len(skipped) + len(upstream)} targets)")
+    for o in upstream:
+        parts.append(f"upstream on {o.target.rsplit('.', 1)[-1]}: {o.reason}")
     for o in skipped:
         parts.append(f"skipped {o.target.rsplit('.', 1)[-1]}: {o.reason}")
     return "; ".join(parts)
@@ -301,8 +325,11 @@ def summary_line() -> str:
         [f"{f.name} {feature_summary(f)}" for f in features().values()]
         + [f"{name} {reason}" for name, (_, _, reason) in USER_REFUSED.items()]
     )
+    notes = [f"; {reason}" for reason in REGISTER_FAILED]
+    if cache_key.keyed_nowhere():
+        notes.append(f"; compile-cache key: {cache_key.describe()}")
     return (
-        f"vllm-overlap {__version__} [pid {os.getpid()}] config {loaded.source}: {feats}"
+        f"vllm-overlap {__version__} [pid {os.getpid()}] config {loaded.source}: {feats}" + "".join(notes)
     )
 
 

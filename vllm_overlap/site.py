@@ -174,10 +174,25 @@ class Site:
     checked_at_first_run: bool = False
     # Further modules on the layer (expressions) whose LoRA wrapping makes the site serial.
     no_lora: tuple[str, ...] = ()
+    # The layer attribute holding the bound method its forward dispatches to on this platform
+    # (e.g. "_forward_method": forward_cuda, forward_cpu...). With it, the census counts a
+    # layer by the function that runs here, never by its class: a layer whose running method
+    # is not rewritten runs upstream's statements.
+    dispatch: str = ""
+    # Where a target is upstream's own fork of the pair (``outcomes.UPSTREAM``): "module:function"
+    # called as ``f(layer, compiled, aux_stream) -> (overlaps, why)`` after loading, which may
+    # turn upstream's own mechanism on for the layer (``runtime.gdn_upstream.settle``).
+    upstream_switch: str = ""
 
     @property
     def op(self) -> str:
         return self.op_name or self.id
+
+    def traced_differs(self, mode: str = "dual_stream") -> bool:
+        """Whether torch.compile traces other code once this site is applied (its custom op, or
+        a mode's other computation): such a site needs the overlay's compile-cache key. A
+        ``plain`` or ``serial`` site runs upstream's statements under Dynamo."""
+        return self.dynamo == "op" or mode != "dual_stream"
 
     def anchor_sets(self, runtime_global: str, mode: str = "dual_stream"):
         """Each form's anchors with the replacement calling ``runtime_global`` (and, in a

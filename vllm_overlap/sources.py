@@ -13,13 +13,15 @@ import difflib
 import importlib.util
 import textwrap
 
-from .site import Feature, Rewrite
 from .rewrite import RewriteSkipped, internal_error, rewrite_first
+from .site import Feature, Rewrite, Site
+from .upstream import UPSTREAM_PREFIX, upstream_fork
 
 APPLIES = "applies"
 # A target this release does not have (its module, class or method): another release's code
 # shape of the site, nothing to rewrite here. Results start with it: "absent: <why>".
 ABSENT = "absent"
+UPSTREAM = UPSTREAM_PREFIX  # results "upstream: <how>": upstream forks the pair itself there
 
 
 def find_function(tree: ast.Module, qualname: str):
@@ -37,12 +39,15 @@ def find_function(tree: ast.Module, qualname: str):
     )
 
 
-def rewrite_module_text(text: str, rewrites: list[Rewrite]) -> tuple[str, dict[str, str]]:
+def rewrite_module_text(
+    text: str, rewrites: list[Rewrite], sites: dict[str, Site] | None = None
+) -> tuple[str, dict[str, str]]:
     """Apply ``rewrites`` (all targeting this module) to its text.
 
     Returns the new text and, per target qualname, ``"applies"`` or the reason it does not
-    (``internal error: ...`` for a failure of ours). Targets that do not apply are left as
-    they are.
+    (``internal error: ...`` for a failure of ours; ``upstream: ...`` where the anchors do not
+    match because upstream forks the site's pair itself, given the rewrite's site in
+    ``sites``). Targets that do not apply are left as they are.
     """
     tree = ast.parse(text)
     lines = text.splitlines(keepends=True)
@@ -59,7 +64,8 @@ def rewrite_module_text(text: str, rewrites: list[Rewrite]) -> tuple[str, dict[s
         try:
             new = rewrite_first(segment, rewrite.anchor_sets)
         except RewriteSkipped as exc:
-            results[qualname] = str(exc)
+            site = (sites or {}).get(rewrite.site)
+            results[qualname] = (site and upstream_fork(node, site)) or str(exc)
             continue
         except Exception as exc:  # ours: a bad declaration or an engine bug
             results[qualname] = internal_error(exc)
@@ -91,7 +97,7 @@ def feature_diff(feature: Feature, read_module) -> tuple[str, dict[str, str]]:
             for rewrite in feature.rewrites_in(module):
                 results[str(rewrite.target)] = f"{ABSENT}: no module {module}"
             continue
-        new, per_target = rewrite_module_text(old, feature.rewrites_in(module))
+        new, per_target = rewrite_module_text(old, feature.rewrites_in(module), {s.id: s for s in feature.sites})
         results.update({f"{module}.{q}": r for q, r in per_target.items()})
         diff += difflib.unified_diff(
             old.splitlines(keepends=True), new.splitlines(keepends=True), f"a/{rel}", f"b/{rel}"

@@ -73,23 +73,16 @@ _registering: "weakref.WeakSet[type]" = weakref.WeakSet()  # classes whose __ini
 def register_instances(cls: type, name_of: Callable[[Any], str]) -> None:
     """Register every instance of ``cls`` built from now on under ``name_of(instance)``, as its
     ``__init__`` returns (once per class; never raises into vLLM's model construction)."""
-    import wrapt
+    from .. import hooks
 
-    init = cls.__dict__.get("__init__")
-    if init is None or cls in _registering:
+    if "__init__" not in vars(cls) or cls in _registering:
         return
 
-    def registering(wrapped, instance, args, kwargs):
-        result = wrapped(*args, **kwargs)
-        try:
-            register_layer(name_of(instance), instance)
-        except Exception as exc:  # the site's trace-time check runs it serially then
-            from ..log import logger
-
-            logger().warning("vllm-overlap: a %s was not registered: %r", cls.__name__, exc)
+    def registering(result, instance, args, kwargs):
+        register_layer(name_of(instance), instance)  # a failure: logged; the site runs serially then
         return result
 
-    cls.__init__ = wrapt.FunctionWrapper(init, registering)
+    hooks.wrap(cls, "__init__", after=registering, what=f"registering each {cls.__name__}")
     _registering.add(cls)
 
 
