@@ -131,7 +131,7 @@ def test_vllms_fan_out_helper_is_the_one_used_and_the_fallback_runs_in_order():
 
 def test_the_overlays_own_fork_join_orders_the_streams_as_vllms_helpers_do(monkeypatch):
     """The fallbacks for a vLLM without the helpers (one fan-out copy serves both): the pair
-    enqueues fn0 first, then fn1 on the aux stream after the fork event, and joins; the
+    enqueues fn1 on the aux stream first, after the fork event, then fn0, and joins; the
     fan-out enqueues the aux functions first, each after the start event, then fn0."""
     import contextlib
 
@@ -157,8 +157,10 @@ def test_the_overlays_own_fork_join_orders_the_streams_as_vllms_helpers_do(monke
         return lambda: log.append(name) or name
 
     monkeypatch.setattr(torch.cuda, "stream", on)
-    assert streams._execute_in_parallel(fn("fn0"), fn("fn1"), Event("e0"), Event("e1"), "aux") == ("fn0", "fn1")
-    assert log == ["record e0", "fn0", "on aux", "wait e0", "fn1", "record e1", "off aux", "wait e1"]
+    monkeypatch.setattr(streams, "_many_impl", lambda: streams._execute_many)
+    # the pair: the aux branch enqueued first (vLLM 0.34's execute_in_parallel order), then fn0
+    assert streams._pair_aux_first(fn("fn0"), fn("fn1"), Event("e0"), Event("e1"), "aux") == ("fn0", "fn1")
+    assert log == ["record e0", "on aux", "wait e0", "fn1", "record e1", "off aux", "fn0", "wait e1"]
     log.clear()
     done = [Event("d1"), Event("d2")]
     result = streams._execute_many(fn("fn0"), [fn("fn1"), fn("fn2")], Event("s"), done, ["a1", "a2"], enable=True)
@@ -170,7 +172,7 @@ def test_the_overlays_own_fork_join_orders_the_streams_as_vllms_helpers_do(monke
         "fn0", "wait d1", "wait d2",
     ]
     log.clear()
-    assert streams._execute_in_parallel(fn("fn0"), fn("fn1"), None, None, None) == ("fn0", "fn1")
+    assert streams._pair_aux_first(fn("fn0"), fn("fn1"), None, None, None) == ("fn0", "fn1")
     assert log == ["fn0", "fn1"]  # no aux stream: serially, in order
 
 
@@ -188,10 +190,37 @@ def test_events_are_per_site_and_per_thread_and_reused(fake_gpu):
     assert a_other[3] != a1[3]
 
 
-def test_vllm_helpers_are_the_ones_used():
-    from vllm.utils.multi_stream_utils import maybe_execute_in_parallel
+def test_the_pair_forks_through_vllms_fan_out_helper_aux_first(monkeypatch):
+    """The pair goes through vLLM's execute_in_parallel with one aux branch and the default
+    order (aux first), never maybe_execute_in_parallel (fn0 first)."""
+    from vllm.utils.multi_stream_utils import execute_in_parallel
 
-    assert streams._parallel_impl() is maybe_execute_in_parallel
+    assert streams._many_impl() is execute_in_parallel
+    calls = []
+
+    def many(default_fn, aux_fns, start, done, aux_streams=None, enable=False, **kwargs):
+        calls.append((start, done, aux_streams, enable, kwargs))
+        return default_fn(), [fn() for fn in aux_fns]
+
+    monkeypatch.setattr(streams, "_many_impl", lambda: many)
+    assert streams._parallel_impl()(lambda: 0, lambda: 1, "e0", "e1", "aux") == (0, 1)
+    assert calls == [("e0", ["e1"], ["aux"], True, {})]  # no default_first: aux first
+
+
+def test_when_capture_forks_only_while_a_graph_is_captured(fake_gpu, monkeypatch):
+    capture = FeatureConfig(min_tokens=4, max_tokens=16)
+    assert capture.when == "capture"
+    always = FeatureConfig(min_tokens=4, max_tokens=16, when="always")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: "current")  # eager: record_stream's
+    streams.run_pair("site", *_pair([]), 8, capture)
+    assert fake_gpu == []
+    assert streams.serial_reason(8, capture, "aux").startswith("eager step")
+    streams.run_pair("site", *_pair([]), 8, always)
+    assert len(fake_gpu) == 1
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    streams.run_pair("site", *_pair([]), 8, capture)
+    assert len(fake_gpu) == 2
 
 
 # ----------------------------------------------------------------------------- GPU only
@@ -235,7 +264,7 @@ def test_gpu_fork_join_equals_serial(gpu_aux):
     a = torch.randn(64, 4096, device="cuda", dtype=torch.bfloat16)
     w0 = torch.randn(4096, 8192, device="cuda", dtype=torch.bfloat16)
     w1 = torch.randn(4096, 64, device="cuda", dtype=torch.bfloat16)
-    feature = FeatureConfig(min_tokens=1, max_tokens=1024)
+    feature = FeatureConfig(min_tokens=1, max_tokens=1024, when="always")  # an eager fork
     r0, r1 = streams.run_pair("gpu", lambda: a @ w0, lambda: a @ w1, 64, feature)
     torch.cuda.synchronize()
     assert torch.equal(r0, a @ w0) and torch.equal(r1, a @ w1)

@@ -21,6 +21,11 @@ class FeatureConfig(Strict):
     mode: Literal["dual_stream"] = "dual_stream"
     min_tokens: int = Field(1, ge=0, le=2**31 - 1)
     max_tokens: int = Field(1024, ge=0, le=2**31 - 1)
+    # When a call may fork: "capture", only while a CUDA graph is being captured (what the
+    # graph replays; eager steps run serially, where a stream switch costs more host time than
+    # it hides: vLLM 0.34's GDN path and TensorRT-LLM's multi-stream modules do the same), or
+    # "always" (eager steps fork too).
+    when: Literal["capture", "always"] = "capture"
 
     @model_validator(mode="after")
     def _range(self):
@@ -35,6 +40,10 @@ class FeatureConfig(Strict):
 
 
 class GdnInProjConfig(FeatureConfig):
+    # vLLM 0.34 overlaps this pair itself for at most 256 tokens (_BA_PROJ_OVERLAP_MAX_TOKENS in
+    # qwen_gdn_linear_attn.py: across Qwen3.5/3.8 shapes, quant formats and TP 1-8 on GB300 the
+    # first regression was at 272 tokens, 27B BF16 TP8).
+    max_tokens: int = Field(256, ge=0, le=2**31 - 1)
     # mode fused: what a layer that cannot be fused (quantised, mixed dtypes or sharding,
     # LoRA) runs instead: the upstream serial statements, or the dual-stream op.
     fused_fallback: Literal["serial", "dual_stream"] = "serial"

@@ -5,18 +5,22 @@ concurrently (fn0 on the current stream, fn1 on the aux stream) only when all ho
 
 - vLLM has an aux stream (``vllm.utils.torch_utils.aux_stream()``: CUDA / ROCm only);
 - ``feature.min_tokens <= num_tokens <= feature.max_tokens``;
-- no breakable CUDA-graph capture is active (checked here: vLLM's ``maybe_execute_in_parallel``
-  checks it too, but only from 0.27.1, while 0.22-0.26 already capture breakably);
-- the caller is not a dual-batch-overlap micro-batch thread (those have streams of their own).
+- no breakable CUDA-graph capture is active (checked here: vLLM's ``execute_in_parallel`` does
+  not check it, and 0.22 onwards capture breakably);
+- the caller is not a dual-batch-overlap micro-batch thread (those have streams of their own);
+- with the feature's ``when: capture`` (the default), a CUDA graph is being captured: the graph
+  replays the fork, eager steps run serially (``when: always`` forks in eager steps too).
 
 Otherwise it calls fn0 then fn1 on the current stream: the same computation, serially.
+Forking, the aux branch is enqueued first (vLLM's ``execute_in_parallel`` order).
 
 ``run_many(site, fn0, aux_fns, num_tokens, feature)`` is the same for a site of three or more
 branches: each aux function on an aux stream of its own (vLLM's aux stream, then streams the
 overlay makes once per process where vLLM made its own), through vLLM's ``execute_in_parallel``
 (one start event fanned out, one done event per branch joined), under the same rules.
 
-Ordering: the aux stream waits for the current stream before fn1 reads its inputs; the
+Ordering: fn1 is enqueued on the aux stream before fn0 on the current one; the aux stream
+waits for the current stream before fn1 reads its inputs; the
 current stream waits for the aux stream before returning, so every consumer runs after the
 join. Outputs made on the aux stream are ``record_stream``-ed on the current stream outside
 graph capture, so the caching allocator cannot hand their memory out early. Events are made
@@ -99,31 +103,30 @@ def in_breakable_capture() -> bool:
 
 
 def _parallel_impl() -> Callable[..., tuple[Any, Any]]:
+    """The pair's fork/join: vLLM's ``execute_in_parallel`` with one aux branch (or the
+    overlay's copy of it), which enqueues the aux branch first (vLLM 0.34's GDN order:
+    main-first regressed block-FP8 from ~100 tokens), not ``maybe_execute_in_parallel``'s fn0
+    first."""
     global _parallel
     if _parallel is None:
-        try:
-            from vllm.utils.multi_stream_utils import maybe_execute_in_parallel
-        except ImportError:  # older vLLM: the same fork/join, minus its capture check
-            _parallel = _execute_in_parallel
-        else:
-            _parallel = maybe_execute_in_parallel
+        _parallel = _pair_aux_first
     return _parallel
 
 
-def _execute_in_parallel(fn0, fn1, event0, event1, aux_stream=None):
-    """vLLM's ``maybe_execute_in_parallel`` for a vLLM without it: the fan-out with one aux
-    branch, fn0 enqueued first."""
+def _pair_aux_first(fn0, fn1, event0, event1, aux_stream=None):
+    """fn1 on ``aux_stream`` enqueued first, after ``event0``; fn0 on the current stream; the
+    current stream joins ``event1``. Serially, fn0 then fn1, without an aux stream."""
     streams = None if aux_stream is None else [aux_stream]
-    result0, (result1,) = _execute_many(fn0, [fn1], event0, [event1], streams, enable=True, default_first=True)
+    result0, (result1,) = _many_impl()(fn0, [fn1], event0, [event1], streams, enable=streams is not None)
     return result0, result1
 
 
 def _execute_many(
     default_fn, aux_fns, start_event, done_events, aux_streams=None, enable=False, default_first=False
 ):
-    """vLLM's ``execute_in_parallel`` as 0.31-0.33 have it, for a vLLM without it: each aux
-    function on its stream after ``start_event``, the current stream joining every
-    ``done_events[i]``; ``default_first`` enqueues ``default_fn`` before the aux functions."""
+    """vLLM's ``execute_in_parallel`` as 0.33-0.34 have it, for a vLLM without it (0.20.0):
+    each aux function on its stream after ``start_event``, then ``default_fn``, the current
+    stream joining every ``done_events[i]``; ``default_first`` enqueues ``default_fn`` first."""
     if aux_streams is None or not enable:
         return default_fn(), [fn() for fn in aux_fns]
     start_event.record()
@@ -192,6 +195,8 @@ def serial_reason(num_tokens: int, feature: "FeatureConfig", aux: Any) -> str | 
         return "dual-batch-overlap micro-batch thread"
     if in_breakable_capture():
         return "breakable CUDA-graph capture"
+    if feature.when == "capture" and not torch.cuda.is_current_stream_capturing():
+        return "eager step (when: capture forks only while a CUDA graph is captured)"
     return None
 
 
