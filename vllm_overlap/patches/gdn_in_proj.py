@@ -58,6 +58,8 @@ SITE = Site(
         Output("ba", like="hidden_states", width="self.in_proj_ba"),
     ),
     modes=(("fused", ModeEntry("fused_in_proj", "vllm_overlap.runtime.gdn_fuse:fused_in_proj")),),
+    dispatch="_forward_method",
+    upstream_switch="vllm_overlap.runtime.gdn_upstream:settle",
     facts=Facts(
         why=(
             "At decode sizes the two input projections of every GDN layer are small GEMMs that "
@@ -81,8 +83,13 @@ SITE = Site(
             "single-GEMM alternative #41457."
         ),
         remove_when=(
-            "vLLM runs in_proj_qkvz and in_proj_ba concurrently itself (a gdn_in_proj op or "
-            "maybe_execute_in_parallel in these forwards) or fuses them into one GEMM (#41457)."
+            "vLLM runs in_proj_qkvz and in_proj_ba concurrently itself in every variant, for "
+            "every model, compiled or not, or fuses them into one GEMM (#41457). Checked, not "
+            "only written: from 0.34 forward_cuda forks the pair itself (execute_in_parallel on "
+            "the layer's _ba_stream), so the overlay steps aside there (upstream), turns that "
+            "path on for layers whose model did not opt in where upstream's conditions hold "
+            "(CUDA, plain cuBLAS in_proj_ba, no ubatching, no LoRA, outside torch.compile), and "
+            "keeps its rewrite of the other variants."
         ),
     ),
 )

@@ -12,6 +12,13 @@ path and never reaches the site, or the kernel with a per-device workspace). Wha
   after this step) is not a layer's property: the log line names the platform's answer for
   the second stream, and the per-call rules are the ladder's (``site_runtime``).
 
+Where a site declares its ``dispatch``, a layer is counted by the function its forward runs on
+this platform, never by its class: a layer whose running method is not rewritten runs
+upstream's statements, and one whose running method is upstream's own fork of the pair
+(``outcomes.UPSTREAM``, vLLM 0.34's GDN ``forward_cuda``) is settled by the site's
+``upstream_switch``, which turns upstream's mechanism on where upstream's conditions hold
+(``gdn_upstream``): the one place this step changes a layer.
+
 ``census.site_reports`` keeps one row per site with layers in the model; one INFO line per
 site says it.
 """
@@ -110,15 +117,83 @@ def inactive_reason(rt) -> str:
     return f"inactive: not ({form.active})"
 
 
-def site_report(model: torch.nn.Module, site) -> dict | None:
+def running_target(site, layer):
+    """The site's target that ``layer``'s forward dispatches to on this platform (by the
+    site's ``dispatch`` attribute), or None where the site declares no dispatch."""
+    if not site.dispatch:
+        return None
+    method = getattr(getattr(layer, site.dispatch, None), "__func__", None)
+    name = getattr(method, "__name__", "?")
+    for target in site.targets:
+        if target.qualname.rsplit(".", 1)[-1] == name and target.module in sys.modules:
+            owner = _owner(target)
+            if owner is not None and isinstance(layer, owner):
+                return target
+    return name  # a method that is none of the site's targets
+
+
+def _owner(target):
+    from ..rewrite import resolve_owner
+
+    try:
+        return resolve_owner(target)[0]
+    except Exception:
+        return None
+
+
+def platform_reason(site, layer, compiled: set[int]) -> tuple[bool, str] | None:
+    """Where the site declares its dispatch: (overlaps, why) decided by the function that runs
+    on this platform when it is not the overlay's rewrite (upstream's own fork, or upstream's
+    statements); None where the overlay's rewrite runs (the ladder decides)."""
+    from .. import outcomes
+
+    target = running_target(site, layer)
+    if target is None:
+        return None
+    if isinstance(target, str):
+        return False, f"serial: its {target} is not one of the site's targets (upstream's statements)"
+    from ..rewrite import applied_features
+
+    if site.feature in applied_features(target):  # the overlay's rewrite runs here
+        return None
+    outcome = outcomes.outcomes.get((site.feature, str(target)))
+    method = target.qualname.rsplit(".", 1)[-1]
+    if outcome is not None and outcome.status == outcomes.UPSTREAM and site.upstream_switch:
+        import importlib
+
+        from ..streams import get_aux_stream
+
+        module, func = site.upstream_switch.split(":")
+        return getattr(importlib.import_module(module), func)(layer, id(layer) in compiled, get_aux_stream())
+    if outcome is not None and outcome.status == outcomes.UPSTREAM:
+        return False, f"upstream's own {method}: {outcome.reason}"
+    why = outcome.describe() if outcome is not None else "not rewritten"
+    return False, f"serial: its {method} runs upstream's statements ({why})"
+
+
+def compiled_modules(model: torch.nn.Module) -> set[int]:
+    """ids of the modules that run under torch.compile: everything inside a module vLLM's
+    ``@support_torch_compile`` set to compile (``do_not_compile`` False)."""
+    out: set[int] = set()
+    for module in model.modules():
+        if getattr(module, "do_not_compile", None) is False:
+            out |= {id(m) for m in module.modules()}
+    return out
+
+
+def site_report(model: torch.nn.Module, site, compiled: set[int] | None = None) -> dict | None:
     """The census row of one site in ``model`` (None: no layer of the model runs it)."""
     found = layers_running(model, site)
     if not found:
         return None
+    compiled = compiled_modules(model) if compiled is None else compiled
     mode = active_config.feature_config(site.feature).mode
     serial: Counter = Counter()
+    upstream: Counter = Counter()
     for layer, rt in found:
-        if mode != "dual_stream":
+        if (decided := platform_reason(site, layer, compiled)) is not None:
+            (upstream if decided[0] else serial)[decided[1]] += 1
+        elif mode != "dual_stream":
             serial[f"mode {mode}"] += 1
         elif refused := refusals.reason(layer, site.id):
             serial[refused] += 1
@@ -136,15 +211,17 @@ def site_report(model: torch.nn.Module, site) -> dict | None:
         "layers": len(found),
         "overlap": len(found) - sum(serial.values()),
         "serial": dict(serial),
+        "upstream": dict(upstream),  # of the overlapping layers: those upstream's own fork runs
     }
 
 
 def site_census(model: torch.nn.Module) -> dict[str, dict]:
     """One row per applied, enabled site that layers of ``model`` run."""
     rows = {}
+    compiled = compiled_modules(model)
     for site in applied_sites():
         if active_config.feature_config(site.feature).enabled:
-            row = site_report(model, site)
+            row = site_report(model, site, compiled)
             if row is not None:
                 rows[site.id] = row
     return rows
@@ -169,11 +246,13 @@ def post_load(model: torch.nn.Module) -> dict[str, dict]:
     second_stream = gates.overlap_possible()
     for site_id, row in rows.items():
         serial = "; ".join(f"{n} {why}" for why, n in row["serial"].items())
+        upstream = "; ".join(f"{n} {why}" for why, n in row["upstream"].items())
         logger().info(
-            "vllm-overlap site %s: %d of %d layers overlap%s%s",
+            "vllm-overlap site %s: %d of %d layers overlap%s%s%s",
             site_id,
             row["overlap"],
             row["layers"],
+            f" ({upstream})" if upstream else "",
             f" (serial: {serial})" if serial else "",
             "" if second_stream else "; this platform has no second stream: upstream's "
             "statements run serially",
