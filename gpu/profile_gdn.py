@@ -3,7 +3,7 @@
     python gpu/profile_gdn.py --out DIR [--layers 4] [--concurrency 16]
 
 Runs Qwen3-Next-80B-A3B's config with ``--layers`` layers (dummy weights) in this process
-with the overlay on and ``enforce_eager`` (eager steps fork like captured ones; their kernels
+with the overlay on, ``when: always`` and ``enforce_eager`` (eager steps fork like captured ones; their kernels
 keep the launch -> kernel correlation the check needs). Each ``in_proj_qkvz`` and
 ``in_proj_ba`` call runs inside a ``record_function`` range named by its prefix, and a few
 decode steps are profiled twice:
@@ -81,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ["VLLM_OVERLAP"] = "1"
+    # Eager steps fork only with `when: always` (the default, capture, forks while a CUDA graph
+    # is captured; enforce_eager captures none).
+    config = os.path.join(args.out, "when-always.yaml")
+    with open(config, "w", encoding="utf-8") as fh:
+        fh.write("features:\n  gdn_in_proj: {when: always}\n")
+    os.environ["VLLM_OVERLAP_CONFIG"] = config
 
     import torch
     from vllm import LLM, SamplingParams

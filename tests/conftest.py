@@ -372,6 +372,21 @@ def functions(target):
 
 
 @pytest.fixture
+def forks_in_eager_steps(overlay_applied):
+    """Every feature with ``when: always``: the GPU tests fork in eager calls (the default,
+    ``capture``, forks only while a CUDA graph is captured)."""
+    from vllm_overlap import active_config
+    from vllm_overlap.config import LoadedConfig, parse_config
+    from vllm_overlap.patches import FEATURES
+
+    text = "features:\n" + "".join(f"  {name}: {{when: always}}\n" for name in FEATURES)
+    before = active_config.loaded()
+    active_config.set_loaded(LoadedConfig(parse_config(text, "when-always.yaml"), "when-always.yaml"))
+    yield
+    active_config.set_loaded(before)
+
+
+@pytest.fixture
 def count_forks(monkeypatch):
     """Every call of the stream primitive (the pair's or the fan-out's) as (site, num_tokens);
     delegates to the real one. Each site must pass its own feature's config (its token range)."""

@@ -38,7 +38,7 @@ from deepseek_layers import (
 from conftest import functions, site_entry, site_runtime
 from vllm_overlap import rewrite, streams
 
-pytestmark = pytest.mark.cuda
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("forks_in_eager_steps")]
 
 
 

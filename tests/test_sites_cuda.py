@@ -16,7 +16,7 @@ import torch
 from conftest import same_tensors, site_entry, site_runtime, tensors_of
 from vllm_overlap import streams
 
-pytestmark = pytest.mark.cuda
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("forks_in_eager_steps")]
 
 # site -> (fixture giving a VllmConfig, the tiny HF config of its layer)
 GPU_SITES = {
@@ -71,11 +71,10 @@ def test_every_gpu_site_is_a_declared_site_with_a_builder():
 def test_the_entry_forks_and_equals_the_serial_path(request, monkeypatch, site_id, tokens):
     assert streams.get_aux_stream() is not None, "vLLM made no aux stream on this GPU"
     forks = []
-    for impl in ("_parallel_impl", "_many_impl"):  # the pair's fork/join, the fan-out's
-        real = getattr(streams, impl)()
-        monkeypatch.setattr(
-            streams, impl, lambda real=real: lambda *a, **k: forks.append(torch.cuda.current_stream()) or real(*a, **k)
-        )
+    real = streams._many_impl()  # every fork goes through it: the pair's (aux first) and the fan-out's
+    monkeypatch.setattr(
+        streams, "_many_impl", lambda: lambda *a, **k: forks.append(torch.cuda.current_stream()) or real(*a, **k)
+    )
     args = _args(request, site_id, tokens)
     rt = site_runtime(site_id)
     with torch.no_grad():
