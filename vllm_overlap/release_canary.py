@@ -124,18 +124,20 @@ def import_and_classify(module: str, package_dir: str = PACKAGE_DIR) -> dict:
 
 class _Recorder:
     """Every line the overlay's logger writes in the child (warnings name swallowed internal
-    errors: ``vllm-overlap: internal error: ...``)."""
+    errors: ``vllm-overlap: internal error: ...``). A filter on the logger, not a handler:
+    vLLM's logging set-up clears the handlers of the loggers under ``vllm`` (not their filters);
+    its level INFO where vLLM leaves logging unconfigured at import (0.33: WARNING, inherited)."""
 
     def __init__(self) -> None:
         import logging
 
-        class Handler(logging.Handler):
-            def emit(inner, record) -> None:
-                self.lines.append((record.levelname, record.getMessage()))
-
         self.lines: list[tuple[str, str]] = []
-        logging.getLogger("vllm.vllm_overlap").addHandler(Handler(logging.DEBUG))
-        logging.getLogger("vllm.vllm_overlap").setLevel(logging.DEBUG)
+        logging.getLogger("vllm.vllm_overlap").addFilter(self)
+        logging.getLogger("vllm.vllm_overlap").setLevel(logging.INFO)
+
+    def filter(self, record) -> bool:
+        self.lines.append((record.levelname, record.getMessage()))
+        return True
 
 
 def child() -> dict:
