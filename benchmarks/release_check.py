@@ -376,19 +376,19 @@ try:
 except Exception as exc:
     out["static"] = {"error": f"{type(exc).__name__}: {exc}"}
 import vllm.model_executor.model_loader.utils as lu
-import wrapt
-out["hooks"]["model_loader.utils.process_weights_after_loading wrapped"] = isinstance(
-    lu.process_weights_after_loading, wrapt.FunctionWrapper)
+from vllm_overlap import cache_key, hooks
+out["hooks"]["model_loader.utils.process_weights_after_loading wrapped"] = hooks.is_ours(
+    lu.process_weights_after_loading)
 rebound = []
 for name, mod in list(sys.modules.items()):
     ns = getattr(mod, "__dict__", None)
-    if name.startswith("vllm.") and isinstance(ns, dict) and isinstance(ns.get("process_weights_after_loading"), wrapt.FunctionWrapper):
+    if name.startswith("vllm.") and isinstance(ns, dict) and hooks.is_ours(ns.get("process_weights_after_loading")):
         rebound.append(name)
 out["hooks"]["modules bound to the wrapped step"] = rebound
-def compute_hash_wrapped():
-    import vllm.config.vllm as cv
-    return isinstance(cv.VllmConfig.__dict__["compute_hash"], wrapt.FunctionWrapper)
-out["hooks"]["VllmConfig.compute_hash wrapped"] = attempt(compute_hash_wrapped)
+def compile_cache_key():
+    import vllm.config.vllm  # noqa: F401  (its hook mixes the key in)
+    return cache_key.describe()
+out["hooks"]["compile-cache key"] = attempt(compile_cache_key)
 from vllm_overlap import outcomes
 for (feature, target), o in outcomes.outcomes.items():
     row = {"feature": feature, "target": target, "describe": o.describe(),
@@ -470,15 +470,15 @@ def run_probe(venv: str, plugin_root: str, logfile: str, wheel: str, max_fixes: 
 #   binds:   the module imports ``name`` by name (the post-load hook rebinds it there)
 NAMES = [
     # every name the runtime reads (vllm_names: one table, with what the runtime does without it)
-    *((f"{n.module.rsplit('.', 1)[-1]}.{n.name}", f"runtime; without: {n.without}", n.module, "attr", n.name, None)
+    *((f"{n.module.rsplit('.', 1)[-1]}.{n.name}", f"runtime; without: {n.without}", n.module,
+       "member" if "." in n.name else "attr", n.name, None)
       for n in vllm_names.NAMES),
     ("Platform.is_cuda_alike", "gates", "vllm.platforms.interface", "member", "Platform.is_cuda_alike", None),
     ("Platform.device_type", "cli doctor", "vllm.platforms.interface", "member", "Platform.device_type", None),
     ("Platform._enum", "cli doctor", "vllm.platforms.interface", "member", "Platform._enum", None),
     ("  (op_name, op_func, mutates_args, fake_impl, target_lib)", "site_runtime", "vllm.utils.torch_utils", "params", "direct_register_custom_op", ("op_name", "op_func", "mutates_args", "fake_impl", "target_lib")),
     ("torch_utils.set_default_torch_dtype", "site_layers", "vllm.utils.torch_utils", "attr", "set_default_torch_dtype", None),
-    ("  (fn0, fn1, event0, event1, aux_stream)", "streams", "vllm.utils.multi_stream_utils", "params", "maybe_execute_in_parallel", ("fn0", "fn1", "event0", "event1", "aux_stream")),
-    ("  serial during breakable capture", "streams.py / README: 'vLLM's helper runs it serially'", "vllm.utils.multi_stream_utils", "uses", "maybe_execute_in_parallel", "BreakableCUDAGraphCapture"),
+    ("  (default_fn, aux_fns, start_event, done_events, aux_streams, enable)", "streams", "vllm.utils.multi_stream_utils", "params", "execute_in_parallel", ("default_fn", "aux_fns", "start_event", "done_events", "aux_streams", "enable")),
     ("breakable_cudagraph.eager_break_during_capture", "not called (decorates V3.2 _fused_attention 0.25-0.27)", "vllm.compilation.breakable_cudagraph", "attr", "eager_break_during_capture", None),
     ("ForwardContext.no_compile_layers", "layers", "vllm.forward_context", "member", "ForwardContext.no_compile_layers", None),
     ("  (input_size, output_sizes, bias, quant_config, params_dtype, disable_tp, prefix)", "gdn_fuse", "vllm.model_executor.layers.linear", "params", "MergedColumnParallelLinear.__init__", ("input_size", "output_sizes", "bias", "quant_config", "params_dtype", "disable_tp", "prefix")),
@@ -491,7 +491,6 @@ NAMES = [
     ("  bound by name in base_loader", "plugin post-load hook", "vllm.model_executor.model_loader.base_loader", "binds", "process_weights_after_loading", None),
     ("  bound by name in weight_cache.daemon", "plugin post-load hook", "vllm.model_executor.model_loader.weight_cache.daemon", "binds", "process_weights_after_loading", None),
     ("  bound by name in weight_cache.ipc_loader", "plugin post-load hook", "vllm.model_executor.model_loader.weight_cache.ipc_loader", "binds", "process_weights_after_loading", None),
-    ("config.vllm.VllmConfig.compute_hash", "cache_key", "vllm.config.vllm", "member", "VllmConfig.compute_hash", None),
     ("config.set_current_vllm_config", "site_layers, layer_bench", "vllm.config", "attr", "set_current_vllm_config", None),
     ("config.ModelConfig / VllmConfig", "layer_bench", "vllm.config", "attr", "ModelConfig,VllmConfig", None),
     ("distributed.init_distributed_environment", "layer_bench", "vllm.distributed", "attr", "init_distributed_environment", None),

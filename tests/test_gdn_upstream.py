@@ -156,3 +156,16 @@ def test_the_compiled_set_follows_vllms_do_not_compile():
     assert site_census.compiled_modules(_model(compiled, compiled=True)) >= {id(compiled)}
     assert id(eager) not in site_census.compiled_modules(_model(eager, compiled=False))
     assert id(eager) not in site_census.compiled_modules(_model(eager, compiled=None))
+
+
+def test_strict_never_stops_because_upstream_took_over(monkeypatch):
+    import dataclasses
+
+    from vllm_overlap import active_config, plugin
+    from vllm_overlap.config import LoadedConfig, OverlayConfig
+
+    monkeypatch.setattr(active_config, "_loaded", LoadedConfig(OverlayConfig(strict=True), "strict.yaml"))
+    upstream = outcomes.Outcome(SITE.feature, str(CUDA_TARGET), outcomes.UPSTREAM, "vLLM forks the pair itself")
+    plugin._enforce_strict([upstream])  # upstream doing the site's job is not a failure
+    with pytest.raises(plugin.StrictError):
+        plugin._enforce_strict([dataclasses.replace(upstream, status=outcomes.SKIPPED, reason="anchor not found")])

@@ -13,6 +13,7 @@ Read from the source alone (ast, no torch, no vLLM), so ``compat`` and the live 
 from __future__ import annotations
 
 import ast
+import textwrap
 
 from .site import Site
 
@@ -25,7 +26,7 @@ def branch_projections(site: Site) -> list[set[str]]:
     """Per branch of the site's newest form, the ``self.<name>`` modules it calls."""
     out = []
     for branch in site.forms[0].branches.values():
-        tree = ast.parse(branch.statements.replace("$", "_capture_").strip())
+        tree = ast.parse(textwrap.dedent(branch.statements.replace("$", "_capture_")).strip())
         out.append({
             node.func.attr
             for node in ast.walk(tree)
@@ -52,9 +53,13 @@ def _called_attributes(node: ast.AST) -> set[str]:
 
 
 def upstream_fork(function: ast.AST, site: Site) -> str | None:
-    """How upstream forks the site's pair in ``function`` (None: it does not): a call of one of
-    vLLM's fork/join primitives whose arguments call every branch's projections."""
-    wanted = branch_projections(site)
+    """How upstream forks the site's pair in ``function`` (None: it does not, or the site's
+    branches cannot be read): a call of one of vLLM's fork/join primitives whose arguments call
+    every branch's projections."""
+    try:
+        wanted = branch_projections(site)
+    except SyntaxError:
+        return None
     if any(not names for names in wanted):
         return None  # a branch that calls no projection of the layer: nothing to recognise
     for node in ast.walk(function):
@@ -68,8 +73,6 @@ def upstream_fork(function: ast.AST, site: Site) -> str | None:
 
 def upstream_fork_in_source(source: str, site: Site) -> str | None:
     """:func:`upstream_fork` on a function's source text (None where it does not parse)."""
-    import textwrap
-
     try:
         tree = ast.parse(textwrap.dedent(source))
     except SyntaxError:
