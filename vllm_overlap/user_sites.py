@@ -189,6 +189,7 @@ class ModuleInfo:
     classes: dict[str, ast.ClassDef]
     functions: dict[str, ast.FunctionDef]
     assigned: set[str]  # names a top-level assignment binds
+    custom_ops: dict[str, str] | None = None  # (cached by _custom_op_functions)
 
     @property
     def globals(self) -> set[str]:
@@ -495,9 +496,19 @@ def is_property(view: ClassView, attr: str) -> bool:
     return method is not None and bool(method[1].decorator_list)
 
 
+_PER_STEP: dict[tuple[int, str, str], bool] = {}
+
+
 def per_step(view: ClassView, info: ModuleInfo, method: str) -> bool:
     """Whether ``method`` runs each forward step: a forward method of the class, or one they
     reach through calls of the class's methods or of the module's custom ops' functions."""
+    key = (id(info.tree), view.name, method)
+    if key not in _PER_STEP:
+        _PER_STEP[key] = _reaches(view, info, method)
+    return _PER_STEP[key]
+
+
+def _reaches(view: ClassView, info: ModuleInfo, method: str) -> bool:
     methods = view.methods()
     ops = _custom_op_functions(info)
     todo = [methods[m][1] for m in methods if m in FORWARD_NAMES]
@@ -525,7 +536,9 @@ def per_step(view: ClassView, info: ModuleInfo, method: str) -> bool:
 
 def _custom_op_functions(info: ModuleInfo) -> dict[str, str]:
     """op name -> the module function registered as that op (``direct_register_custom_op``)."""
-    out = {}
+    if info.custom_ops is not None:
+        return info.custom_ops
+    out = info.custom_ops = {}
     for node in ast.walk(info.tree):
         if isinstance(node, ast.Call) and ast.unparse(node.func).endswith("register_custom_op"):
             kw = {k.arg: k.value for k in node.keywords}
