@@ -211,7 +211,8 @@ def site_report(model: torch.nn.Module, site, compiled: set[int] | None = None) 
         "layers": len(found),
         "overlap": len(found) - sum(serial.values()),
         "serial": dict(serial),
-        "upstream": dict(upstream),  # of the overlapping layers: those upstream's own fork runs
+        # of the overlapping layers, those upstream's own fork runs (only where there are some)
+        **({"upstream": dict(upstream)} if upstream else {}),
     }
 
 
@@ -246,7 +247,7 @@ def post_load(model: torch.nn.Module) -> dict[str, dict]:
     second_stream = gates.overlap_possible()
     for site_id, row in rows.items():
         serial = "; ".join(f"{n} {why}" for why, n in row["serial"].items())
-        upstream = "; ".join(f"{n} {why}" for why, n in row["upstream"].items())
+        upstream = "; ".join(f"{n} {why}" for why, n in row.get("upstream", {}).items())
         logger().info(
             "vllm-overlap site %s: %d of %d layers overlap%s%s%s",
             site_id,
