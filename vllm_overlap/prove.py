@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 
 from .config import ConfigError, load_config_file
+from .rewrite import internal_error
 from .user_sites import Proof, prove_all, read_module, rewritten_diff
 
 
@@ -67,12 +68,16 @@ def report(proof: Proof, text: str | None) -> str:
         archs = [f"(model registry unreadable: {type(exc).__name__})"]
     lines.append(f"  models whose layers run it: {', '.join(archs) or 'none in the model registry'}")
     if text is not None:
-        lines.append(rewritten_diff(proof, text).rstrip("\n"))
+        try:
+            lines.append(rewritten_diff(proof, text).rstrip("\n"))
+        except Exception as exc:  # ours: the verdict stands, the diff is not shown
+            lines.append(f"  (no diff: {internal_error(exc)})")
     return "\n".join(lines)
 
 
 def main(path: str) -> int:
-    """0 if every site applies, 1 if one is refused, 2 for a bad config."""
+    """0 if every site applies, 1 if one is refused, 2 for a bad config. Never raises for a
+    site: a failure of ours while proving one is its refusal ``internal error: ...``."""
     try:
         config = load_config_file(path)
     except ConfigError as exc:
@@ -85,7 +90,7 @@ def main(path: str) -> int:
     for proof in proofs:
         try:
             text = read_module(proof.config.module)
-        except (OSError, ModuleNotFoundError):
+        except Exception:  # unreadable now: the verdict without the diff
             text = None
         print(report(proof, text))
         print()

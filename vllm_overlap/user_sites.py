@@ -73,7 +73,7 @@ import re
 import textwrap
 from dataclasses import dataclass, field
 
-from .rewrite import Anchor, RewriteSkipped, Target, _parse_anchor, find_anchor
+from .rewrite import Anchor, RewriteSkipped, Target, _parse_anchor, find_anchor, internal_error
 from .settings import FeatureConfig, UserSiteConfig
 from .site import Branch, Facts, Feature, Form, Output, Site
 from .sources import find_function
@@ -789,13 +789,19 @@ class _Work:
 
 
 def prove(cfg: UserSiteConfig, text: str, source: str = "config") -> Proof:
-    """The static proof of one user site against ``text``, its module's installed source."""
+    """The static proof of one user site against ``text``, its module's installed source.
+    Never raises: a failure of ours while proving is the site's refusal
+    ``internal error: <type>: <message>``, and the site does not apply."""
     proof = Proof(cfg)
     try:
         _prove(proof, text, source)
     except Refused as exc:
         proof.refused = str(exc)
         proof.site = None
+    except Exception as exc:  # ours: an engine bug, never an exception into vLLM or the CLI
+        proof.refused = internal_error(exc)
+        proof.site = None
+        proof.plain_reason = ""
     return proof
 
 
@@ -832,7 +838,32 @@ def _target(cfg: UserSiteConfig, text: str) -> _Work:
             "nor one a forward method reaches",
         )
     groups = [("current", cfg.current)] + [("aux" if i == 0 else f"aux{i + 1}", t) for i, t in enumerate(cfg.aux)]
-    return _Work(cfg, info, view, ast.parse(func_text).body[0], func_text, groups)
+    return _Work(cfg, info, view, _function_alone(func_text, func), func_text, groups)
+
+
+def _function_alone(func_text: str, func: ast.AST) -> ast.FunctionDef:
+    """The function parsed from its own text, as the runtime parses it (``inspect.getsource``,
+    dedented). Refused where that text does not parse: a line less indented than the ``def``
+    (a string literal continued at column 0, as llava_next's docstring) keeps the def indented,
+    and the runtime's rewrite cannot compile the function (it would skip the site)."""
+    try:
+        return ast.parse(func_text).body[0]
+    except SyntaxError as exc:
+        def_line = func_text.splitlines()[func.lineno - (func.decorator_list[0].lineno if func.decorator_list else func.lineno)]
+        indent = len(def_line) - len(def_line.lstrip())
+        short = next(
+            (i for i, ln in enumerate(func_text.splitlines(), 1) if ln.strip() and len(ln) - len(ln.lstrip()) < indent),
+            None,
+        )
+        where = (
+            f"line {short} of it is less indented than its def (a string literal continued at column 0), "
+            if short is not None else ""
+        )
+        raise Refused(
+            "runtime",
+            f"the runtime would skip it: {where}so the function's own text does not parse "
+            f"({type(exc).__name__}: {exc.msg}) and cannot be rewritten",
+        ) from None
 
 
 def _rule_match(work: _Work) -> None:
@@ -1033,7 +1064,15 @@ def _rewrite_anchor(work: _Work) -> Anchor:
     targets = ", ".join(n[0] if len(n) == 1 else f"({', '.join(n)})" for n in work.returns.values())
     replacement = f"{targets} = __site__.{ENTRY}({', '.join(work.params)})\n" + "".join(text_of(i) for i in work.moved)
     anchor = Anchor(find=region, replace=replacement)
-    if len(find_anchor(work.func, anchor)) != 1:
+    try:
+        found = find_anchor(work.func, anchor)
+    except SyntaxError as exc:  # a line of the region less indented than its first
+        raise Refused(
+            "runtime",
+            "the runtime would skip it: the statements from the first group to the last do not parse "
+            f"on their own (a string literal continued at column 0?): {type(exc).__name__}: {exc.msg}",
+        ) from None
+    if len(found) != 1:
         raise Refused("match", "the statements from the first group to the last match more than once")
     return anchor
 
@@ -1182,6 +1221,8 @@ def _rule_runtime(work: _Work, proof: Proof) -> None:
         compile_form(site, 0, work.func_text, known, f"<prove {work.cfg.module}>", 1)
     except RewriteSkipped as exc:
         raise Refused("runtime", f"the runtime would skip it: {exc}") from None
+    except SyntaxError as exc:  # the runtime's rewrite raises it too: the site would not apply
+        raise Refused("runtime", f"the runtime would skip it: the rewritten function does not parse: {type(exc).__name__}: {exc.msg}") from None
 
 
 def _ordered_writes(stmts: list[ast.stmt]) -> list[str]:
@@ -1216,8 +1257,11 @@ def prove_all(config, source: str = "config", read=read_module) -> list[Proof]:
     for cfg in config.sites:
         try:
             text = read(cfg.module)
-        except (OSError, ModuleNotFoundError) as exc:
+        except (OSError, ModuleNotFoundError, UnicodeDecodeError, ValueError) as exc:
             proofs.append(Proof(cfg, refused=f"match: cannot read {cfg.module}: {exc}"))
+            continue
+        except Exception as exc:  # ours: this site's refusal, the other sites are still proven
+            proofs.append(Proof(cfg, refused=internal_error(exc)))
             continue
         proofs.append(prove(cfg, text, source))
     return proofs
