@@ -360,3 +360,42 @@ def test_a_worst_case_file_within_the_size_bound_is_read_in_bounded_time(tmp_pat
     proc = _child_load(str(path), timeout=60)
     _one_line_stop(proc, "unknown key 'x'")
     assert time.monotonic() - start < 30
+
+
+def test_reading_past_the_time_bound_is_one_error(tmp_path, monkeypatch):
+    """The YAML loop looks at the clock every CHECK_EVERY events and objects (the first
+    included): with no time at all, even the smallest file stops, with one line."""
+    from vllm_overlap import config_yaml
+
+    monkeypatch.setattr(config_yaml, "MAX_SECONDS", 0)
+    path = tmp_path / "overlap.yaml"
+    path.write_text("enabled: true\n")
+    with pytest.raises(ConfigError) as err:
+        load_config_file(str(path))
+    assert str(err.value) == f"vllm-overlap: config {path}: reading took longer than 0 s"
+
+
+def test_the_time_bound_is_checked_every_few_hundred_steps(monkeypatch):
+    """A clock that moves one second per look: the 10 s deadline passes at the tenth look,
+    after 10 * CHECK_EVERY steps. A document of fewer steps is read; a longer one stops."""
+    import itertools
+
+    from vllm_overlap import config_yaml
+
+    assert config_yaml.MAX_SECONDS == 10 and 100 <= config_yaml.CHECK_EVERY <= 1000
+    looks = []
+
+    def clock(ticks=itertools.count()):
+        looks.append(next(ticks))
+        return looks[-1]
+
+    monkeypatch.setattr(config_yaml, "_clock", clock)
+    short = "strict: [" + ", ".join(["x"] * 500) + "]\n"  # about 1,000 steps
+    assert config_yaml.load(short)["strict"] == ["x"] * 500
+    assert 2 <= len(looks) <= 1 + 1100 // config_yaml.CHECK_EVERY + 1
+    looks.clear()
+    long = "strict: [" + ", ".join(["x"] * 5000) + "]\n"  # about 10,000 steps
+    with pytest.raises(ConfigError) as err:
+        parse_config(long, "long.yaml")
+    assert str(err.value) == "vllm-overlap: config long.yaml: reading took longer than 10 s"
+    assert len(looks) == 11  # the deadline's own look, then ten

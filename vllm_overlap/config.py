@@ -9,7 +9,8 @@ A bad file raises :class:`ConfigError`, one message naming the file, the key and
 
 The file is read with bounds: a regular file (a link to one is fine; a FIFO, a directory or a
 device is refused before anything waits on it), at most :data:`MAX_CONFIG_BYTES`, strict UTF-8,
-parsed as YAML 1.2 with bounded nesting and aliases and no duplicate keys (``config_yaml``).
+parsed as YAML 1.2 with bounded nesting and aliases and no duplicate keys, within
+``config_yaml.MAX_SECONDS`` (``config_yaml``).
 A set but blank ``VLLM_OVERLAP_CONFIG`` is an error, not the defaults.
 """
 
@@ -168,6 +169,8 @@ def parse_config(text: str, source: str) -> OverlayConfig:
         data = config_yaml.load(text)
     except config_yaml.Refused as exc:
         raise ConfigError(f"config {source}: {exc.where}: {exc.problem}") from None
+    except config_yaml.TooSlow as exc:
+        raise ConfigError(f"config {source}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -14,15 +14,19 @@ own composer checks, resolver and constructors) instead:
   ``!!python/...``, ``!!bool yes``), merge keys (``<<``, YAML 1.1 only), keys that are lists or
   mappings, and duplicate keys;
 * bounds the document: at most :data:`MAX_DEPTH` levels of nesting, :data:`MAX_ALIASES`
-  aliases, :data:`MAX_NODES` values counting what aliases expand to, no recursive alias.
+  aliases, :data:`MAX_NODES` values counting what aliases expand to, no recursive alias;
+* bounds the time: the parse, compose and construct loop looks at ``time.monotonic()`` every
+  :data:`CHECK_EVERY` events and objects, and stops past :data:`MAX_SECONDS` after it began.
 
 Each refusal raises :class:`Refused` with the key path of the offending value (``<top level>``
-for the document itself) and a one-line problem that names the line.
+for the document itself) and a one-line problem that names the line; running out of time
+raises :class:`TooSlow`.
 """
 
 from __future__ import annotations
 
 import re
+import time
 
 from yaml.composer import Composer
 from yaml.constructor import SafeConstructor
@@ -37,6 +41,9 @@ MAX_DEPTH = 32  # levels of nesting (the config needs 4: sites.0.aux.0)
 MAX_ALIASES = 100
 MAX_NODES = 10_000  # values in the document, each alias counting what it expands to
 MAX_INT = 2**63 - 1
+MAX_SECONDS = 10.0  # the whole read; the size and node bounds keep a real config far below it
+CHECK_EVERY = 256  # events parsed and objects constructed between two looks at the clock
+_clock = time.monotonic
 
 _TAG = "tag:yaml.org,2002:"
 NULL, BOOL, INT, FLOAT, STR, SEQ, MAP = (_TAG + t for t in ("null", "bool", "int", "float", "str", "seq", "map"))
@@ -57,6 +64,14 @@ class Refused(Exception):
         self.where = ".".join(str(p) for p in path) or "<top level>"
         self.problem = problem
         super().__init__(f"{self.where}: {problem}")
+
+
+class TooSlow(Exception):
+    """Reading the document took longer than :data:`MAX_SECONDS`."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        super().__init__(f"reading took longer than {seconds:g} s")
 
 
 def _short_tag(tag: str) -> str:
@@ -127,6 +142,24 @@ class _Loader(Reader, Scanner, Parser, Composer, _Constructor, _Resolver):
         self._aliases = 0
         self._nodes = 0
         self._measured: dict[int, tuple[int, int]] = {}  # id(node) -> (values, levels)
+        self._limit = MAX_SECONDS
+        self._deadline = _clock() + self._limit
+        self._steps = 0  # events parsed and objects constructed so far
+
+    # ------------------------------------------------------------------ time
+    def _tick(self) -> None:
+        """Every CHECK_EVERY steps (the first included), stop if the deadline has passed."""
+        if self._steps % CHECK_EVERY == 0 and _clock() >= self._deadline:
+            raise TooSlow(self._limit)
+        self._steps += 1
+
+    def get_event(self):
+        self._tick()
+        return super().get_event()
+
+    def construct_object(self, node, deep=False):
+        self._tick()
+        return super().construct_object(node, deep)
 
     # ------------------------------------------------------------------ bounds
     def _refuse(self, problem: str, mark=None, path=None):
@@ -270,7 +303,7 @@ class _Loader(Reader, Scanner, Parser, Composer, _Constructor, _Resolver):
 
 def load(text: str):
     """The data of the one YAML document in ``text`` (None if empty). Raises :class:`Refused`,
-    or PyYAML's ``YAMLError`` for a syntax error."""
+    :class:`TooSlow` past the deadline, or PyYAML's ``YAMLError`` for a syntax error."""
     loader = _Loader(text)
     try:
         return loader.get_single_data()
