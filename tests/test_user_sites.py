@@ -649,6 +649,21 @@ def test_the_readmes_example_proves_as_the_readme_shows(tmp_path, capsys):
     assert capsys.readouterr().out == quoted
 
 
+def test_the_readmes_rule_table_lists_exactly_the_rules_the_proof_has():
+    import os
+    import re
+
+    from conftest import ROOT
+
+    code = open(user_sites.__file__, encoding="utf-8").read()
+    rules = set(re.findall(r'Refused\(\s*"([a-z_-]+)"', code))
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    section = readme.split("## Declare your own site", 1)[1].split("\n## ", 1)[0]
+    table = re.findall(r"^\| `([a-z_-]+)` \|", section, re.M)
+    assert sorted(table) == sorted(rules) and len(table) == len(set(table))
+    assert "per-step" in rules and "runtime" in rules
+
+
 # ---------------------------------------------------------------------------------------------
 # In vLLM's processes: register() and doctor
 # ---------------------------------------------------------------------------------------------
