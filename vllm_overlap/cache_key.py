@@ -109,7 +109,8 @@ def unkeyed_reason() -> str | None:
     if not _keyed_by:
         return (
             f"no compile-cache key: this vLLM's {CONFIG_CLASS} has none of {', '.join(KEY_METHODS)}, "
-            "so a graph compiled with this site could be loaded without it"
+            "so a graph compiled with a site on could be loaded with it off: every site whose "
+            "traced code differs under torch.compile is skipped"
         )
     return None
 
