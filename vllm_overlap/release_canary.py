@@ -282,17 +282,16 @@ def _pip_or_skip(args: list[str], what: str) -> None:
     raise RuntimeError(f"pip {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
 
 
-def extra_deps(root: str | None = None) -> str:
-    """The folder holding :data:`EXTRA_DEPS`, installed there once (temporary folder, then
-    renamed into place)."""
-    root = root or os.path.join(os.path.dirname(src_root()), "canary-deps")
-    dest = os.path.join(root, "-".join(EXTRA_DEPS))
+def _made_once(dest: str, fill) -> str:
+    """``dest``, made by ``fill(folder)`` into a temporary folder beside it and renamed into
+    place (once: a folder already there, or made meanwhile by another process, is kept)."""
     if os.path.isdir(dest):
         return dest
+    root = os.path.dirname(dest)
     os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".deps.", dir=root)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.", dir=root)
     try:
-        _pip_or_skip(["install", "-q", "--no-deps", "--target", tmp, *EXTRA_DEPS], " ".join(EXTRA_DEPS))
+        fill(tmp)
         try:
             os.rename(tmp, dest)
         except OSError:  # another process got there first
@@ -301,6 +300,16 @@ def extra_deps(root: str | None = None) -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def extra_deps(root: str | None = None) -> str:
+    """The folder holding :data:`EXTRA_DEPS`, installed there once."""
+    root = root or os.path.join(os.path.dirname(src_root()), "canary-deps")
+
+    def install(tmp: str) -> None:
+        _pip_or_skip(["install", "-q", "--no-deps", "--target", tmp, *EXTRA_DEPS], " ".join(EXTRA_DEPS))
+
+    return _made_once(os.path.join(root, "-".join(EXTRA_DEPS)), install)
 
 
 def src_root() -> str:
@@ -311,15 +320,11 @@ def src_root() -> str:
 
 def unpack(wheel_path: str, root: str | None = None) -> str:
     """The wheel's ``vllm/`` sources (and its metadata), unpacked once into a folder named
-    by the wheel: into a temporary folder first, then renamed into place."""
+    by the wheel."""
     root = root or src_root()
     stem = os.path.basename(wheel_path)[: -len(".whl")]
-    dest = os.path.join(root, stem)
-    if os.path.isdir(dest):
-        return dest
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{stem}.", dir=root)
-    try:
+
+    def extract(tmp: str) -> None:
         with zipfile.ZipFile(wheel_path) as archive:
             names = [
                 n for n in archive.namelist()
@@ -327,14 +332,8 @@ def unpack(wheel_path: str, root: str | None = None) -> str:
                 or (n.split("/")[0].endswith(".dist-info") and not n.endswith("/RECORD"))
             ]
             archive.extractall(tmp, names)
-        try:
-            os.rename(tmp, dest)
-        except OSError:  # another process got there first
-            if not os.path.isdir(dest):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+
+    return _made_once(os.path.join(root, stem), extract)
 
 
 def child_env(src: str, deps: str | None = None) -> dict[str, str]:
