@@ -169,3 +169,10 @@ def test_strict_never_stops_because_upstream_took_over(monkeypatch):
     plugin._enforce_strict([upstream])  # upstream doing the site's job is not a failure
     with pytest.raises(plugin.StrictError):
         plugin._enforce_strict([dataclasses.replace(upstream, status=outcomes.SKIPPED, reason="anchor not found")])
+
+
+def test_a_layer_without_its_dispatch_attribute_is_never_counted_as_overlapping(gdn_layer):
+    layer = gdn_layer()
+    del layer._forward_method
+    overlaps, why = site_census.platform_reason(SITE, layer, set())
+    assert not overlaps and "no _forward_method on the layer" in why

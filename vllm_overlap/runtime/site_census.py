@@ -123,7 +123,9 @@ def running_target(site, layer):
     if not site.dispatch:
         return None
     method = getattr(getattr(layer, site.dispatch, None), "__func__", None)
-    name = getattr(method, "__name__", "?")
+    if method is None:
+        return f"forward (no {site.dispatch} on the layer: which one runs here cannot be told)"
+    name = method.__name__
     for target in site.targets:
         if target.qualname.rsplit(".", 1)[-1] == name and target.module in sys.modules:
             owner = _owner(target)
