@@ -23,6 +23,7 @@ from typing import Any
 import wrapt
 
 from .config import OverlayStop
+from .rewrite import internal_error
 
 # What went wrong inside a hook or wrapper of ours in this process: "<what>: <reason>".
 failures: list[str] = []
@@ -30,10 +31,6 @@ failures: list[str] = []
 # (``vllm_names`` must list each wrapped vLLM name; tests/test_hooks.py holds that).
 hooked: list[str] = []
 wrapped: list[tuple[str, str]] = []
-
-
-def _internal(exc: BaseException, what: str) -> str:
-    return f"internal error: {type(exc).__name__}: {exc} ({what})"
 
 
 def _report(reason: str) -> None:
@@ -53,7 +50,7 @@ def guarded(step: Callable[..., Any], what: str, *args: Any, default: Any = None
     except OverlayStop:
         raise
     except Exception as exc:
-        _report(_internal(exc, what))
+        _report(internal_error(exc, what))
         return default
 
 
@@ -102,9 +99,9 @@ def wrap(
     after: Callable[[Any, Any, tuple, dict], Any] | None = None,
     what: str,
 ) -> bool:
-    """Wrap ``owner.<attribute>`` (a class's own method or a module's function) in place, once.
-    False, wrapping nothing, where ``owner`` does not define it itself (a release without it)
-    or it is already ours."""
+    """Wrap ``owner.<attribute>`` (a class's own method or a module's function) in place, once:
+    True where it is wrapped (now, or already by us); False, wrapping nothing, where ``owner``
+    does not define it itself (a release without it)."""
     original = vars(owner).get(attribute)
     if original is None:
         return False

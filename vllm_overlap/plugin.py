@@ -263,15 +263,11 @@ def apply_rewrite(feature: Feature, site: Site, rewrite) -> outcomes.Outcome:
 def _upstream_fork(site: Site, target) -> str | None:
     """``upstream: <how>`` where the live target forks the site's pair itself (None: it does
     not, or its source cannot be read)."""
-    import inspect
-
-    from .rewrite import resolve_owner
+    from .rewrite import upstream_source
     from .upstream import upstream_fork_in_source
 
     try:
-        owner, attr = resolve_owner(target)
-        function = inspect.unwrap(getattr(vars(owner)[attr], "__func__", vars(owner)[attr]))
-        return upstream_fork_in_source(inspect.getsource(function), site)
+        return upstream_fork_in_source(upstream_source(target), site)
     except Exception:  # no source, or not a function: not recognised
         return None
 

@@ -51,7 +51,6 @@ _events_lock = threading.Lock()
 _UNSET = object()
 _aux: Any = _UNSET  # vLLM's aux stream (or None), looked up once: it never changes in a process
 _dbo_enabled: Callable[[], bool] | None = None
-_parallel: Callable[..., tuple[Any, Any]] | None = None
 _breakable_active: Callable[[], bool] | None = None
 _many: Callable[..., tuple[Any, list]] | None = None
 _extra_streams: list = []  # the overlay's own aux streams beyond vLLM's one (sites of 3+ branches)
@@ -107,10 +106,7 @@ def _parallel_impl() -> Callable[..., tuple[Any, Any]]:
     overlay's copy of it), which enqueues the aux branch first (vLLM 0.34's GDN order:
     main-first regressed block-FP8 from ~100 tokens), not ``maybe_execute_in_parallel``'s fn0
     first."""
-    global _parallel
-    if _parallel is None:
-        _parallel = _pair_aux_first
-    return _parallel
+    return _pair_aux_first
 
 
 def _pair_aux_first(fn0, fn1, event0, event1, aux_stream=None):
