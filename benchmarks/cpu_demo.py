@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 
-from vllm_overlap.tiny_models import build
+from vllm_overlap.testing.tiny_models import build
 
 
 # The user-site row's config: MiniCPM3's q path beside kv_a_proj_with_mqa, declared by hand
@@ -39,7 +39,7 @@ def run(model: str, overlay: bool, compiled: bool, cache_root: str, config: str 
     # No second stream here: make the overlay take its op path (serially), so the demo runs
     # the code a GPU runs, minus the fork. Without it the CPU simply runs upstream statements.
     env["VLLM_OVERLAP_TEST_OP_PATH"] = "1"
-    cmd = [sys.executable, "-m", "vllm_overlap.llm_runner", model]
+    cmd = [sys.executable, "-m", "vllm_overlap.testing.llm_runner", model]
     if compiled:
         cmd.append("--compile")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -71,7 +71,7 @@ def main() -> None:
 
     env = {k: v for k, v in os.environ.items() if k != "VLLM_OVERLAP_CONFIG"}
     doctor = subprocess.run(
-        [sys.executable, "-m", "vllm_overlap.cli", "doctor"],
+        [sys.executable, "-m", "vllm_overlap.cli.dispatch", "doctor"],
         env=env,
         capture_output=True,
         text=True,
@@ -104,7 +104,7 @@ def main() -> None:
         for site, row in on.get("sites", {}).items():
             print(f"[{name}, {rows[-1]['mode']}]   census, site {site}: {json.dumps(row)}")
 
-    from vllm_overlap.tables import format_table
+    from vllm_overlap.cli.tables import format_table
 
     print("\nOverlay on vs off (greedy, 4 prompts x 8 tokens; start-up includes a cold compile):")
     print(format_table(rows, list(rows[0])))

@@ -4,7 +4,7 @@
     python benchmarks/layers.py --model Qwen/Qwen3-Next-80B-A3B-Instruct --tp 4   # on a GPU
     python benchmarks/layers.py --model deepseek-ai/DeepSeek-V3.2 --tp 8          # on a GPU
 
-Every site the model's layers run is timed on its real vLLM layer (``vllm_overlap.site_layers``);
+Every site the model's layers run is timed on its real vLLM layer (``vllm_overlap.testing.layer_builders``);
 a site that cannot be timed outside the engine is listed with the reason.
 
 On a GPU every region is captured in a CUDA graph and timed with device events over replays:
@@ -56,7 +56,7 @@ def plot(rows: list[dict], title: str, path: str, gpu: bool) -> None:
 
 
 def table(rows: list[dict], gpu: bool) -> str:
-    from vllm_overlap.tables import format_table
+    from vllm_overlap.cli.tables import format_table
 
     cols = ["tokens", "off_us", "on_us", "on/off"]
     cols += ["serial_sum_us", "critical_path_us", "bound"] if gpu else ["noise", "op_path/off"]
@@ -81,13 +81,13 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = args.model
     if model is None:
-        from vllm_overlap.tiny_models import build
+        from vllm_overlap.testing.tiny_models import build
 
         cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vllm-overlap")
         model = build("qwen3-next", os.path.join(cache, "tiny-models", "qwen3-next-2"))
     token_counts = [int(t) for t in args.tokens.split(",")]
     overrides = json.loads(args.hf_overrides) if args.hf_overrides else None
-    from vllm_overlap.layer_bench import measure_model
+    from vllm_overlap.testing.layer_bench import measure_model
 
     results, where = measure_model(model, args.tp, token_counts, args.reps, device, overrides)
     if not results:

@@ -5,7 +5,7 @@
     python benchmarks/pairs.py --smoke         # anywhere (the CPU): tiny shapes, serial only
 
 Needs torch only (no vLLM): shapes come from ``benchmarks/model_shapes.py``, the fork/join is
-the project's own ``vllm_overlap.streams.fork_join`` on a real second stream. On a GPU each
+the project's own ``vllm_overlap.runtime.streams.fork_join`` on a real second stream. On a GPU each
 variant is captured in a CUDA graph (``--inner`` copies of the region per graph) and replayed;
 each replay is timed with CUDA events and the median taken, in ``--rounds`` interleaved rounds
 (the median of the round medians is reported; ``noise`` is the spread of serial across
@@ -55,7 +55,7 @@ from model_shapes import (  # noqa: E402
     site_shapes,
 )
 
-from vllm_overlap.streams import fork_join, fork_join_many  # noqa: E402  (torch only)
+from vllm_overlap.runtime.streams import fork_join, fork_join_many  # noqa: E402  (torch only)
 
 # --------------------------------------------------------------------------------------------
 # The computation of a branch

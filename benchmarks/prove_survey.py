@@ -86,8 +86,8 @@ def main(argv=None) -> int:
 
     import importlib.util
 
-    from vllm_overlap import user_sites
-    from vllm_overlap.settings import UserSiteConfig
+    from vllm_overlap.engine import user_sites
+    from vllm_overlap.engine.settings import UserSiteConfig
 
     # One parse per module text (the proof parses its module each time; same text, same tree).
     real_parse = ast.parse

@@ -53,7 +53,7 @@ import time
 import zipfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from vllm_overlap import vllm_names  # noqa: E402  (no torch, no vLLM)
+from vllm_overlap.sites import vllm_names
 
 # --------------------------------------------------------------------------------------------
 # paths and wheels
@@ -318,10 +318,10 @@ for m in ("vllm.platforms", "vllm.utils.torch_utils", "vllm.forward_context",
     out["base"][m] = attempt(lambda m=m: importlib.import_module(m).__name__)
 
 # (a) the runtime's modules
-MODULES = ["vllm_overlap.runtime", "vllm_overlap.runtime.installed", "vllm_overlap.runtime.site_runtime",
-           "vllm_overlap.runtime.layers", "vllm_overlap.runtime.gates", "vllm_overlap.runtime.gdn_fuse",
-           "vllm_overlap.runtime.deepseek_census", "vllm_overlap.runtime.site_census",
-           "vllm_overlap.streams", "vllm_overlap.site_layers", "vllm_overlap.layer_bench"]
+MODULES = ["vllm_overlap.runtime", "vllm_overlap.runtime.module_namespaces", "vllm_overlap.runtime.site_runtime",
+           "vllm_overlap.runtime.layer_registry", "vllm_overlap.runtime.gates", "vllm_overlap.runtime.gdn_fuse",
+           "vllm_overlap.runtime.deepseek_post_load", "vllm_overlap.runtime.census",
+           "vllm_overlap.runtime.streams", "vllm_overlap.testing.layer_builders", "vllm_overlap.testing.layer_bench"]
 import pkgutil, vllm_overlap.runtime as _rt
 for info in pkgutil.iter_modules(_rt.__path__):  # any module added later
     name = "vllm_overlap.runtime." + info.name
@@ -351,7 +351,7 @@ lk = attempt(lookups)
 out["lookups"] = lk["value"] if lk["ok"] else {"error": lk["error"], "tail": lk["tail"]}
 
 # (b) register, import every site's target modules, outcomes
-from vllm_overlap.patches import SITES
+from vllm_overlap.sites import SITES
 reg = attempt(lambda: __import__("vllm_overlap").register())
 out["register"] = reg
 modules = sorted({t.module for s in SITES.values() for t in s.targets})

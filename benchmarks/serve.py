@@ -130,7 +130,7 @@ def main() -> None:
     if args.smoke:
         args.prompts_per_concurrency, args.input_len, args.output_len = 2, 16, 8
         if model is None:
-            from vllm_overlap.tiny_models import build
+            from vllm_overlap.testing.tiny_models import build
 
             cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vllm-overlap")
             model = build("qwen3-next", os.path.join(cache, "tiny-models", "qwen3-next-2"))
@@ -177,7 +177,7 @@ def main() -> None:
     plot(rows, title, stem + ".png")
     print(f"saved {stem}.png and {stem}.json")
 
-    from vllm_overlap.tables import format_table
+    from vllm_overlap.cli.tables import format_table
 
     print(f"\nvllm-overlap serve benchmark: {title} (medians)")
     print(format_table(rows, list(rows[0])))

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"concurrency {c}: {rows[-1]['step_ms']:.3f} ms/step, {rows[-1]['tokens_per_s']:.1f} tok/s", flush=True)
 
-    from vllm_overlap.plugin import summary_line
+    from vllm_overlap.runtime.plugin import summary_line
 
     result = {
         "kind": args.kind,

@@ -5,7 +5,7 @@
                                                # FULL_DECODE_ONLY)
     python gpu/e2e.py --out DIR --smoke        # anywhere: eager and compiled (the CPU has no graphs)
 
-Each run is ``python -m vllm_overlap.llm_runner`` in a fresh process (the overlay is decided when vLLM loads
+Each run is ``python -m vllm_overlap.testing.llm_runner`` in a fresh process (the overlay is decided when vLLM loads
 the plugin), on a tiny random-weight Qwen3-Next (``gpu/model_configs.tiny``: attention
 head_dim 128 for the CUDA kernels). On and off of one mode run side by side (``--jobs``
 processes at a time, each with a small ``gpu_memory_utilization``). A mode passes when both
@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-RUNNER = ["-m", "vllm_overlap.llm_runner"]
+RUNNER = ["-m", "vllm_overlap.testing.llm_runner"]
 
 MODES = {
     "eager": [],
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model:
         model = args.model
     elif args.smoke:
-        from vllm_overlap import tiny_models
+        from vllm_overlap.testing import tiny_models
 
         model = tiny_models.build("qwen3-next", os.path.join(args.out, "tiny-qwen3-next"))
     else:

@@ -4,7 +4,7 @@
   ``load_format="dummy"`` runs at real per-layer shapes (decode speed, the profiler trace).
   The values are those of the model's Hugging Face ``config.json``; the ones that decide the
   overlap sites' shapes are checked against ``benchmarks/model_shapes.MODELS`` by a test.
-* ``tiny(kind, out)``: a tiny random-weight Qwen3-Next with a tokenizer (vllm_overlap.tiny_models),
+* ``tiny(kind, out)``: a tiny random-weight Qwen3-Next with a tokenizer (vllm_overlap.testing.tiny_models),
   sized for CUDA kernels (attention head_dim 128, which FlashAttention-3 on Hopper takes).
 """
 
@@ -128,7 +128,7 @@ def reduced(kind: str, layers: int, out: str, overrides: dict | None = None) -> 
 
 def tiny(kind: str, out: str) -> str:
     """A tiny random-weight model with a tokenizer, sized for CUDA attention kernels."""
-    from vllm_overlap import tiny_models
+    from vllm_overlap.testing import tiny_models
 
     if kind != "qwen3-next":
         raise ValueError(f"no tiny {kind}")

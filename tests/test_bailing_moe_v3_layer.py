@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from conftest import functions, wrap_branch
-from vllm_overlap import rewrite
-from vllm_overlap.patches.delta_in_proj import BAILING_MOE_V3
+from vllm_overlap.engine import rewrite
+from vllm_overlap.sites.delta_in_proj import BAILING_MOE_V3
 
 TARGET = BAILING_MOE_V3.targets[0]
 SITE = BAILING_MOE_V3.id
@@ -76,8 +76,8 @@ def forward_context(vllm_context):
 
 
 def _layer(vllm_context, standins, monkeypatch, dtype=torch.bfloat16, separate_b_proj=False):
-    from vllm_overlap.site_layers import build_bailing_kda_layer
-    from vllm_overlap.tiny_models import bailing_moe_v3_config
+    from vllm_overlap.testing.layer_builders import build_bailing_kda_layer
+    from vllm_overlap.testing.tiny_models import bailing_moe_v3_config
 
     hf = bailing_moe_v3_config()
     with monkeypatch.context() as m:
@@ -142,8 +142,8 @@ def test_a_separate_b_proj_layer_runs_upstreams_statements(
 def test_the_census_counts_a_separate_b_proj_layer_as_not_reaching_the_site(
     vllm_context, standins, monkeypatch
 ):
-    from vllm_overlap import census
-    from vllm_overlap.runtime import site_census
+    from vllm_overlap.runtime import reports as census
+    from vllm_overlap.runtime import census as site_census
 
     monkeypatch.setattr(census, "site_reports", {})
     fused, _ = _layer(vllm_context, standins, monkeypatch)

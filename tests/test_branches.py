@@ -8,9 +8,9 @@ import textwrap
 
 import pytest
 
-from vllm_overlap.branches import compile_form
-from vllm_overlap.rewrite import Anchor, RewriteSkipped, Target
-from vllm_overlap.site import Branch, Facts, Form, Site
+from vllm_overlap.engine.branches import compile_form
+from vllm_overlap.engine.rewrite import Anchor, RewriteSkipped, Target
+from vllm_overlap.engine.site import Branch, Facts, Form, Site
 
 UPSTREAM = """
 def forward(self, x):

@@ -1,4 +1,4 @@
-"""The private directory of the rewritten sources (vllm_overlap/cache_dir.py): the whole chain
+"""The private directory of the rewritten sources (vllm_overlap/engine/cache_dir.py): the whole chain
 leading to it is checked, the file is written relative to the checked directory's descriptor,
 and doctor says which directory is in use and why any other was refused."""
 
@@ -15,7 +15,7 @@ import tempfile
 
 import pytest
 
-from vllm_overlap import cache_dir, rewrite
+from vllm_overlap.engine import cache_dir, rewrite
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to another user needs root")
 OTHER_UID = 4242
@@ -228,7 +228,7 @@ def test_doctor_line_names_the_directory_in_use_and_each_refusal(dirs):
         "directory": fallback,
         "refused": [{"path": str(dirs / "cache"), "reason": f"{dirs / 'cache'} is writable by others (mode 777)"}],
     }
-    from vllm_overlap.cli import doctor_report
+    from vllm_overlap.cli.dispatch import doctor_report
 
     head = {
         "vllm-overlap": "0", "vllm": "0", "torch": "0", "platform": "cpu", "config": "x",
@@ -246,7 +246,7 @@ def test_doctor_json_reports_the_cache_directory(dirs):
     (dirs / "cache").chmod(0o777)
     env = clean_env({"VLLM_OVERLAP": "0", "VLLM_OVERLAP_CACHE_DIR": str(dirs / "cache"), "TMPDIR": str(dirs / "tmp")})
     proc = subprocess.run(
-        [sys.executable, "-m", "vllm_overlap.cli", "doctor", "--json"],
+        [sys.executable, "-m", "vllm_overlap.cli.dispatch", "doctor", "--json"],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from vllm_overlap.cache_key import combine, overlay_key
-from vllm_overlap.config import parse_config
+from vllm_overlap.runtime.cache_key import combine, overlay_key
+from vllm_overlap.config.loader import parse_config
 
 
 def _key(text):
@@ -15,7 +15,7 @@ def test_key_follows_features_and_modes_not_token_ranges():
     assert on == _key("features: {gdn_in_proj: {max_tokens: 64, min_tokens: 2}}")
     assert on != _key("features: {gdn_in_proj: {mode: fused}}")
     assert on != _key("features: {deepseek_indexer: {enabled: false}}")
-    from vllm_overlap.patches import FEATURES
+    from vllm_overlap.sites import FEATURES
 
     off = "features: {" + ", ".join(f"{name}: {{enabled: false}}" for name in FEATURES) + "}"
     assert _key(off) == ""

@@ -18,7 +18,7 @@ from test_plugin import BREAK_GDN, ROOT, run_py
 
 def vllm_overlap_cli(*args, env=None):
     return subprocess.run(
-        [sys.executable, "-m", "vllm_overlap.cli", *args],
+        [sys.executable, "-m", "vllm_overlap.cli.dispatch", *args],
         env=clean_env(env),
         capture_output=True,
         text=True,
@@ -51,7 +51,7 @@ def test_doctor_table_and_off(tmp_path):
 
 
 def test_off_yaml_and_the_switch_give_the_same_doctor_table():
-    from vllm_overlap.patches import FEATURES
+    from vllm_overlap.sites import FEATURES
 
     off_yaml = os.path.join(ROOT, "configs", "off.yaml")
     by_switch = vllm_overlap_cli("doctor", "--json", env={"VLLM_OVERLAP": "0"})
@@ -68,7 +68,7 @@ def test_off_yaml_and_the_switch_give_the_same_doctor_table():
 
 
 def test_doctor_exits_non_zero_when_an_enabled_feature_is_skipped():
-    proc = run_py(BREAK_GDN + "\nimport sys\nfrom vllm_overlap.cli import main\nsys.exit(main(['doctor']))\n")
+    proc = run_py(BREAK_GDN + "\nimport sys\nfrom vllm_overlap.cli.dispatch import main\nsys.exit(main(['doctor']))\n")
     assert proc.returncode == 1, proc.stderr
     assert "skipped: anchor `x = self.not_upstream(hidden_states)` not found, expected 1" in proc.stdout
     assert "NOT all enabled features applied" in proc.stdout
@@ -121,7 +121,7 @@ def test_doctor_model_says_which_features_a_qwen3_next_uses(model_dirs):
 def test_model_checks_on_deepseek_configs():
     from deepseek_layers import deepseek_v3_config, deepseek_v32_config
 
-    from vllm_overlap.patches import FEATURES
+    from vllm_overlap.sites import FEATURES
 
     for name in ("deepseek_indexer", "mla_q_b_proj"):
         check = FEATURES[name].model_check
@@ -134,9 +134,9 @@ def test_model_checks_on_deepseek_configs():
 
 def test_anchor_counts_name_the_set_the_rewrite_uses():
     """doctor's anchors column follows rewrite_first: the first set that matches."""
-    from vllm_overlap.cli import _anchor_counts
-    from vllm_overlap.site import Rewrite
-    from vllm_overlap.patches import mla_q_b_proj as mla
+    from vllm_overlap.cli.dispatch import _anchor_counts
+    from vllm_overlap.engine.site import Rewrite
+    from vllm_overlap.sites import mla_q_b_proj as mla
 
     newest = mla.FEATURE.rewrites[0]  # DeepseekV32Attention.forward, installed vLLM's form
     assert newest.target.qualname == "DeepseekV32Attention.forward"

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from vllm_overlap.config import (
+from vllm_overlap.config.loader import (
     FEATURE_NAMES,
     ConfigError,
     FeatureConfig,
@@ -40,7 +40,7 @@ OFF_YAML = os.path.join(ROOT, "configs", "off.yaml")
 
 
 def test_off_yaml_turns_every_feature_of_the_registry_off():
-    from vllm_overlap.patches import FEATURES
+    from vllm_overlap.sites import FEATURES
 
     cfg = load_config_file(OFF_YAML)
     assert set(FEATURE_NAMES) == set(FEATURES)  # every feature has its config entry
@@ -158,7 +158,7 @@ def _child_load(env_value: str, timeout: float = 60) -> subprocess.CompletedProc
     program = (
         "import resource\n"
         "resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))\n"
-        "from vllm_overlap.config import load_config\n"
+        "from vllm_overlap.config.loader import load_config\n"
         "load_config()\n"
     )
     try:
@@ -365,7 +365,7 @@ def test_a_worst_case_file_within_the_size_bound_is_read_in_bounded_time(tmp_pat
 def test_reading_past_the_time_bound_is_one_error(tmp_path, monkeypatch):
     """The YAML loop looks at the clock every CHECK_EVERY events and objects (the first
     included): with no time at all, even the smallest file stops, with one line."""
-    from vllm_overlap import config_yaml
+    from vllm_overlap.config import yaml_reader as config_yaml
 
     monkeypatch.setattr(config_yaml, "MAX_SECONDS", 0)
     path = tmp_path / "overlap.yaml"
@@ -380,7 +380,7 @@ def test_the_time_bound_is_checked_every_few_hundred_steps(monkeypatch):
     after 10 * CHECK_EVERY steps. A document of fewer steps is read; a longer one stops."""
     import itertools
 
-    from vllm_overlap import config_yaml
+    from vllm_overlap.config import yaml_reader as config_yaml
 
     assert config_yaml.MAX_SECONDS == 10 and 100 <= config_yaml.CHECK_EVERY <= 1000
     looks = []

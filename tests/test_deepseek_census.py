@@ -15,10 +15,10 @@ from deepseek_layers import (
 
 
 def test_census_and_registration(deepseek_vllm, standins, monkeypatch):
-    from vllm_overlap import census
-    from vllm_overlap.runtime import layers
-    from vllm_overlap.runtime import site_census
-    from vllm_overlap.runtime.deepseek_census import NO_INDEXER, post_load
+    from vllm_overlap.runtime import reports as census
+    from vllm_overlap.runtime import layer_registry as layers
+    from vllm_overlap.runtime import census as site_census
+    from vllm_overlap.runtime.deepseek_post_load import NO_INDEXER, post_load
 
     monkeypatch.setattr(layers, "_layers", type(layers._layers)())  # only what is built here
     v32 = deepseek_v32_config()
@@ -62,9 +62,10 @@ def test_census_and_registration(deepseek_vllm, standins, monkeypatch):
 
 
 def test_a_disabled_feature_has_no_census_rows(deepseek_vllm, standins, monkeypatch):
-    from vllm_overlap import active_config, census
-    from vllm_overlap.config import LoadedConfig, OverlayConfig
-    from vllm_overlap.runtime import site_census
+    from vllm_overlap.config import active as active_config
+    from vllm_overlap.runtime import reports as census
+    from vllm_overlap.config.loader import LoadedConfig, OverlayConfig
+    from vllm_overlap.runtime import census as site_census
 
     data = OverlayConfig().model_dump()
     data["features"]["mla_q_b_proj"]["enabled"] = False
@@ -76,10 +77,10 @@ def test_a_disabled_feature_has_no_census_rows(deepseek_vllm, standins, monkeypa
 
 
 def test_a_model_without_mla_layers_reports_nothing(monkeypatch):
-    from vllm_overlap import census
-    from vllm_overlap.runtime.deepseek_census import post_load
+    from vllm_overlap.runtime import reports as census
+    from vllm_overlap.runtime.deepseek_post_load import post_load
 
-    from vllm_overlap.runtime import site_census
+    from vllm_overlap.runtime import census as site_census
 
     monkeypatch.setattr(census, "post_load_reports", {})
     monkeypatch.setattr(census, "site_reports", {})

@@ -36,7 +36,8 @@ from deepseek_layers import (
     run_v32,
 )
 from conftest import functions, site_entry, site_runtime
-from vllm_overlap import rewrite, streams
+from vllm_overlap.engine import rewrite
+from vllm_overlap.runtime import streams
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("forks_in_eager_steps")]
 

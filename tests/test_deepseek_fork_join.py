@@ -32,7 +32,7 @@ from deepseek_layers import (
     run_v32,
 )
 from fork_join_recorder import OUT, b0, b1, fork, join, out, without_forks
-from vllm_overlap import streams
+from vllm_overlap.runtime import streams
 
 
 # The sites, by code shape: V3.2 CUDA path and the legacy (compiled / MLA wrapper) path.

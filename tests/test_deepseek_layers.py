@@ -45,7 +45,7 @@ from deepseek_layers import (
     run_v32,
 )
 from conftest import functions, site_runtime, wrap_branch
-from vllm_overlap import rewrite
+from vllm_overlap.engine import rewrite
 
 
 EXPECTED_FEATURES = {
@@ -416,7 +416,7 @@ def test_mla_wrapper_with_indexer_matches_upstream(
 def test_mla_wrapper_without_indexer_matches_upstream_serially(
     deepseek_vllm, standins, count_forks, monkeypatch, tokens
 ):
-    from vllm_overlap.runtime import deepseek_census as census
+    from vllm_overlap.runtime import deepseek_post_load as census
 
     hf = deepseek_v3_config()
     upstream, rewritten = functions(WRAPPER_TARGET)
@@ -433,7 +433,7 @@ def test_mla_wrapper_without_indexer_matches_upstream_serially(
     assert forks == []  # nothing to overlap with
     assert identical(expected, actual)
 
-    from vllm_overlap import census as reports
+    from vllm_overlap.runtime import reports
 
     monkeypatch.setattr(reports, "post_load_reports", {})
     report = census.post_load(wrapper)
@@ -447,9 +447,9 @@ def test_mla_wrapper_without_indexer_matches_upstream_serially(
 
 
 def test_mla_wrapper_census_with_an_indexer(deepseek_vllm, standins, monkeypatch):
-    from vllm_overlap import census as reports
-    from vllm_overlap.runtime import deepseek_census as census
-    from vllm_overlap.runtime import layers
+    from vllm_overlap.runtime import reports
+    from vllm_overlap.runtime import deepseek_post_load as census
+    from vllm_overlap.runtime import layer_registry as layers
 
     wrapper = build_mla_wrapper(deepseek_vllm, deepseek_v32_config(), True, standins=standins)
     monkeypatch.setattr(reports, "post_load_reports", {})
@@ -568,8 +568,9 @@ def v32_stacked(deepseek_overlay):
     """``apply(site_ids)``: DeepseekV32Attention.forward rewritten by exactly these sites, in
     this order, through the plugin; returns the installed function. The overlay's own stack
     is put back after."""
-    from vllm_overlap import outcomes, plugin
-    from vllm_overlap.patches import FEATURES, SITES
+    from vllm_overlap import outcomes
+    from vllm_overlap.runtime import plugin
+    from vllm_overlap.sites import FEATURES, SITES
 
     def apply_site(site, rw):
         outcome = plugin.apply_rewrite(FEATURES[site.feature], site, rw)
@@ -593,7 +594,7 @@ def v32_stacked(deepseek_overlay):
 
 
 def test_the_overlay_stacks_the_v32_sites_in_their_declared_order(deepseek_overlay):
-    from vllm_overlap import plugin
+    from vllm_overlap.runtime import plugin
 
     order = [site.id for site, rw in plugin.stacking_order(V32_TARGET.module) if rw.target == V32_TARGET]
     assert order == list(V32_STACKS["both"])

@@ -9,7 +9,7 @@ import shlex
 import pytest
 import yaml
 
-from vllm_overlap.config import load_config_file
+from vllm_overlap.config.loader import load_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCKER = os.path.join(ROOT, "docker")

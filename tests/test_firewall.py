@@ -64,9 +64,9 @@ PRELUDE = '''
 import dataclasses, json, sys
 sys.path.insert(0, {dir!r})
 from vllm_overlap import rewrite
-from vllm_overlap.patches import FEATURES, SITES
-from vllm_overlap.rewrite import Anchor, Target
-from vllm_overlap.site import Branch, Form
+from vllm_overlap.sites import FEATURES, SITES
+from vllm_overlap.engine.rewrite import Anchor, Target
+from vllm_overlap.engine.site import Branch, Form
 
 PAIR = Anchor(
     "a = self.left(x)\\nb = self.right(x)",
@@ -94,7 +94,7 @@ def site(*anchors, older=(), runtime=None):
         FEATURES["gdn_in_proj"], sites=(synthetic,), extra_modes=()
     )
     if runtime:
-        import vllm_overlap.plugin as plugin
+        import vllm_overlap.runtime.plugin as plugin
         plugin.RUNTIME = runtime
 '''
 
@@ -103,7 +103,7 @@ import vllm_overlap
 vllm_overlap.register()
 import fw_target
 from vllm_overlap import outcomes, rewrite
-from vllm_overlap.cli import collect, doctor_report
+from vllm_overlap.cli.dispatch import collect, doctor_report
 outcome = outcomes.outcomes[("gdn_in_proj", "fw_target.Layer.forward")]
 report = collect()
 print(json.dumps({
@@ -177,7 +177,7 @@ def test_a_failing_hook_body_is_logged_not_raised(synthetic_dir):
     logged as an internal error and the import goes on."""
     breakage = (
         "site(PAIR)\n"
-        "import vllm_overlap.plugin as plugin\n"
+        "import vllm_overlap.runtime.plugin as plugin\n"
         "def broken_announce():\n"
         "    raise KeyError('announce')\n"
         "plugin._announce = broken_announce\n"

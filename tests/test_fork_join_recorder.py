@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fork_join_recorder import fork, join
-from vllm_overlap import streams
+from vllm_overlap.runtime import streams
 
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_overlap import streams
+from vllm_overlap.runtime import streams
 from conftest import GDN_MODULE
 from vllm_overlap.runtime import gdn_fuse
 
@@ -24,8 +24,8 @@ def fused_twin(vllm_context, overlay_applied):
     one of them), then vLLM's own weight post-processing (on both), which picks this
     machine's GEMM path for whatever projections each layer then has. ``process=False``
     stops before that last step, where the fusing has happened and nothing is repacked."""
-    from vllm_overlap.tiny_models import qwen3_next_config
-    from vllm_overlap.site_layers import build_gdn_layer, process_weights_like_the_loader
+    from vllm_overlap.testing.tiny_models import qwen3_next_config
+    from vllm_overlap.testing.layer_builders import build_gdn_layer, process_weights_like_the_loader
 
     def make(interleaved=True, process=True):
         plain, fused = (
@@ -89,8 +89,8 @@ def test_ineligible_layers_say_why(gdn_layer, spoil, reason):
 
 @pytest.mark.parametrize("fallback, forks", [("serial", 0), ("dual_stream", 1)])
 def test_unfused_layer_runs_the_configured_fallback(gdn_layer, monkeypatch, fallback, forks):
-    from vllm_overlap import active_config
-    from vllm_overlap.config import LoadedConfig, parse_config
+    from vllm_overlap.config import active as active_config
+    from vllm_overlap.config.loader import LoadedConfig, parse_config
 
     cfg = parse_config(f"features: {{gdn_in_proj: {{mode: fused, fused_fallback: {fallback}}}}}", "x")
     monkeypatch.setattr(active_config, "loaded", lambda: LoadedConfig(cfg, "test"))
@@ -110,9 +110,9 @@ def test_a_layer_the_post_load_step_never_saw_says_so_and_runs_the_fallback(
     """A loader that skips vLLM's post-processing (so the fusing step never ran): the layer
     runs the configured fallback, and a warning names it once; a layer the step looked at and
     could not fuse runs it silently (the step's own line said why)."""
-    from vllm_overlap import active_config
-    from vllm_overlap.config import LoadedConfig, parse_config
-    from vllm_overlap.site_layers import process_weights_like_the_loader
+    from vllm_overlap.config import active as active_config
+    from vllm_overlap.config.loader import LoadedConfig, parse_config
+    from vllm_overlap.testing.layer_builders import process_weights_like_the_loader
 
     cfg = parse_config("features: {gdn_in_proj: {mode: fused, fused_fallback: serial}}", "x")
     monkeypatch.setattr(active_config, "loaded", lambda: LoadedConfig(cfg, "test"))

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import site_entry
-from vllm_overlap import rewrite
-from vllm_overlap.patches.gdn_in_proj import CLASS, MODULE, VARIANTS
+from vllm_overlap.engine import rewrite
+from vllm_overlap.sites.gdn_in_proj import CLASS, MODULE, VARIANTS
 
 EXPECTED_STANDIN = {
     "forward_cuda": "qwen_gdn_attention_core",

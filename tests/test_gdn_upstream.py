@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from vllm_overlap import outcomes
-from vllm_overlap.patches import FEATURES
-from vllm_overlap.runtime import gdn_upstream, site_census
+from vllm_overlap.sites import FEATURES
+from vllm_overlap.runtime import gdn_upstream, census as site_census
 
 SITE = FEATURES["gdn_in_proj"].sites[0]
 CUDA_TARGET = next(t for t in SITE.targets if t.qualname == "QwenGatedDeltaNetAttention.forward_cuda")
@@ -35,7 +35,7 @@ def as_on_cuda_034(monkeypatch):
     from vllm.model_executor.layers.linear import UnquantizedLinearMethod
     from vllm.platforms import current_platform
 
-    from vllm_overlap import rewrite
+    from vllm_overlap.engine import rewrite
 
     real_applied = rewrite.applied_features
     monkeypatch.setattr(
@@ -58,7 +58,7 @@ def as_on_cuda_034(monkeypatch):
         monkeypatch.setattr(UnquantizedLinearMethod, "_gemm_impl", plain, raising=False)
         monkeypatch.setattr(gdn_upstream, "_vllm_config", lambda: config)
         monkeypatch.setattr(torch.cuda, "Event", _Event)
-        monkeypatch.setattr("vllm_overlap.streams.get_aux_stream", lambda: "aux")
+        monkeypatch.setattr("vllm_overlap.runtime.streams.get_aux_stream", lambda: "aux")
 
     config.activate = activate
     return config
@@ -120,7 +120,7 @@ def test_upstreams_conditions_keep_the_layer_serial(gdn_layer, as_on_cuda_034, m
 
         monkeypatch.setattr(current_platform, "is_cuda", lambda: False)
     elif condition == "no aux stream":
-        monkeypatch.setattr("vllm_overlap.streams.get_aux_stream", lambda: None)
+        monkeypatch.setattr("vllm_overlap.runtime.streams.get_aux_stream", lambda: None)
     row = _row(_model(layer, compiled=condition == "compiled"))
     assert row["overlap"] == 0 and layer._ba_stream is None
     (reason, n), = row["serial"].items()
@@ -130,7 +130,7 @@ def test_upstreams_conditions_keep_the_layer_serial(gdn_layer, as_on_cuda_034, m
 def test_a_layer_whose_running_function_is_not_rewritten_never_counts_as_overlapping(gdn_layer, monkeypatch):
     """The 0.34 bug the census had: GDN layers counted by class, overlapping on CUDA although
     forward_cuda was not rewritten. Here forward_cuda is skipped (anchor not found)."""
-    from vllm_overlap import rewrite
+    from vllm_overlap.engine import rewrite
 
     real_applied = rewrite.applied_features
     monkeypatch.setattr(rewrite, "applied_features", lambda t: () if t == CUDA_TARGET else real_applied(t))
@@ -161,8 +161,9 @@ def test_the_compiled_set_follows_vllms_do_not_compile():
 def test_strict_never_stops_because_upstream_took_over(monkeypatch):
     import dataclasses
 
-    from vllm_overlap import active_config, plugin
-    from vllm_overlap.config import LoadedConfig, OverlayConfig
+    from vllm_overlap.config import active as active_config
+    from vllm_overlap.runtime import plugin
+    from vllm_overlap.config.loader import LoadedConfig, OverlayConfig
 
     monkeypatch.setattr(active_config, "_loaded", LoadedConfig(OverlayConfig(strict=True), "strict.yaml"))
     upstream = outcomes.Outcome(SITE.feature, str(CUDA_TARGET), outcomes.UPSTREAM, "vLLM forks the pair itself")

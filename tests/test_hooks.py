@@ -1,4 +1,4 @@
-"""One way in: every hook and wrapper the package installs goes through ``vllm_overlap.hooks``,
+"""One way in: every hook and wrapper the package installs goes through ``vllm_overlap.runtime.hooks``,
 nothing of ours raises into vLLM through one, ``register()`` raises only its documented stops,
 and every vLLM name the package wraps is declared in ``vllm_names``."""
 
@@ -12,7 +12,8 @@ import textwrap
 import pytest
 
 from test_plugin import run_py
-from vllm_overlap import hooks, vllm_names
+from vllm_overlap.runtime import hooks
+from vllm_overlap.sites import vllm_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "vllm_overlap")
@@ -22,7 +23,7 @@ THE_WAY_IN = os.path.join("vllm_overlap", "hooks.py")
 def wrapt_uses(root: str) -> list[str]:
     """``path:line`` of every use of wrapt in the Python files under ``root`` (an import of it,
     an attribute of it, or its name as a string handed to an import function), except in
-    ``vllm_overlap/hooks.py``."""
+    ``vllm_overlap/runtime/hooks.py``."""
     found = []
     for folder, _, files in os.walk(root):
         for name in sorted(files):
@@ -122,7 +123,7 @@ def test_vllm_config_without_compute_hash_imports_with_every_feature_on(tmp_path
         vllm_overlap.register()
         import vllm.config.vllm as cv
         from vllm_overlap import cache_key, hooks, plugin, cli
-        from vllm_overlap.patches import SITES
+        from vllm_overlap.sites import SITES
         config = cv.VllmConfig()
         out = {"describe": cache_key.describe(), "failures": hooks.failures, "line": plugin.summary_line(),
                "op_site": cache_key.unkeyed_reason()}
@@ -153,8 +154,10 @@ def test_an_unkeyed_vllm_skips_every_site_whose_traced_code_differs(monkeypatch)
     """With no method to key the compile cache by, an op site (and any mode other than
     dual_stream) is skipped with that reason before anything is rewritten: a stale graph would
     be silent wrong code. A plain site's traced code is upstream's statements: it needs no key."""
-    from vllm_overlap import active_config, cache_key, outcomes, plugin
-    from vllm_overlap.patches import FEATURES, SITES
+    from vllm_overlap.config import active as active_config
+    from vllm_overlap.runtime import cache_key, plugin
+    from vllm_overlap import outcomes
+    from vllm_overlap.sites import FEATURES, SITES
 
     monkeypatch.setattr(active_config, "_loaded", None)  # the built-in defaults: every feature on
     monkeypatch.setattr(cache_key, "_key", '{"gdn_in_proj": "dual_stream"}')
@@ -217,7 +220,7 @@ def test_every_name_the_package_wraps_is_declared(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    from vllm_overlap.patches import SITES
+    from vllm_overlap.sites import SITES
 
     target_classes = {(t.module, t.qualname.rsplit(".", 1)[0]) for s in SITES.values() for t in s.targets}
     wrapped = [tuple(w) for w in out["wrapped"]]

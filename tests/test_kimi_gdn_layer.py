@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from conftest import functions, wrap_branch
-from vllm_overlap import rewrite
-from vllm_overlap.patches.delta_in_proj import KIMI_GDN
+from vllm_overlap.engine import rewrite
+from vllm_overlap.sites.delta_in_proj import KIMI_GDN
 
 TARGET = KIMI_GDN.targets[0]
 SITE = KIMI_GDN.id
@@ -46,8 +46,8 @@ def overlay_applied(overlay_applied):
 
 
 def _layer(vllm_context, dtype=torch.bfloat16, full_rank_gate=False):
-    from vllm_overlap.site_layers import build_kimi_gdn_layer
-    from vllm_overlap.tiny_models import kimi_linear_config
+    from vllm_overlap.testing.layer_builders import build_kimi_gdn_layer
+    from vllm_overlap.testing.tiny_models import kimi_linear_config
 
     hf = kimi_linear_config(full_rank_gate)
     layer = build_kimi_gdn_layer(vllm_context, hf, dtype=dtype, seed=4)
@@ -90,8 +90,8 @@ def test_the_comparison_fails_when_either_branch_changes(overlay_applied, vllm_c
 def test_a_full_rank_gate_layer_runs_upstreams_statements(overlay_applied, vllm_context, count_forks, monkeypatch):
     """The gate inside the fused projection: the rewritten forward is upstream's, unforked, and
     the census counts the layer as not reaching the site."""
-    from vllm_overlap import census
-    from vllm_overlap.runtime import site_census
+    from vllm_overlap.runtime import reports as census
+    from vllm_overlap.runtime import census as site_census
 
     upstream, rewritten = functions(TARGET)
     full, hf = _layer(vllm_context, full_rank_gate=True)

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from conftest import functions, wrap_branch
-from vllm_overlap import rewrite
-from vllm_overlap.patches.kv_a_proj import KIMI_LINEAR
+from vllm_overlap.engine import rewrite
+from vllm_overlap.sites.kv_a_proj import KIMI_LINEAR
 
 TARGET = KIMI_LINEAR.targets[0]
 SITE = KIMI_LINEAR.id
@@ -48,8 +48,8 @@ def overlay_applied(overlay_applied):
 
 
 def _layer(vllm_context, dtype=torch.bfloat16):
-    from vllm_overlap.site_layers import build_kimi_mla_layer
-    from vllm_overlap.tiny_models import kimi_linear_config
+    from vllm_overlap.testing.layer_builders import build_kimi_mla_layer
+    from vllm_overlap.testing.tiny_models import kimi_linear_config
 
     hf = kimi_linear_config()
     layer = build_kimi_mla_layer(vllm_context, hf, dtype=dtype, seed=6)

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_overlap.calibrate import plan
-from vllm_overlap.layer_bench import measure_model, measured_sites
-from vllm_overlap.patches import SITES
-from vllm_overlap.site_layers import SITE_LAYERS
+from vllm_overlap.cli.calibrate import plan
+from vllm_overlap.testing.layer_bench import measure_model, measured_sites
+from vllm_overlap.sites import SITES
+from vllm_overlap.testing.layer_builders import SITE_LAYERS
 
 # DeepSeek-V3 plus the lightning indexer: vLLM reads such a config as V3.2.
 V32_OVERRIDES = {"index_topk": 16, "index_n_heads": 4, "index_head_dim": 128}
@@ -43,7 +43,7 @@ def test_a_deepseek_v32_model_measures_its_sites_and_says_why_not_the_others(dee
 
 
 def test_a_deepseek_v3_model_without_an_indexer_has_no_site(deepseek_overlay, deepseek_v3_dir):
-    from vllm_overlap.layer_bench import standalone_vllm
+    from vllm_overlap.testing.layer_bench import standalone_vllm
 
     with standalone_vllm(deepseek_v3_dir) as vllm_config:
         assert measured_sites(vllm_config.model_config.hf_text_config) == []
@@ -72,7 +72,7 @@ def test_tp_scaling_divides_head_counts_in_attributes_and_in_dict_attributes():
     divided too, the caller's config left as it was; an indivisible count is refused."""
     from types import SimpleNamespace
 
-    from vllm_overlap.site_layers import scaled_for_tp
+    from vllm_overlap.testing.layer_builders import scaled_for_tp
 
     config = SimpleNamespace(num_attention_heads=8, linear_attn_config={"num_heads": 4, "head_dim": 32})
     scaled = scaled_for_tp(config, 2, ("num_attention_heads", "linear_attn_config.num_heads"))

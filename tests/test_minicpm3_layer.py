@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from conftest import functions
-from vllm_overlap import rewrite
-from vllm_overlap.patches.kv_a_proj import MINICPM3
+from vllm_overlap.engine import rewrite
+from vllm_overlap.sites.kv_a_proj import MINICPM3
 
 TARGET = MINICPM3.targets[0]
 
@@ -37,8 +37,8 @@ class AttentionStandin(torch.nn.Module):
 
 
 def _layer(minicpm3_vllm, dtype=torch.bfloat16):
-    from vllm_overlap.site_layers import build_minicpm3_attention
-    from vllm_overlap.tiny_models import minicpm3_config
+    from vllm_overlap.testing.layer_builders import build_minicpm3_attention
+    from vllm_overlap.testing.tiny_models import minicpm3_config
 
     hf = minicpm3_config()
     layer = build_minicpm3_attention(minicpm3_vllm, hf, dtype=dtype, seed=3)

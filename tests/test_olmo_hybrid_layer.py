@@ -18,8 +18,8 @@ import torch
 
 from conftest import functions
 from kernel_standin import standin
-from vllm_overlap import rewrite
-from vllm_overlap.patches.delta_in_proj import OLMO_HYBRID, OLMO_MODULE
+from vllm_overlap.engine import rewrite
+from vllm_overlap.sites.delta_in_proj import OLMO_HYBRID, OLMO_MODULE
 
 TARGET = OLMO_HYBRID.targets[0]
 
@@ -32,8 +32,8 @@ def olmo_layer(overlay_applied, vllm_context, monkeypatch):
     whose core is a counted stand-in."""
     import importlib
 
-    from vllm_overlap.site_layers import build_olmo_hybrid_gdn_layer
-    from vllm_overlap.tiny_models import olmo_hybrid_config
+    from vllm_overlap.testing.layer_builders import build_olmo_hybrid_gdn_layer
+    from vllm_overlap.testing.tiny_models import olmo_hybrid_config
 
     module = importlib.import_module(OLMO_MODULE)
     monkeypatch.setattr(module, "set_triton_allocator", lambda device: None)

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from conftest import clean_env
-from vllm_overlap.patches import SITES
+from vllm_overlap.sites import SITES
 
 SITE_IDS = list(SITES)
 
@@ -20,8 +20,8 @@ GDN = "vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn"
 # Replaces gdn_in_proj's anchors by one that matches nothing, as a changed vLLM would.
 BREAK_GDN = """
 import dataclasses
-from vllm_overlap.patches import FEATURES
-from vllm_overlap.rewrite import Anchor
+from vllm_overlap.sites import FEATURES
+from vllm_overlap.engine.rewrite import Anchor
 f = FEATURES["gdn_in_proj"]
 bad = Anchor("x = self.not_upstream(hidden_states)", "x = 1")
 FEATURES["gdn_in_proj"] = f.with_anchors(bad)
@@ -50,13 +50,13 @@ def test_register_is_cheap_and_idempotent():
         real = wrapt.register_post_import_hook
         wrapt.register_post_import_hook = lambda hook, name: calls.append(name) or real(hook, name)
         vllm_overlap.register(); vllm_overlap.register()
-        heavy = [m for m in ("torch", "vllm", "vllm_overlap.runtime.installed") if m in sys.modules]
+        heavy = [m for m in ("torch", "vllm", "vllm_overlap.runtime.module_namespaces") if m in sys.modules]
         print("heavy", heavy, "hooks", calls)
         """
     )
     assert proc.returncode == 0, proc.stderr
-    from vllm_overlap.patches import FEATURES
-    from vllm_overlap.plugin import LOADER_UTILS
+    from vllm_overlap.sites import FEATURES
+    from vllm_overlap.runtime.plugin import LOADER_UTILS
 
     targets = sorted({m for f in FEATURES.values() for m in f.modules()})
     assert GDN in targets and "vllm.model_executor.layers.mla" in targets
@@ -93,7 +93,7 @@ def test_all_off_logs_at_register_and_installs_no_hook():
         vllm_overlap.register()
         import {GDN} as m
         from vllm_overlap import outcomes
-        print(sorted({{o.status for o in outcomes.outcomes.values()}}), "vllm_overlap.runtime.installed" in sys.modules)
+        print(sorted({{o.status for o in outcomes.outcomes.values()}}), "vllm_overlap.runtime.module_namespaces" in sys.modules)
         """,
         env={"VLLM_OVERLAP": "0"},
     )
@@ -149,7 +149,7 @@ def test_bad_config_stops_register_with_one_message(tmp_path):
 
 @pytest.mark.parametrize("site_id", SITE_IDS)
 def test_every_site_states_its_four_facts(site_id):
-    from vllm_overlap.patches import SITES
+    from vllm_overlap.sites import SITES
 
     facts = SITES[site_id].facts.rows()
     assert set(facts) == {"Why", "How", "Upstream", "Remove when"}
@@ -164,7 +164,7 @@ def test_unimplemented_mode_is_skipped_not_silently_replaced(tmp_path):
     proc = run_py(
         f"""
         import dataclasses
-        from vllm_overlap.patches import FEATURES
+        from vllm_overlap.sites import FEATURES
         f = FEATURES["gdn_in_proj"]
         FEATURES["gdn_in_proj"] = dataclasses.replace(
             f, sites=tuple(dataclasses.replace(s, modes=()) for s in f.sites)
@@ -187,7 +187,7 @@ def test_unimplemented_mode_is_skipped_not_silently_replaced(tmp_path):
 def test_a_runtime_that_fails_to_import_is_a_skip_not_a_broken_vllm_import():
     proc = run_py(
         f"""
-        import vllm_overlap.plugin as plugin
+        import vllm_overlap.runtime.plugin as plugin
         plugin.RUNTIME = "vllm_overlap.no_such_runtime"
         import vllm_overlap
         vllm_overlap.register()
@@ -212,8 +212,8 @@ def test_post_load_steps_run_once_per_model_whichever_loader_reaches_vllms_step(
         import torch
         from vllm.model_executor.model_loader import base_loader, utils
         from vllm.model_executor.model_loader.weight_cache import daemon, ipc_loader
-        import vllm_overlap.runtime.deepseek_census as deepseek_census
-        import vllm_overlap.runtime.site_census as site_census
+        import vllm_overlap.runtime.deepseek_post_load as deepseek_census
+        import vllm_overlap.runtime.census as site_census
         seen = []
         site_census.post_load = lambda model: seen.append("census")
         deepseek_census.post_load = lambda model: seen.append("deepseek")

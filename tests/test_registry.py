@@ -8,7 +8,7 @@ import os
 import pytest
 
 from conftest import ROOT
-from vllm_overlap.patches import FEATURES, SITES, problems
+from vllm_overlap.sites import FEATURES, SITES, problems
 
 
 def test_every_declaration_is_sound():
@@ -19,7 +19,7 @@ def test_a_broken_declaration_is_reported():
     """The control: each kind of mistake the check exists for is found."""
     import dataclasses
 
-    from vllm_overlap.site import Facts
+    from vllm_overlap.engine.site import Facts
 
     site = SITES["gdn_in_proj"]
     no_fact = dataclasses.replace(site, facts=dataclasses.replace(site.facts, upstream=" "))
@@ -32,7 +32,7 @@ def test_a_broken_declaration_is_reported():
 
 
 def test_config_keys_are_the_features():
-    from vllm_overlap.config import FEATURE_NAMES, OverlayConfig
+    from vllm_overlap.config.loader import FEATURE_NAMES, OverlayConfig
 
     assert FEATURE_NAMES == tuple(FEATURES)
     for name, feature in FEATURES.items():
@@ -42,7 +42,7 @@ def test_config_keys_are_the_features():
 
 
 def test_readme_block_is_the_registry():
-    from vllm_overlap.readme import block, render
+    from vllm_overlap.cli.readme import block, render
 
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
         text = fh.read()
@@ -58,7 +58,7 @@ def test_patches_has_a_diff_per_feature():
 
 @pytest.mark.parametrize("site_id", list(SITES))
 def test_doctor_has_a_row_per_target_of_each_site(site_id, deepseek_overlay):
-    from vllm_overlap.cli import collect
+    from vllm_overlap.cli.dispatch import collect
 
     import importlib.util
 
@@ -67,7 +67,7 @@ def test_doctor_has_a_row_per_target_of_each_site(site_id, deepseek_overlay):
     rows = {(r["feature"], r["module"], r["target"]) for r in report["rows"]}
     import ast
 
-    from vllm_overlap.sources import find_function, read_installed
+    from vllm_overlap.engine.sources import find_function, read_installed
 
     for target in site.targets:
         if importlib.util.find_spec(target.module) is None:  # another release's module
@@ -83,7 +83,7 @@ def test_compat_has_a_row_per_target_of_each_site():
     """Over the installed vLLM's sources (what compat reads out of each release's wheel)."""
     import importlib.util
 
-    from vllm_overlap.compat import release_rows
+    from vllm_overlap.cli.compat import release_rows
 
     def read(module):
         spec = importlib.util.find_spec(module)

@@ -1,4 +1,4 @@
-"""The release canary (``vllm_overlap.release_canary``): every config registered against each
+"""The release canary (``vllm_overlap.cli.release_canary``): every config registered against each
 release's real sources, every hooked module imported, doctor's rows checked against compat.
 The slow test runs it per release; the fast ones prove its classifier, its verdicts and its
 unpacking on synthetic inputs."""
@@ -12,8 +12,8 @@ import zipfile
 
 import pytest
 
-from vllm_overlap import release_canary as canary
-from vllm_overlap.patches import FEATURES
+from vllm_overlap.cli import release_canary as canary
+from vllm_overlap.sites import FEATURES
 
 SITE_MODULES = {m for f in FEATURES.values() for m in f.modules()}
 
@@ -53,7 +53,7 @@ def tree(tmp_path, monkeypatch):
         f"{ovl}/__init__.py": "",
         f"{ovl}/hook.py": "def boom():\n    raise RuntimeError('a bug of ours')\n",
         f"{ovl}/stop.py": (
-            "from vllm_overlap.config import OverlayStop\n"
+            "from vllm_overlap.config.loader import OverlayStop\n"
             "def stop():\n    raise OverlayStop('strict: true and a site did not apply')\n"
         ),
         f"{upst}/__init__.py": "",
@@ -63,7 +63,7 @@ def tree(tmp_path, monkeypatch):
         f"{upst}/calls_ours.py": f"import {ovl}.hook\n{ovl}.hook.boom()\n",
         f"{upst}/stopped.py": f"import {ovl}.stop\n{ovl}.stop.stop()\n",
         f"{upst}/real_overlay.py": (
-            "from vllm_overlap.compat import wheel_reader\nwheel_reader('/nonexistent/vllm.whl')\n"
+            "from vllm_overlap.cli.compat import wheel_reader\nwheel_reader('/nonexistent/vllm.whl')\n"
         ),
     }
     for rel, text in files.items():

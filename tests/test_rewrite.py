@@ -13,8 +13,8 @@ import traceback
 
 import pytest
 
-from vllm_overlap import rewrite
-from vllm_overlap.rewrite import Anchor, RewriteSkipped, Target, rewrite_source
+from vllm_overlap.engine import rewrite
+from vllm_overlap.engine.rewrite import Anchor, RewriteSkipped, Target, rewrite_source
 
 SOURCE = '''
 import functools

@@ -30,9 +30,10 @@ import torch
 
 from conftest import same_tensors, site_entry, site_runtime, tensors_of, wrap_branch
 from linear_no_rows import skip_where_no_rows_kill_vllms_linear
-from vllm_overlap import active_config, streams
-from vllm_overlap.config import LoadedConfig, OverlayConfig
-from vllm_overlap.patches import SITES
+from vllm_overlap.config import active as active_config
+from vllm_overlap.runtime import streams
+from vllm_overlap.config.loader import LoadedConfig, OverlayConfig
+from vllm_overlap.sites import SITES
 
 BF16 = torch.bfloat16
 
@@ -45,7 +46,7 @@ BF16 = torch.bfloat16
 def _inputs(request, site_id, layer, hf, tokens, dtype):
     """The entry's arguments as the layer benchmark makes them (``site_layers``), seeded; a
     0-token case this machine's vLLM linear layers cannot run is skipped (``linear_no_rows``)."""
-    from vllm_overlap.site_layers import SITE_LAYERS
+    from vllm_overlap.testing.layer_builders import SITE_LAYERS
 
     if tokens == 0:
         model = request.getfixturevalue("vllm_context").model_config.model
@@ -55,7 +56,7 @@ def _inputs(request, site_id, layer, hf, tokens, dtype):
 
 
 def _gdn(request, tokens, dtype=BF16, seed=0):
-    from vllm_overlap.tiny_models import qwen3_next_config
+    from vllm_overlap.testing.tiny_models import qwen3_next_config
 
     layer = request.getfixturevalue("gdn_layer")(dtype=dtype, seed=seed)  # qwen3_next_config(2)
     return _inputs(request, "gdn_in_proj", layer, qwen3_next_config(2), tokens, dtype)
@@ -97,8 +98,8 @@ def _mla_wrapper(request, tokens, dtype=BF16, seed=0):
 
 
 def _minicpm3(request, tokens, dtype=BF16, seed=0):
-    from vllm_overlap.site_layers import build_minicpm3_attention
-    from vllm_overlap.tiny_models import minicpm3_config
+    from vllm_overlap.testing.layer_builders import build_minicpm3_attention
+    from vllm_overlap.testing.tiny_models import minicpm3_config
 
     request.getfixturevalue("overlay_applied")
     hf = minicpm3_config()
@@ -109,8 +110,8 @@ def _minicpm3(request, tokens, dtype=BF16, seed=0):
 def _olmo_hybrid(request, tokens, dtype=BF16, seed=0):
     """OLMo Hybrid's GDN layer: its ``__init__`` sets up Triton's allocator, which this CPU
     lacks (no Triton); that one call is stood in. What the site runs is real."""
-    from vllm_overlap.site_layers import build_olmo_hybrid_gdn_layer
-    from vllm_overlap.tiny_models import olmo_hybrid_config
+    from vllm_overlap.testing.layer_builders import build_olmo_hybrid_gdn_layer
+    from vllm_overlap.testing.tiny_models import olmo_hybrid_config
 
     request.getfixturevalue("overlay_applied")
     request.getfixturevalue("monkeypatch").setattr(
@@ -123,8 +124,8 @@ def _olmo_hybrid(request, tokens, dtype=BF16, seed=0):
 
 def _bailing_moe_v3(request, tokens, dtype=BF16, seed=0):
     """BailingMoeV3's KDA layer: what the site runs is real (three vLLM linear layers)."""
-    from vllm_overlap.site_layers import build_bailing_kda_layer
-    from vllm_overlap.tiny_models import bailing_moe_v3_config
+    from vllm_overlap.testing.layer_builders import build_bailing_kda_layer
+    from vllm_overlap.testing.tiny_models import bailing_moe_v3_config
 
     request.getfixturevalue("overlay_applied")
     hf = bailing_moe_v3_config()
@@ -134,8 +135,8 @@ def _bailing_moe_v3(request, tokens, dtype=BF16, seed=0):
 
 def _kimi_gdn(request, tokens, dtype=BF16, seed=0):
     """Kimi-Linear's GDN layer (low-rank gate): what the site runs is real."""
-    from vllm_overlap.site_layers import build_kimi_gdn_layer
-    from vllm_overlap.tiny_models import kimi_linear_config
+    from vllm_overlap.testing.layer_builders import build_kimi_gdn_layer
+    from vllm_overlap.testing.tiny_models import kimi_linear_config
 
     request.getfixturevalue("overlay_applied")
     hf = kimi_linear_config()
@@ -145,8 +146,8 @@ def _kimi_gdn(request, tokens, dtype=BF16, seed=0):
 
 def _kimi_mla(request, tokens, dtype=BF16, seed=0):
     """Kimi-Linear's MLA layer (full-rank q): what the site runs is real."""
-    from vllm_overlap.site_layers import build_kimi_mla_layer
-    from vllm_overlap.tiny_models import kimi_linear_config
+    from vllm_overlap.testing.layer_builders import build_kimi_mla_layer
+    from vllm_overlap.testing.tiny_models import kimi_linear_config
 
     request.getfixturevalue("overlay_applied")
     hf = kimi_linear_config()
@@ -223,8 +224,8 @@ def test_every_site_with_another_path_says_how_to_take_it():
 def test_the_census_counts_a_layer_on_upstreams_other_path_as_not_reaching_the_site(
     request, deepseek_overlay, site_id, monkeypatch
 ):
-    from vllm_overlap import census
-    from vllm_overlap.runtime import site_census
+    from vllm_overlap.runtime import reports as census
+    from vllm_overlap.runtime import census as site_census
 
     monkeypatch.setattr(census, "site_reports", {})
     reached = BUILDERS[site_id](request, 1)[0]
@@ -414,8 +415,8 @@ def test_no_second_stream_or_lora_runs_serially(request, deepseek_overlay, site_
 def test_a_projection_that_is_not_stream_safe_runs_serially(request, deepseek_overlay, site_id, fake_gpu, monkeypatch):
     """Each module the branches call judged not stream-safe in turn (its kernel keeps a
     per-device workspace): upstream's statements, no fork; and the census says why."""
-    from vllm_overlap import census
-    from vllm_overlap.runtime import site_census, stream_safety
+    from vllm_overlap.runtime import reports as census
+    from vllm_overlap.runtime import census as site_census, stream_safety
 
     rt = site_runtime(site_id)
     args = BUILDERS[site_id](request, 5)
@@ -445,8 +446,8 @@ def test_the_mla_wrapper_site_declares_the_legacy_indexer_as_its_callee():
 def test_another_models_module_behind_a_callee_runs_serially(request, deepseek_overlay, site_id, fake_gpu, monkeypatch):
     """A model that builds the layer around a module of its own (Glm5Next wraps its own
     indexer in the MLA wrapper): upstream's statements, no fork, and the census says why."""
-    from vllm_overlap import census
-    from vllm_overlap.runtime import site_census
+    from vllm_overlap.runtime import reports as census
+    from vllm_overlap.runtime import census as site_census
 
     rt = site_runtime(site_id)
     args = BUILDERS[site_id](request, 5)
@@ -503,8 +504,8 @@ def test_an_inactive_layer_runs_only_the_ungated_branch(request, deepseek_overla
 def test_the_census_counts_the_sites_layer(request, deepseek_overlay, site_id, active, monkeypatch):
     """Every site has a census row for a model holding its layer: the layer overlaps, or (made
     inactive) runs serially with upstream's condition named as the reason."""
-    from vllm_overlap import census
-    from vllm_overlap.runtime import site_census
+    from vllm_overlap.runtime import reports as census
+    from vllm_overlap.runtime import census as site_census
 
     monkeypatch.setattr(census, "site_reports", {})
     args = BUILDERS[site_id](request, 1)
@@ -673,7 +674,7 @@ def test_real_op_refuses_an_output_the_fake_did_not_promise(request, deepseek_ov
 
 @pytest.mark.parametrize("site_id", OP_SITES)
 def test_unknown_layer_name_is_a_clear_error(request, deepseek_overlay, site_id):
-    from vllm_overlap.runtime.layers import encode_layer_name
+    from vllm_overlap.runtime.layer_registry import encode_layer_name
 
     rt, op = _op(site_id)
     args = BUILDERS[site_id](request, 2)
@@ -752,7 +753,7 @@ def test_layer_names_are_graph_inputs_not_constants(request, deepseek_overlay, s
 @pytest.mark.parametrize("site_id", OP_SITES)
 def test_str_layer_names_would_be_baked_in(request, deepseek_overlay, site_id, monkeypatch):
     """Negative control for the test above: with plain strings the names appear as constants."""
-    from vllm_overlap.runtime import layers as layer_names
+    from vllm_overlap.runtime import layer_registry as layer_names
 
     rt, _ = _op(site_id)
     layers = _layers(request, site_id, 2)
@@ -779,7 +780,7 @@ def test_registry_sites_are_op_sites():
 def test_a_registry_sites_layer_registers_itself_when_built(request, deepseek_overlay, site_id, monkeypatch):
     """Whatever loader builds the model (and whether or not a post-load step runs), each
     instance is findable by its name as soon as it is built."""
-    from vllm_overlap.runtime import layers
+    from vllm_overlap.runtime import layer_registry as layers
 
     monkeypatch.setattr(layers, "_layers", type(layers._layers)())
     layer = BUILDERS[site_id](request, 1)[0]
@@ -792,7 +793,7 @@ def test_an_unregistered_layer_is_traced_as_upstreams_statements(
 ):
     """A layer the op could not find: the compiled graph runs upstream's statements for it
     (no op, no KeyError in the forward pass) and a warning names it."""
-    from vllm_overlap.runtime import layers
+    from vllm_overlap.runtime import layer_registry as layers
 
     rt, op = _op(site_id)
     built = _layers(request, site_id, 2)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import same_tensors, site_entry, site_runtime, tensors_of
-from vllm_overlap import streams
+from vllm_overlap.runtime import streams
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("forks_in_eager_steps")]
 
@@ -30,7 +30,7 @@ GPU_SITES = {
 
 
 def _hf_config(name):
-    from vllm_overlap import tiny_models
+    from vllm_overlap.testing import tiny_models
 
     if name == "qwen3_next":
         return tiny_models.qwen3_next_config(2)
@@ -42,11 +42,11 @@ def _hf_config(name):
 
 
 def _args(request, site_id, tokens):
-    from vllm_overlap.site_layers import SITE_LAYERS
+    from vllm_overlap.testing.layer_builders import SITE_LAYERS
 
     import importlib.util
 
-    from vllm_overlap.patches import SITES
+    from vllm_overlap.sites import SITES
 
     module = SITES[site_id].targets[0].module
     if importlib.util.find_spec(module) is None:  # e.g. BailingMoeV3 before vLLM 0.28
@@ -60,8 +60,8 @@ def _args(request, site_id, tokens):
 
 
 def test_every_gpu_site_is_a_declared_site_with_a_builder():
-    from vllm_overlap.patches import SITES
-    from vllm_overlap.site_layers import SITE_LAYERS
+    from vllm_overlap.sites import SITES
+    from vllm_overlap.testing.layer_builders import SITE_LAYERS
 
     assert set(GPU_SITES) <= set(SITES) and set(GPU_SITES) <= set(SITE_LAYERS)
 
@@ -116,11 +116,12 @@ def test_a_user_site_checks_its_first_run_then_forks_on_the_gpu(request, monkeyp
     import importlib
 
     from conftest import minicpm3_user_site_yaml
-    from vllm_overlap import active_config, user_sites
-    from vllm_overlap.config import LoadedConfig, parse_config
-    from vllm_overlap.runtime import installed
-    from vllm_overlap.site_layers import build_minicpm3_attention
-    from vllm_overlap.tiny_models import minicpm3_config
+    from vllm_overlap.config import active as active_config
+    from vllm_overlap.engine import user_sites
+    from vllm_overlap.config.loader import LoadedConfig, parse_config
+    from vllm_overlap.runtime import module_namespaces as installed
+    from vllm_overlap.testing.layer_builders import build_minicpm3_attention
+    from vllm_overlap.testing.tiny_models import minicpm3_config
 
     request.getfixturevalue("overlay_applied")
     config = parse_config(minicpm3_user_site_yaml("gpu_probe"), "user.yaml")

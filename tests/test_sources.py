@@ -10,11 +10,11 @@ import zipfile
 import pytest
 
 from conftest import GDN_MODULE
-from vllm_overlap import rewrite
-from vllm_overlap.compat import matrix, matrix_table
-from vllm_overlap.patch_files import installed_vllm, render
-from vllm_overlap.patches import FEATURES
-from vllm_overlap.sources import find_function, read_installed, rewrite_module_text
+from vllm_overlap.engine import rewrite
+from vllm_overlap.cli.compat import matrix, matrix_table
+from vllm_overlap.cli.patch_diffs import installed_vllm, render
+from vllm_overlap.sites import FEATURES
+from vllm_overlap.engine.sources import find_function, read_installed, rewrite_module_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,7 +27,7 @@ def test_patches_dir_matches_the_installed_vllm(name):
         pytest.skip(f"{path} was made against another vLLM than {installed_vllm()}")
     assert render(FEATURES[name]) == committed, (
         f"{path} drifted from the installed vLLM: regenerate with "
-        "`python -m vllm_overlap.patch_files patches` and review the change"
+        "`python -m vllm_overlap.cli.patch_diffs patches` and review the change"
     )
 
 
@@ -99,8 +99,8 @@ def test_compat_matrix_from_wheels_without_importing_them(tmp_path):
 
 def test_compat_and_diff_report_a_broken_declaration_as_skipped(tmp_path, monkeypatch, capsys):
     """An anchor of ours that does not parse is that site's reason, not a crash."""
-    from vllm_overlap import cli
-    from vllm_overlap.rewrite import Anchor
+    from vllm_overlap.cli import dispatch as cli
+    from vllm_overlap.engine.rewrite import Anchor
 
     gdn = FEATURES["gdn_in_proj"]
     unparsable = Anchor("mixed_qkvz, _ = self.in_proj_qkvz(", "pass")

@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from conftest import minicpm3_user_site_yaml, same_tensors
-from vllm_overlap import active_config, streams, user_sites
-from vllm_overlap.config import LoadedConfig, parse_config
-from vllm_overlap.runtime import hazards, installed
+from vllm_overlap.config import active as active_config
+from vllm_overlap.runtime import streams
+from vllm_overlap.engine import user_sites
+from vllm_overlap.config.loader import LoadedConfig, parse_config
+from vllm_overlap.runtime import hazards, module_namespaces as installed
 
 CONFIG = minicpm3_user_site_yaml("probe_q_kv")
 
@@ -24,8 +26,8 @@ CONFIG = minicpm3_user_site_yaml("probe_q_kv")
 def user_runtime(overlay_applied, minicpm3_vllm):
     """The runtime of the config's user site, compiled from the installed MiniCPM3 forward,
     with that config loaded (restored after); and a real MiniCPM3 attention layer."""
-    from vllm_overlap.site_layers import build_minicpm3_attention
-    from vllm_overlap.tiny_models import minicpm3_config
+    from vllm_overlap.testing.layer_builders import build_minicpm3_attention
+    from vllm_overlap.testing.tiny_models import minicpm3_config
 
     config = parse_config(CONFIG, "user.yaml")
     (cfg,) = config.sites
@@ -193,9 +195,9 @@ class _Layer(torch.nn.Module):
 def synthetic_runtime(monkeypatch):
     """A user site on SYNTHETIC proven statically, its runtime compiled from that source with
     the config loaded; and a layer of fake modules (what the runtime runs is upstream's text)."""
-    from vllm_overlap.branches import compile_form
+    from vllm_overlap.engine.branches import compile_form
     from vllm_overlap.runtime.site_runtime import SiteRuntime
-    from vllm_overlap.settings import UserSiteConfig
+    from vllm_overlap.engine.settings import UserSiteConfig
 
     def make(site_id: str, current: str, aux: str, tokens: str = "x"):
         yaml = (
@@ -266,7 +268,7 @@ def test_a_new_shape_class_is_checked_again(synthetic_runtime, count_forks):
 def test_outputs_of_different_lengths_under_torch_compile(synthetic_runtime):
     """molmo2's q and merged_kv: each output's first dimension is its own input's. The op
     compiled (fullgraph) on inputs of 5 and 3 rows gives what the serial statements give."""
-    from vllm_overlap.runtime import layers
+    from vllm_overlap.runtime import layer_registry as layers
 
     rt, proof = synthetic_runtime("probe_lengths", "p, _ = self.a_proj(x)", "q, _ = self.b_proj(y)")
     assert [(o.name, o.like) for o in proof.site.outputs] == [("p", "x"), ("q", "y")]

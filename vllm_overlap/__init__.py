@@ -9,6 +9,6 @@ __version__ = "0.1.0"
 
 
 def register() -> None:
-    from .plugin import register as _register
+    from vllm_overlap.runtime.plugin import register as _register
 
     _register()

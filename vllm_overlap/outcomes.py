@@ -8,7 +8,7 @@ APPLIED, SKIPPED, OFF, PENDING = "applied", "skipped", "off", "pending"
 # A target of another vLLM release (a site's alternative module, class or method) that this
 # vLLM does not have: nothing to rewrite, and nothing wrong.
 ABSENT = "absent"
-# A target where upstream now forks the site's pair itself (``vllm_overlap.upstream``): the
+# A target where upstream now forks the site's pair itself (``vllm_overlap.engine.upstream``): the
 # overlay steps aside there; never a reason for strict to stop.
 UPSTREAM = "upstream"
 

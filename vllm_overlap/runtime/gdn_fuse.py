@@ -16,9 +16,11 @@ from collections import Counter
 
 import torch
 
-from .. import active_config, census, outcomes
-from ..log import logger
-from .gates import is_lora
+from vllm_overlap.config import active as active_config
+from vllm_overlap.runtime import reports as census
+from vllm_overlap import outcomes
+from vllm_overlap.log import logger
+from vllm_overlap.runtime.gates import is_lora
 
 FUSED = "vllm_overlap_in_proj_qkvz_ba"  # the fused projection's submodule name on the layer
 # Set on every layer fuse_model looked at, fused or not: a layer without it was loaded by a
@@ -76,8 +78,8 @@ def fuse_layer(layer: torch.nn.Module) -> tuple[int, int]:
 
 def fuse_model(model: torch.nn.Module) -> dict:
     """Fuse every eligible GDN layer of ``model``; log and return what happened."""
-    from ..patches import SITES
-    from .site_census import layers_running
+    from vllm_overlap.sites import SITES
+    from vllm_overlap.runtime.census import layers_running
 
     config = active_config.feature_config("gdn_in_proj")
     # the GDN layers whose forwards the site rewrote (whichever class this release has)

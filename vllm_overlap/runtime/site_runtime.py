@@ -31,10 +31,11 @@ from typing import Any
 
 import torch
 
-from .. import active_config, streams
-from ..branches import CompiledForm, compile_function
-from ..site import Site
-from . import gates, layers, refusals, stream_safety
+from vllm_overlap.config import active as active_config
+from vllm_overlap.runtime import streams
+from vllm_overlap.engine.branches import CompiledForm, compile_function
+from vllm_overlap.engine.site import Site
+from vllm_overlap.runtime import gates, layer_registry as layers, refusals, stream_safety
 
 LIBRARY_NAME = "vllm_overlap"
 _library: torch.library.Library | None = None
@@ -58,7 +59,7 @@ def register_op(name: str, func: Callable, fake: Callable) -> None:
     try:
         from vllm.utils.torch_utils import direct_register_custom_op
     except ImportError:
-        from ..rewrite import RewriteSkipped
+        from vllm_overlap.engine.rewrite import RewriteSkipped
 
         raise RewriteSkipped(
             "this vLLM has no vllm.utils.torch_utils.direct_register_custom_op: the site's op "
@@ -170,7 +171,7 @@ class SiteRuntime:
         if self.off_reason:
             return c.serial(*args)
         if self._check_each:  # never fork unchecked: serial during a capture, checked outside
-            from .hazards import combination
+            from vllm_overlap.runtime.hazards import combination
 
             key = combination(args)
             if key not in self._seen:
@@ -190,8 +191,8 @@ class SiteRuntime:
     def _first_run(self, key, *args) -> tuple:
         """The hazard check of a new combination of arguments: the branches serially under
         the recorder, and upstream's order with the moved statements on copies."""
-        from ..log import logger
-        from .hazards import check_region, run_checked
+        from vllm_overlap.log import logger
+        from vllm_overlap.runtime.hazards import check_region, run_checked
 
         c = self.compiled
         first = not self._seen

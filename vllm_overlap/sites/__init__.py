@@ -1,0 +1,38 @@
+"""The registry: every feature and the sites it groups, one module per feature.
+
+Order here is the order of doctor's rows, the config's keys and the README's table; the order
+in which sites stack on a shared target is each site's ``stack``, not this.
+"""
+
+from __future__ import annotations
+
+from vllm_overlap.engine.site import Feature, Site
+from vllm_overlap.sites.deepseek_indexer import FEATURE as DEEPSEEK_INDEXER
+from vllm_overlap.sites.delta_in_proj import FEATURE as DELTA_IN_PROJ
+from vllm_overlap.sites.gdn_in_proj import FEATURE as GDN_IN_PROJ
+from vllm_overlap.sites.kv_a_proj import FEATURE as KV_A_PROJ
+from vllm_overlap.sites.mla_q_b_proj import FEATURE as MLA_Q_B_PROJ
+
+FEATURES: dict[str, Feature] = {
+    f.name: f for f in (GDN_IN_PROJ, DEEPSEEK_INDEXER, MLA_Q_B_PROJ, KV_A_PROJ, DELTA_IN_PROJ)
+}
+SITES: dict[str, Site] = {s.id: s for f in FEATURES.values() for s in f.sites}
+
+
+def problems() -> list[str]:
+    """What is wrong with the registry as declared (empty: nothing)."""
+    out = [p for s in SITES.values() for p in s.problems()]
+    for feature in FEATURES.values():
+        out += [f"{s.id}: declared under {feature.name}, says {s.feature}"
+                for s in feature.sites if s.feature != feature.name]
+        out += [f"{s.id}: no entry for {feature.name}'s mode {m}"
+                for s in feature.sites for m in feature.extra_modes if m not in dict(s.modes)]
+        by_module: dict[tuple[str, str], str] = {}
+        for site in feature.sites:
+            for module in {t.module for t in site.targets}:
+                other = by_module.setdefault((module, site.entry), site.id)
+                if other != site.id:
+                    out.append(f"{site.id} and {other} both call {site.entry} in {module}")
+    ids = [s.id for f in FEATURES.values() for s in f.sites]
+    out += [f"site id {i} declared twice" for i in set(ids) if ids.count(i) > 1]
+    return out
