@@ -363,7 +363,7 @@ def functions(target):
     from vllm_overlap import outcomes
     from vllm_overlap.engine import rewrite
 
-    if not rewrite.installed_layers(target):
+    if not rewrite.installed_rewrites(target):
         reasons = {o.describe() for (_, t), o in outcomes.outcomes.items() if t == str(target)}
         pytest.skip(f"{target} is not rewritten on this vLLM: {sorted(reasons) or 'module absent'}")
     owner, attr = rewrite.resolve_owner(target)

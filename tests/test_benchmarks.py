@@ -28,7 +28,7 @@ def run_script(*args, timeout=900):
 
 
 def test_layer_benchmark_smoke(tmp_path):
-    out = run_script("benchmarks/layers.py", "--reps", "20", "--out", str(tmp_path))
+    out = run_script("benchmarks/site_regions.py", "--reps", "20", "--out", str(tmp_path))
     png = tmp_path / "layers-gdn_in_proj-cpu.png"
     assert png.read_bytes()[:8] == PNG
     data = json.loads((tmp_path / "layers-gdn_in_proj-cpu.json").read_text())
@@ -41,7 +41,7 @@ def test_layer_benchmark_smoke(tmp_path):
 def test_layer_benchmark_times_the_deepseek_v32_sites(tmp_path, deepseek_v3_dir):
     overrides = '{"index_topk": 16, "index_n_heads": 4, "index_head_dim": 128}'
     out = run_script(
-        "benchmarks/layers.py", "--model", deepseek_v3_dir, "--hf-overrides", overrides,
+        "benchmarks/site_regions.py", "--model", deepseek_v3_dir, "--hf-overrides", overrides,
         "--tokens", "1,16", "--reps", "6", "--out", str(tmp_path),
     )
     for site in ("deepseek_indexer_v32", "mla_q_b_proj_v32"):

@@ -47,7 +47,7 @@ def test_diff_shows_exactly_the_code_that_runs(overlay_applied):
             assert results[rw.target.qualname] == "applies"
             node = find_function(tree, rw.target.qualname)
             from_diff = textwrap.dedent("".join(lines[node.lineno - 1 : node.end_lineno]))
-            running = rewrite.installed_layers(rw.target)[-1].source
+            running = rewrite.installed_rewrites(rw.target)[-1].source
             assert from_diff == running
             assert running in inspect.getsource(getattr(getattr(__import__(module, fromlist=["x"]), "QwenGatedDeltaNetAttention"), rw.target.qualname.split(".")[1]))
 

@@ -274,7 +274,7 @@ def _unwrap_descriptor(raw: Any) -> tuple[Any, Any]:
 
 
 @dataclass
-class Layer:
+class InstalledRewrite:
     """One installed rewrite of a target (targets can carry rewrites of several features)."""
 
     feature: str
@@ -289,7 +289,7 @@ class _TargetState:
     original: Any
     original_source: str
     original_file: str
-    layers: list[Layer] = field(default_factory=list)
+    rewrites: list[InstalledRewrite] = field(default_factory=list)
 
 
 _STATE: dict[Target, _TargetState] = {}
@@ -301,7 +301,7 @@ def current_source(target: Target) -> str:
     owner, attr = resolve_owner(target)
     state = _STATE.get(target)
     if state:
-        return state.layers[-1].source
+        return state.rewrites[-1].source
     func, _ = _unwrap_descriptor(vars(owner)[attr])
     return textwrap.dedent(inspect.getsource(func))
 
@@ -320,18 +320,18 @@ def original_function(target: Target) -> Any:
 
 
 def applied_features(target: Target) -> list[str]:
-    return [layer.feature for layer in installed_layers(target)]
+    return [layer.feature for layer in installed_rewrites(target)]
 
 
-def installed_layers(target: Target) -> tuple[Layer, ...]:
+def installed_rewrites(target: Target) -> tuple[InstalledRewrite, ...]:
     """The rewrites installed on ``target``, first applied first (empty: upstream's code)."""
     state = _STATE.get(target)
-    return tuple(state.layers) if state else ()
+    return tuple(state.rewrites) if state else ()
 
 
 def rewritten_targets() -> list[Target]:
     """Every target that carries at least one rewrite now."""
-    return [target for target, state in _STATE.items() if state.layers]
+    return [target for target, state in _STATE.items() if state.rewrites]
 
 
 def apply(
@@ -352,7 +352,7 @@ def apply(
     """
     state = _STATE.get(target)
     if state:
-        for layer in state.layers:
+        for layer in state.rewrites:
             if layer.feature == feature:
                 return layer.path
     owner, attr = resolve_owner(target)
@@ -365,9 +365,9 @@ def apply(
     if state is not None:
         # Stack on the previous rewrite's text as this process made it, never on what a
         # file on disk says now; and only if nobody replaced that function since.
-        if func is not state.layers[-1].function:
+        if func is not state.rewrites[-1].function:
             raise RewriteSkipped(f"{target.qualname} was replaced after vllm-overlap rewrote it")
-        source, upstream_file = state.layers[-1].source, state.original_file
+        source, upstream_file = state.rewrites[-1].source, state.original_file
     else:
         try:
             source = textwrap.dedent(inspect.getsource(func))
@@ -409,7 +409,7 @@ def apply(
     setattr(new_func, MARKER, feature)
     if state is None:
         state = _STATE[target] = _TargetState(raw, source, upstream_file)
-    state.layers.append(Layer(feature, raw, new_func, path, new_source))
+    state.rewrites.append(InstalledRewrite(feature, raw, new_func, path, new_source))
     setattr(owner, attr, wrapper(new_func) if wrapper else new_func)
     return path
 
@@ -422,13 +422,13 @@ def revert(target: Target, feature: str | None = None) -> bool:
     state = _STATE.get(target)
     if not state:
         return False
-    names = [layer.feature for layer in state.layers]
+    names = [layer.feature for layer in state.rewrites]
     if feature is not None and feature not in names:
         return False
     keep = names.index(feature) if feature is not None else 0
     owner, attr = resolve_owner(target)
-    setattr(owner, attr, state.layers[keep].previous)
-    del state.layers[keep:]
-    if not state.layers:
+    setattr(owner, attr, state.rewrites[keep].previous)
+    del state.rewrites[keep:]
+    if not state.rewrites:
         del _STATE[target]
     return True

@@ -1,6 +1,6 @@
 """Time each site's region on its real vLLM layer (``site_layers``), overlay on vs off.
 
-Used by ``benchmarks/layers.py``, ``vllm-overlap calibrate`` and the tests. On a GPU each
+Used by ``benchmarks/site_regions.py``, ``vllm-overlap calibrate`` and the tests. On a GPU each
 region is captured in a CUDA graph and timed with device events over replays; on the CPU it
 is timed with ``perf_counter`` (no second stream there: the ratio is the overlay's overhead,
 read against the spread of "off" over interleaved rounds).

@@ -1,8 +1,8 @@
 """Per-layer latency of each site's overlapped region, overlay on vs off, across token counts.
 
-    python benchmarks/layers.py                      # CPU smoke: tiny Qwen3-Next, serial path
-    python benchmarks/layers.py --model Qwen/Qwen3-Next-80B-A3B-Instruct --tp 4   # on a GPU
-    python benchmarks/layers.py --model deepseek-ai/DeepSeek-V3.2 --tp 8          # on a GPU
+    python benchmarks/site_regions.py                      # CPU smoke: tiny Qwen3-Next, serial path
+    python benchmarks/site_regions.py --model Qwen/Qwen3-Next-80B-A3B-Instruct --tp 4   # on a GPU
+    python benchmarks/site_regions.py --model deepseek-ai/DeepSeek-V3.2 --tp 8          # on a GPU
 
 Every site the model's layers run is timed on its real vLLM layer (``vllm_overlap.testing.layer_builders``);
 a site that cannot be timed outside the engine is listed with the reason.
