@@ -334,7 +334,8 @@ for m in MODULES:
 def lookups():
     res = {}
     from vllm_overlap.runtime import layers, gates
-    from vllm_overlap import streams, log
+    from vllm_overlap.runtime import streams
+    from vllm_overlap import log
     res["layers.LayerNameType"] = f"{layers.LayerNameType.__module__}.{layers.LayerNameType.__qualname__}"
     res["layers.encode_layer_name"] = f"{layers.encode_layer_name.__module__}.{layers.encode_layer_name.__name__}"
     res["layers.is_forward_context_available"] = layers.is_forward_context_available.__module__
@@ -370,13 +371,13 @@ for m in modules:  # once more: a failed package import can leave subpackages im
 # the same anchors matched against the wheel's sources (vllm-overlap compat): what a GPU
 # machine, where every target module imports, would apply
 try:
-    from vllm_overlap import compat
+    from vllm_overlap.cli import compat
     rows = compat.release_rows(vllm.__version__, compat.wheel_reader(os.environ["RELCHECK_WHEEL"]))
     out["static"] = {f"{r['module']}.{r['target']}": r["result"] for r in rows}
 except Exception as exc:
     out["static"] = {"error": f"{type(exc).__name__}: {exc}"}
 import vllm.model_executor.model_loader.utils as lu
-from vllm_overlap import cache_key, hooks
+from vllm_overlap.runtime import cache_key, hooks
 out["hooks"]["model_loader.utils.process_weights_after_loading wrapped"] = hooks.is_ours(
     lu.process_weights_after_loading)
 rebound = []
@@ -409,7 +410,7 @@ for site in SITES.values():
             out["ops"][site.op] = str(packet.default._schema)
         else:
             out["ops"][site.op] = "not registered"
-from vllm_overlap import plugin
+from vllm_overlap.runtime import plugin
 out["summary_line"] = attempt(plugin.summary_line)
 print("@@PROBE@@" + json.dumps(out, default=str))
 '''

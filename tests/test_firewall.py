@@ -63,7 +63,7 @@ CASES = {
 PRELUDE = '''
 import dataclasses, json, sys
 sys.path.insert(0, {dir!r})
-from vllm_overlap import rewrite
+from vllm_overlap.engine import rewrite
 from vllm_overlap.sites import FEATURES, SITES
 from vllm_overlap.engine.rewrite import Anchor, Target
 from vllm_overlap.engine.site import Branch, Form
@@ -102,7 +102,8 @@ IMPORT_AND_REPORT = '''
 import vllm_overlap
 vllm_overlap.register()
 import fw_target
-from vllm_overlap import outcomes, rewrite
+from vllm_overlap import outcomes
+from vllm_overlap.engine import rewrite
 from vllm_overlap.cli.dispatch import collect, doctor_report
 outcome = outcomes.outcomes[("gdn_in_proj", "fw_target.Layer.forward")]
 report = collect()

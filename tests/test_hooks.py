@@ -122,7 +122,8 @@ def test_vllm_config_without_compute_hash_imports_with_every_feature_on(tmp_path
         import json, vllm_overlap
         vllm_overlap.register()
         import vllm.config.vllm as cv
-        from vllm_overlap import cache_key, hooks, plugin, cli
+        from vllm_overlap.runtime import cache_key, hooks, plugin
+        from vllm_overlap.cli import dispatch as cli
         from vllm_overlap.sites import SITES
         config = cv.VllmConfig()
         out = {"describe": cache_key.describe(), "failures": hooks.failures, "line": plugin.summary_line(),
@@ -180,7 +181,7 @@ def test_register_raises_only_its_documented_stops(tmp_path):
     doctor, and vLLM goes on; a bad config is still one line and exit 1."""
     proc = run_py(
         """
-        from vllm_overlap import cache_key, plugin
+        from vllm_overlap.runtime import cache_key, plugin
         def broken(config):
             raise RuntimeError("cache key exploded")
         cache_key.install = broken
@@ -208,7 +209,7 @@ def test_every_name_the_package_wraps_is_declared(tmp_path):
         import importlib, json
         import vllm_overlap
         vllm_overlap.register()
-        from vllm_overlap import hooks
+        from vllm_overlap.runtime import hooks
         for module in list(hooks.hooked):
             try:
                 importlib.import_module(module)

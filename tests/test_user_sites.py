@@ -689,7 +689,7 @@ def test_register_proves_user_sites_without_importing_torch_or_vllm(tmp_path):
     proc = _python(
         """
         import sys, vllm_overlap
-        from vllm_overlap import plugin
+        from vllm_overlap.runtime import plugin
         vllm_overlap.register()
         heavy = [m for m in ("torch", "vllm") if m in sys.modules]
         print("heavy", heavy, "features", sorted(plugin.USER_FEATURES), "refused", sorted(plugin.USER_REFUSED))
