@@ -1,5 +1,5 @@
 """The registry is the one source: every declared site is sound, and the config, doctor,
-README, patches/ and compat all carry exactly the declared features and sites."""
+docs/sites.md, patches/ and compat all carry exactly the declared features and sites."""
 
 from __future__ import annotations
 
@@ -41,10 +41,10 @@ def test_config_keys_are_the_features():
         assert set(field.annotation.__args__) == set(feature.modes)
 
 
-def test_readme_block_is_the_registry():
-    from vllm_overlap.cli.readme import block, render
+def test_sites_page_block_is_the_registry():
+    from vllm_overlap.cli.readme import PAGE, block, render
 
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
+    with open(os.path.join(ROOT, PAGE), encoding="utf-8") as fh:
         text = fh.read()
     assert block(text) == render()
     for site in SITES.values():
