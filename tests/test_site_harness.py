@@ -1,5 +1,6 @@
 """One harness over the declared sites: for each, a tiny real vLLM layer and the entry the
-rewritten code calls. A site supplies a builder (below); everything else is generic.
+rewritten code calls. A site supplies its case (``SiteCase``, in ``CASES`` below); everything
+else is generic (docs/adding-a-site.md: the files a new site touches).
 
 For every site:
 - the overlapped path (the stream primitive, serial on this CPU) gives exactly what the
@@ -25,6 +26,9 @@ The forwards around the sites are compared with upstream's in the per-model laye
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import pytest
 import torch
 
@@ -38,28 +42,80 @@ from vllm_overlap.sites import SITES
 BF16 = torch.bfloat16
 
 # ---------------------------------------------------------------------------------------------
-# Builders: site id -> builder(request, tokens, dtype, seed) -> the entry's arguments, the layer
-# first (``seed``: the layer's weights)
+# Cases: one ``SiteCase`` per declared site, all the harness knows about it
 # ---------------------------------------------------------------------------------------------
 
 
-def _inputs(request, site_id, layer, hf, tokens, dtype):
-    """The entry's arguments as the layer benchmark makes them (``site_layers``), seeded; a
-    0-token case this machine's vLLM linear layers cannot run is skipped (``linear_no_rows``)."""
-    from vllm_overlap.testing.layer_builders import SITE_LAYERS
+@dataclass(frozen=True)
+class SiteCase:
+    """One site in the harness. ``layer(request, site_id, dtype, seed)`` -> (the tiny real vLLM
+    layer, its model config); the entry's arguments are made from them as the layer benchmark
+    makes them (``SITE_LAYERS[site_id].inputs``). The rest is needed only where the site's
+    declaration has the matching part:
 
-    if tokens == 0:
-        model = request.getfixturevalue("vllm_context").model_config.model
-        skip_where_no_rows_kill_vllms_linear(layer, model)
-    gen = torch.Generator().manual_seed(tokens)
-    return SITE_LAYERS[site_id].inputs(layer, hf, tokens, dtype, "cpu", gen)
+    - ``effect``: (reset, observe) for a branch that writes layer state instead of returning
+      it (reset before a run, what to compare after it);
+    - ``deactivate``: makes the layer inactive, where a form has upstream's ``active`` condition;
+    - ``unreach``: makes the layer take upstream's other path, where the site has ``reached_when``;
+    - ``widths``: each op output's width on one rank, by the model's formulas on the tiny config
+      (never read from the layer), for an ``op`` site;
+    - ``heads``: (output index, head size) for each op output viewed as heads;
+    - ``seed``: the layer's weights when a test does not choose them."""
+
+    site_id: str
+    layer: Callable
+    effect: tuple[Callable, Callable] | None = None
+    deactivate: Callable | None = None
+    unreach: Callable | None = None
+    widths: tuple[int, ...] = ()
+    heads: tuple[tuple[int, int], ...] = ()
+    seed: int = 0
+
+    def args(self, request, tokens, dtype=BF16, seed=None) -> tuple:
+        """The entry's arguments at ``tokens`` tokens, the layer first, seeded; a 0-token case
+        this machine's vLLM linear layers cannot run is skipped (``linear_no_rows``)."""
+        from vllm_overlap.testing.layer_builders import SITE_LAYERS
+
+        layer, hf = self.layer(request, self.site_id, dtype, self.seed if seed is None else seed)
+        if tokens == 0:
+            model = request.getfixturevalue("vllm_context").model_config.model
+            skip_where_no_rows_kill_vllms_linear(layer, model)
+        gen = torch.Generator().manual_seed(tokens)
+        return SITE_LAYERS[self.site_id].inputs(layer, hf, tokens, dtype, "cpu", gen)
+
+    def shapes(self, tokens) -> list[tuple[int, ...]]:
+        """Each op output's shape at ``tokens`` tokens: (tokens, width), or (tokens, width //
+        head size, head size) for an output viewed as heads."""
+        heads = dict(self.heads)
+        return [
+            (tokens, w) if i not in heads else (tokens, w // heads[i], heads[i])
+            for i, w in enumerate(self.widths)
+        ]
 
 
-def _gdn(request, tokens, dtype=BF16, seed=0):
+def _tiny(config, vllm="vllm_context", prepare=None):
+    """The layer as the layer benchmark builds it (``SITE_LAYERS[site_id].build``), from the
+    tiny model config ``tiny_models.<config>()`` and the ``vllm`` fixture's VllmConfig, with
+    the overlay applied; ``prepare(request)`` first, where the CPU lacks something the layer's
+    ``__init__`` calls."""
+
+    def layer(request, site_id, dtype, seed):
+        from vllm_overlap.testing import tiny_models
+        from vllm_overlap.testing.layer_builders import SITE_LAYERS
+
+        request.getfixturevalue("overlay_applied")
+        if prepare:
+            prepare(request)
+        hf = getattr(tiny_models, config)()
+        return SITE_LAYERS[site_id].build(request.getfixturevalue(vllm), hf, dtype, "cpu", seed), hf
+
+    return layer
+
+
+def _gdn(request, site_id, dtype, seed):
     from vllm_overlap.testing.tiny_models import qwen3_next_config
 
-    layer = request.getfixturevalue("gdn_layer")(dtype=dtype, seed=seed)  # qwen3_next_config(2)
-    return _inputs(request, "gdn_in_proj", layer, qwen3_next_config(2), tokens, dtype)
+    return request.getfixturevalue("gdn_layer")(dtype=dtype, seed=seed), qwen3_next_config(2)
 
 
 def _deepseek(request):
@@ -68,105 +124,36 @@ def _deepseek(request):
     return request.getfixturevalue("deepseek_vllm"), request.getfixturevalue("standins"), deepseek_v32_config()
 
 
-def _indexer(request, tokens, dtype=BF16, seed=1):
+def _indexer(request, site_id, dtype, seed):
     from deepseek_layers import build_indexer
 
     vllm_config, standins, hf = _deepseek(request)
-    indexer = build_indexer(vllm_config, hf, standins=standins, seed=seed, dtype=dtype)
-    return _inputs(request, "deepseek_indexer_legacy", indexer, hf, tokens, dtype)
+    return build_indexer(vllm_config, hf, standins=standins, seed=seed, dtype=dtype), hf
 
 
-def _v32_site(site_id):
-    def build(request, tokens, dtype=BF16, seed=0):
-        from deepseek_layers import build_v32_attention
+def _v32_attention(request, site_id, dtype, seed):
+    from deepseek_layers import build_v32_attention
 
-        vllm_config, standins, hf = _deepseek(request)
-        layer = build_v32_attention(vllm_config, hf, True, standins=standins, dtype=dtype, seed=seed)
-        return _inputs(request, site_id, layer, hf, tokens, dtype)
-
-    return build
+    vllm_config, standins, hf = _deepseek(request)
+    return build_v32_attention(vllm_config, hf, True, standins=standins, dtype=dtype, seed=seed), hf
 
 
-def _mla_wrapper(request, tokens, dtype=BF16, seed=0):
-    """What ``MultiHeadLatentAttentionWrapper.forward`` hands the site: its q projection and
-    (normed) q_c, positions, k_pe with its head axis, hidden states, q_c."""
+def _mla_wrapper(request, site_id, dtype, seed):
+    """The MLA wrapper; its entry gets what ``MultiHeadLatentAttentionWrapper.forward`` hands
+    the site: its q projection and (normed) q_c, positions, k_pe with its head axis, hidden
+    states, q_c."""
     from deepseek_layers import build_mla_wrapper
 
     vllm_config, standins, hf = _deepseek(request)
-    wrapper = build_mla_wrapper(vllm_config, hf, True, standins=standins, dtype=dtype, seed=seed)
-    return _inputs(request, "mla_q_b_proj_legacy", wrapper, hf, tokens, dtype)
+    return build_mla_wrapper(vllm_config, hf, True, standins=standins, dtype=dtype, seed=seed), hf
 
 
-def _minicpm3(request, tokens, dtype=BF16, seed=0):
-    from vllm_overlap.testing.layer_builders import build_minicpm3_attention
-    from vllm_overlap.testing.tiny_models import minicpm3_config
-
-    request.getfixturevalue("overlay_applied")
-    hf = minicpm3_config()
-    layer = build_minicpm3_attention(request.getfixturevalue("minicpm3_vllm"), hf, dtype=dtype, seed=seed)
-    return _inputs(request, "kv_a_proj_minicpm3", layer, hf, tokens, dtype)
-
-
-def _olmo_hybrid(request, tokens, dtype=BF16, seed=0):
-    """OLMo Hybrid's GDN layer: its ``__init__`` sets up Triton's allocator, which this CPU
-    lacks (no Triton); that one call is stood in. What the site runs is real."""
-    from vllm_overlap.testing.layer_builders import build_olmo_hybrid_gdn_layer
-    from vllm_overlap.testing.tiny_models import olmo_hybrid_config
-
-    request.getfixturevalue("overlay_applied")
+def _no_triton_allocator(request):
+    """OLMo Hybrid's GDN layer's ``__init__`` sets up Triton's allocator, which this CPU lacks
+    (no Triton): that one call is stood in. What the site runs is real."""
     request.getfixturevalue("monkeypatch").setattr(
         "vllm.model_executor.layers.mamba.gdn.olmo_gdn_linear_attn.set_triton_allocator", lambda device: None
     )
-    hf = olmo_hybrid_config()
-    layer = build_olmo_hybrid_gdn_layer(request.getfixturevalue("vllm_context"), hf, dtype=dtype, seed=seed)
-    return _inputs(request, "delta_in_proj_olmo_hybrid", layer, hf, tokens, dtype)
-
-
-def _bailing_moe_v3(request, tokens, dtype=BF16, seed=0):
-    """BailingMoeV3's KDA layer: what the site runs is real (three vLLM linear layers)."""
-    from vllm_overlap.testing.layer_builders import build_bailing_kda_layer
-    from vllm_overlap.testing.tiny_models import bailing_moe_v3_config
-
-    request.getfixturevalue("overlay_applied")
-    hf = bailing_moe_v3_config()
-    layer = build_bailing_kda_layer(request.getfixturevalue("vllm_context"), hf, dtype=dtype, seed=seed)
-    return _inputs(request, "delta_in_proj_bailing_moe_v3", layer, hf, tokens, dtype)
-
-
-def _kimi_gdn(request, tokens, dtype=BF16, seed=0):
-    """Kimi-Linear's GDN layer (low-rank gate): what the site runs is real."""
-    from vllm_overlap.testing.layer_builders import build_kimi_gdn_layer
-    from vllm_overlap.testing.tiny_models import kimi_linear_config
-
-    request.getfixturevalue("overlay_applied")
-    hf = kimi_linear_config()
-    layer = build_kimi_gdn_layer(request.getfixturevalue("vllm_context"), hf, dtype=dtype, seed=seed)
-    return _inputs(request, "delta_in_proj_kimi_gdn", layer, hf, tokens, dtype)
-
-
-def _kimi_mla(request, tokens, dtype=BF16, seed=0):
-    """Kimi-Linear's MLA layer (full-rank q): what the site runs is real."""
-    from vllm_overlap.testing.layer_builders import build_kimi_mla_layer
-    from vllm_overlap.testing.tiny_models import kimi_linear_config
-
-    request.getfixturevalue("overlay_applied")
-    hf = kimi_linear_config()
-    layer = build_kimi_mla_layer(request.getfixturevalue("vllm_context"), hf, dtype=dtype, seed=seed)
-    return _inputs(request, "kv_a_proj_kimi_linear", layer, hf, tokens, dtype)
-
-
-BUILDERS = {
-    "gdn_in_proj": _gdn,
-    "deepseek_indexer_legacy": _indexer,
-    "deepseek_indexer_v32": _v32_site("deepseek_indexer_v32"),
-    "mla_q_b_proj_v32": _v32_site("mla_q_b_proj_v32"),
-    "mla_q_b_proj_legacy": _mla_wrapper,
-    "kv_a_proj_minicpm3": _minicpm3,
-    "delta_in_proj_olmo_hybrid": _olmo_hybrid,
-    "delta_in_proj_bailing_moe_v3": _bailing_moe_v3,
-    "delta_in_proj_kimi_gdn": _kimi_gdn,
-    "kv_a_proj_kimi_linear": _kimi_mla,
-}
 
 
 def _topk_rows(args):
@@ -177,21 +164,9 @@ def _clear_topk(args):
     args[0].topk_indices_buffer.fill_(-1)
 
 
-# Sites whose branch writes layer state instead of returning it: (reset before a run, what to
-# compare after it). The MLA wrapper's indexer call fills the shared top-k buffer.
-EFFECTS = {"mla_q_b_proj_legacy": (_clear_topk, _topk_rows)}
-
-
 def _skip_topk(args):
     args[0].skip_topk = True
 
-
-# How to make a layer inactive, for every site whose form has upstream's ``active`` condition.
-DEACTIVATE = {
-    "deepseek_indexer_v32": _skip_topk,
-    "mla_q_b_proj_v32": _skip_topk,
-    "mla_q_b_proj_legacy": _skip_topk,
-}
 
 def _set(attr, value):
     def unreach(args):
@@ -200,27 +175,68 @@ def _set(attr, value):
     return unreach
 
 
-# How to make a layer take upstream's other path, for every site that declares reached_when.
-UNREACH = {
-    "delta_in_proj_bailing_moe_v3": _set("separate_b_proj", True),
-    "delta_in_proj_kimi_gdn": _set("use_full_rank_gate", True),
-    "kv_a_proj_kimi_linear": _set("q_lora_rank", 64),
+CASES: dict[str, SiteCase] = {
+    case.site_id: case
+    for case in (
+        SiteCase(
+            "gdn_in_proj",
+            _gdn,
+            # tiny_models.qwen3_next_config: 2 key heads, 4 value heads, head dims 128;
+            # qkvz: q and k per key head, v and z per value head; ba: b and a per value head
+            widths=(2 * 2 * 128 + 2 * 4 * 128, 2 * 4),
+        ),
+        SiteCase(
+            "deepseek_indexer_legacy",
+            _indexer,
+            # deepseek_layers.INDEXER_ATTRS: 4 index heads, index head dim 128; q: n_head *
+            # head_dim; kw: wk (head_dim) fused with weights_proj (n_head); k: head_dim
+            widths=(4 * 128, 128 + 4, 128),
+            seed=1,
+        ),
+        SiteCase("deepseek_indexer_v32", _v32_attention, deactivate=_skip_topk),
+        SiteCase("mla_q_b_proj_v32", _v32_attention, deactivate=_skip_topk),
+        # the wrapper's indexer call fills the shared top-k buffer
+        SiteCase("mla_q_b_proj_legacy", _mla_wrapper, effect=(_clear_topk, _topk_rows), deactivate=_skip_topk),
+        SiteCase(
+            "kv_a_proj_minicpm3",
+            _tiny("minicpm3_config", vllm="minicpm3_vllm"),
+            # tiny_models.minicpm3_config: q: heads * (qk_nope + qk_rope); latent: kv_lora + qk_rope
+            widths=(4 * (32 + 32), 64 + 32),
+        ),
+        SiteCase("delta_in_proj_olmo_hybrid", _tiny("olmo_hybrid_config", prepare=_no_triton_allocator)),
+        SiteCase(
+            "delta_in_proj_bailing_moe_v3",
+            _tiny("bailing_moe_v3_config"),
+            unreach=_set("separate_b_proj", True),
+            # tiny_models.bailing_moe_v3_config (4 heads of 32): qkvb: q, k, v (heads * head_dim
+            # each) and beta (one per head); f and g: heads * head_dim
+            widths=(3 * 4 * 32 + 4, 4 * 32, 4 * 32),
+            heads=((2, 32),),  # g2: g_proj's output viewed as (heads, head_dim)
+        ),
+        # Kimi-Linear's GDN layer (low-rank gate) and MLA layer (full-rank q)
+        SiteCase("delta_in_proj_kimi_gdn", _tiny("kimi_linear_config"), unreach=_set("use_full_rank_gate", True)),
+        SiteCase("kv_a_proj_kimi_linear", _tiny("kimi_linear_config"), unreach=_set("q_lora_rank", 64)),
+    )
 }
 
 OP_SITES = sorted(s.id for s in SITES.values() if s.dynamo == "op")
+UNREACH_SITES = sorted(c.site_id for c in CASES.values() if c.unreach)
+GATED_SITES = sorted(c.site_id for c in CASES.values() if c.deactivate)
 TOKEN_COUNTS = [0, 1, 7, 256, 1025]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def test_every_site_has_a_builder():
-    assert set(BUILDERS) == set(SITES)
+def test_every_site_has_a_case():
+    """A site declared without a case (or a case for no declared site) fails here; every check
+    below is parametrised over the cases."""
+    assert set(CASES) == set(SITES)
 
 
 def test_every_site_with_another_path_says_how_to_take_it():
-    assert set(UNREACH) == {s.id for s in SITES.values() if s.reached_when}
+    assert set(UNREACH_SITES) == {s.id for s in SITES.values() if s.reached_when}
 
 
-@pytest.mark.parametrize("site_id", sorted(UNREACH))
+@pytest.mark.parametrize("site_id", UNREACH_SITES)
 def test_the_census_counts_a_layer_on_upstreams_other_path_as_not_reaching_the_site(
     request, deepseek_overlay, site_id, monkeypatch
 ):
@@ -228,9 +244,10 @@ def test_the_census_counts_a_layer_on_upstreams_other_path_as_not_reaching_the_s
     from vllm_overlap.runtime import census as site_census
 
     monkeypatch.setattr(census, "site_reports", {})
-    reached = BUILDERS[site_id](request, 1)[0]
-    other = BUILDERS[site_id](request, 1, seed=1)
-    UNREACH[site_id](other)
+    case = CASES[site_id]
+    reached = case.args(request, 1)[0]
+    other = case.args(request, 1, seed=1)
+    case.unreach(other)
     row = site_census.post_load(torch.nn.ModuleList([reached, other[0]]))[site_id]
     needs = SITES[site_id].reached_when
     assert (row["layers"], row["overlap"]) == (2, 1)
@@ -239,8 +256,7 @@ def test_the_census_counts_a_layer_on_upstreams_other_path_as_not_reaching_the_s
 
 def test_every_gated_site_says_how_to_deactivate_its_layer():
     gated = {s.id for s in SITES.values() if any(form.active for form in s.forms)}
-    assert set(DEACTIVATE) == gated
-
+    assert set(GATED_SITES) == gated
 
 # ---------------------------------------------------------------------------------------------
 # Running a site
@@ -256,7 +272,7 @@ def _fresh(args) -> tuple:
 def _run(fn, site_id, args):
     """``fn(*args)`` on fresh arguments, with the site's layer-state effect appended."""
     args = _fresh(args)
-    reset, observe = EFFECTS.get(site_id, (None, None))
+    reset, observe = CASES[site_id].effect or (None, None)
     if reset:
         reset(args)
     with torch.no_grad():
@@ -319,9 +335,9 @@ def token_range():
 
 
 @pytest.mark.parametrize("tokens", [1, 7])
-@pytest.mark.parametrize("site_id", sorted(BUILDERS))
+@pytest.mark.parametrize("site_id", sorted(CASES))
 def test_overlapped_path_equals_the_serial_statements(request, deepseek_overlay, site_id, tokens, forks):
-    args = BUILDERS[site_id](request, tokens)
+    args = CASES[site_id].args(request, tokens)
     expected = _run(_serial(site_id), site_id, args)
     actual = _run(site_entry(site_id), site_id, args)
     assert _own(forks, site_id) == [site_id]
@@ -334,7 +350,7 @@ BRANCHES = [(s.id, which) for s in SITES.values() for which in s.forms[0].branch
 @pytest.mark.parametrize("site_id, which", sorted(BRANCHES))
 def test_a_perturbed_branch_changes_the_result(request, deepseek_overlay, site_id, which, monkeypatch):
     rt = site_runtime(site_id)
-    args = BUILDERS[site_id](request, 5)
+    args = CASES[site_id].args(request, 5)
     expected = _run(_serial(site_id), site_id, args)
     if rt.site.forms[rt.compiled.form_index].branches[which].returns == "None":
         # its effect is layer state: the mutation is not running it
@@ -345,9 +361,9 @@ def test_a_perturbed_branch_changes_the_result(request, deepseek_overlay, site_i
 
 
 @pytest.mark.parametrize("tokens", [1, 7])
-@pytest.mark.parametrize("site_id", sorted(BUILDERS))
+@pytest.mark.parametrize("site_id", sorted(CASES))
 def test_branches_share_no_storage_that_either_writes(request, deepseek_overlay, site_id, tokens, recorder):
-    args = BUILDERS[site_id](request, tokens)
+    args = CASES[site_id].args(request, tokens)
     expected = _run(_serial(site_id), site_id, args)
     actual = recorder.run(lambda: _run(site_entry(site_id), site_id, args))
     assert _own(recorder.forks, site_id) == [site_id]
@@ -355,22 +371,23 @@ def test_branches_share_no_storage_that_either_writes(request, deepseek_overlay,
     assert same_tensors(expected, actual)
 
 
-@pytest.mark.parametrize("site_id", sorted(BUILDERS))
+@pytest.mark.parametrize("site_id", sorted(CASES))
 def test_the_first_run_hazard_check_passes_every_built_in_site(request, deepseek_overlay, site_id):
     """The check a user site's first run goes through (``runtime.hazards``), on each built-in
     site's real layer: no branch writes memory another uses, no collective; its results are
     the serial statements'."""
     from vllm_overlap.runtime.hazards import run_checked
 
-    args = BUILDERS[site_id](request, 5)
+    args = CASES[site_id].args(request, 5)
     rt = site_runtime(site_id)
     expected = _run(_serial(site_id), site_id, args)
     fresh = _fresh(args)
-    reset, observe = EFFECTS.get(site_id, (None, None))
+    reset, observe = CASES[site_id].effect or (None, None)
     if reset:
         reset(fresh)
     with torch.no_grad():
-        results, finding = run_checked({w: (lambda fn=fn: fn(*fresh)) for w, fn in rt.compiled.branches.items()}, rt.compiled.order)
+        branches = {w: (lambda fn=fn: fn(*fresh)) for w, fn in rt.compiled.branches.items()}
+        results, finding = run_checked(branches, rt.compiled.order)
     assert finding is None
     actual = rt.site.result(*(results[w] for w in rt.compiled.branches))
     assert same_tensors(expected, (actual, observe(fresh)) if observe else actual)
@@ -381,7 +398,7 @@ def test_the_first_run_hazard_check_fails_a_branch_that_writes_an_input(request,
     the current branch reads."""
     from vllm_overlap.runtime.hazards import run_checked
 
-    layer, hidden = BUILDERS["gdn_in_proj"](request, 5)
+    layer, hidden = CASES["gdn_in_proj"].args(request, 5)
     rt = site_runtime("gdn_in_proj")
     branches = {
         "current": lambda: rt.compiled.branches["current"](layer, hidden),
@@ -392,12 +409,12 @@ def test_the_first_run_hazard_check_fails_a_branch_that_writes_an_input(request,
     assert finding == "the aux branch writes memory the current branch uses (1 storage(s))"
 
 
-@pytest.mark.parametrize("site_id", sorted(BUILDERS))
+@pytest.mark.parametrize("site_id", sorted(CASES))
 def test_no_second_stream_or_lora_runs_serially(request, deepseek_overlay, site_id, forks, monkeypatch):
     from vllm_overlap.runtime import gates
 
     rt = site_runtime(site_id)
-    args = BUILDERS[site_id](request, 3)
+    args = CASES[site_id].args(request, 3)
     expected = _run(_serial(site_id), site_id, args)
     with monkeypatch.context() as m:
         m.setattr(gates, "_OVERLAP_POSSIBLE", False)
@@ -411,7 +428,7 @@ def test_no_second_stream_or_lora_runs_serially(request, deepseek_overlay, site_
     assert _own(forks, site_id) == []
 
 
-@pytest.mark.parametrize("site_id", sorted(BUILDERS))
+@pytest.mark.parametrize("site_id", sorted(CASES))
 def test_a_projection_that_is_not_stream_safe_runs_serially(request, deepseek_overlay, site_id, fake_gpu, monkeypatch):
     """Each module the branches call judged not stream-safe in turn (its kernel keeps a
     per-device workspace): upstream's statements, no fork; and the census says why."""
@@ -419,7 +436,7 @@ def test_a_projection_that_is_not_stream_safe_runs_serially(request, deepseek_ov
     from vllm_overlap.runtime import census as site_census, stream_safety
 
     rt = site_runtime(site_id)
-    args = BUILDERS[site_id](request, 5)
+    args = CASES[site_id].args(request, 5)
     expected = _run(_serial(site_id), site_id, args)
     assert same_tensors(expected, _run(site_entry(site_id), site_id, args))
     assert _own(_forked_sites(fake_gpu), site_id) == [site_id]  # safe: it forks
@@ -450,7 +467,7 @@ def test_another_models_module_behind_a_callee_runs_serially(request, deepseek_o
     from vllm_overlap.runtime import census as site_census
 
     rt = site_runtime(site_id)
-    args = BUILDERS[site_id](request, 5)
+    args = CASES[site_id].args(request, 5)
     expected = _run(_serial(site_id), site_id, args)
     fake_gpu.clear()
     assert same_tensors(expected, _run(site_entry(site_id), site_id, args))
@@ -476,20 +493,20 @@ def test_another_models_module_behind_a_callee_runs_serially(request, deepseek_o
     }
 
 
-@pytest.mark.parametrize("site_id", sorted(DEACTIVATE))
+@pytest.mark.parametrize("site_id", GATED_SITES)
 def test_an_inactive_layer_runs_only_the_ungated_branch(request, deepseek_overlay, site_id, forks, monkeypatch):
     rt = site_runtime(site_id)
     gated = rt.compiled.gated
     assert gated in rt.compiled.branches
-    args = BUILDERS[site_id](request, 4)
-    DEACTIVATE[site_id](args)
+    args = CASES[site_id].args(request, 4)
+    CASES[site_id].deactivate(args)
     monkeypatch.setitem(rt.compiled.branches, gated, lambda *a: pytest.fail(f"the gated {gated} branch ran"))
     with torch.no_grad():
         fresh = _fresh(args)
         alone = {w: fn(*fresh) for w, fn in rt.compiled.branches.items() if w != gated}
     expected = rt.site.result(*(alone.get(w) for w in rt.compiled.branches))
-    if site_id in EFFECTS:  # the layer state stays as reset: the gated branch wrote it
-        reset, observe = EFFECTS[site_id]
+    if CASES[site_id].effect:  # the layer state stays as reset: the gated branch wrote it
+        reset, observe = CASES[site_id].effect
         reset(args)
         expected = (expected, observe(args))
     actual = _run(site_entry(site_id), site_id, args)
@@ -499,7 +516,7 @@ def test_an_inactive_layer_runs_only_the_ungated_branch(request, deepseek_overla
 
 @pytest.mark.parametrize(
     "site_id, active",
-    [(s, True) for s in sorted(BUILDERS)] + [(s, False) for s in sorted(DEACTIVATE)],
+    [(s, True) for s in sorted(CASES)] + [(s, False) for s in GATED_SITES],
 )
 def test_the_census_counts_the_sites_layer(request, deepseek_overlay, site_id, active, monkeypatch):
     """Every site has a census row for a model holding its layer: the layer overlaps, or (made
@@ -508,9 +525,9 @@ def test_the_census_counts_the_sites_layer(request, deepseek_overlay, site_id, a
     from vllm_overlap.runtime import census as site_census
 
     monkeypatch.setattr(census, "site_reports", {})
-    args = BUILDERS[site_id](request, 1)
+    args = CASES[site_id].args(request, 1)
     if not active:
-        DEACTIVATE[site_id](args)
+        CASES[site_id].deactivate(args)
     rows = site_census.post_load(torch.nn.ModuleList([args[0]]))
     site = SITES[site_id]
     serial = {}
@@ -528,21 +545,21 @@ def test_the_census_counts_the_sites_layer(request, deepseek_overlay, site_id, a
 
 
 @pytest.mark.parametrize("tokens, forked", [(3, False), (4, True), (16, True), (17, False)])
-@pytest.mark.parametrize("site_id", sorted(BUILDERS))
+@pytest.mark.parametrize("site_id", sorted(CASES))
 def test_the_sites_token_range_gates_the_fork_at_both_bounds(
     request, deepseek_overlay, site_id, tokens, forked, fake_gpu, token_range
 ):
     token_range(SITES[site_id].feature, 4, 16)
-    args = BUILDERS[site_id](request, tokens)
+    args = CASES[site_id].args(request, tokens)
     expected = _run(_serial(site_id), site_id, args)
     assert same_tensors(expected, _run(site_entry(site_id), site_id, args))
     assert _own(_forked_sites(fake_gpu), site_id) == [site_id] * forked
 
 
-@pytest.mark.parametrize("site_id", sorted(BUILDERS))
+@pytest.mark.parametrize("site_id", sorted(CASES))
 def test_micro_batch_threads_run_serially(request, deepseek_overlay, site_id, fake_gpu, monkeypatch):
     monkeypatch.setattr(streams, "in_micro_batch_thread", lambda: True)
-    args = BUILDERS[site_id](request, 8)
+    args = CASES[site_id].args(request, 8)
     expected = _run(_serial(site_id), site_id, args)
     assert same_tensors(expected, _run(site_entry(site_id), site_id, args))
     assert fake_gpu == []
@@ -558,49 +575,15 @@ def _op(site_id):
     return rt, getattr(torch.ops.vllm_overlap, rt.site.op)
 
 
-# Each op output's width on one rank, by the models' formulas on the tiny configs
-# (tiny_models.qwen3_next_config: 2 key heads, 4 value heads, head dims 128;
-# deepseek_layers.INDEXER_ATTRS: 4 index heads, index head dim 128), not read from the layer.
-WIDTHS = {
-    # qkvz: q and k per key head, v and z per value head; ba: b and a per value head
-    "gdn_in_proj": (2 * 2 * 128 + 2 * 4 * 128, 2 * 4),
-    # q: n_head * head_dim; kw: wk (head_dim) fused with weights_proj (n_head); k: head_dim
-    "deepseek_indexer_legacy": (4 * 128, 128 + 4, 128),
-    # tiny_models.minicpm3_config: q: heads * (qk_nope + qk_rope); latent: kv_lora + qk_rope
-    "kv_a_proj_minicpm3": (4 * (32 + 32), 64 + 32),
-    # tiny_models.bailing_moe_v3_config (4 heads of 32): qkvb: q, k, v (heads * head_dim each)
-    # and beta (one per head); f and g: heads * head_dim
-    "delta_in_proj_bailing_moe_v3": (3 * 4 * 32 + 4, 4 * 32, 4 * 32),
-}
-
-
-# Outputs viewed as heads: site id -> (output index -> head size), from the same configs.
-HEADS = {"delta_in_proj_bailing_moe_v3": {2: 32}}  # g2: g_proj's output viewed as (heads, head_dim)
-
-
-def _shapes(site_id, tokens):
-    """Each op output's shape at ``tokens`` tokens: (tokens, width), or (tokens, width // head
-    size, head size) for an output viewed as heads."""
-    heads = HEADS.get(site_id, {})
-    return [
-        (tokens, w) if i not in heads else (tokens, w // heads[i], heads[i])
-        for i, w in enumerate(WIDTHS[site_id])
-    ]
-
-
 def test_op_sites_are_the_declared_ones():
-    assert OP_SITES == sorted(WIDTHS) == [
-        "deepseek_indexer_legacy",
-        "delta_in_proj_bailing_moe_v3",
-        "gdn_in_proj",
-        "kv_a_proj_minicpm3",
-    ]
+    """Every op site's case gives its output widths, and only op sites' cases do."""
+    assert OP_SITES and OP_SITES == sorted(c.site_id for c in CASES.values() if c.widths)
 
 
 @pytest.mark.parametrize("site_id", OP_SITES)
 def test_op_widths_are_the_per_rank_output_sizes(request, deepseek_overlay, site_id):
     rt, _ = _op(site_id)
-    assert rt.widths(BUILDERS[site_id](request, 1)[0]) == WIDTHS[site_id]
+    assert rt.widths(CASES[site_id].args(request, 1)[0]) == CASES[site_id].widths
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
@@ -608,7 +591,7 @@ def test_op_widths_are_the_per_rank_output_sizes(request, deepseek_overlay, site
 @pytest.mark.parametrize("site_id", OP_SITES)
 def test_opcheck(request, deepseek_overlay, site_id, tokens, dtype):
     rt, op = _op(site_id)
-    args = BUILDERS[site_id](request, tokens, dtype)
+    args = CASES[site_id].args(request, tokens, dtype)
     torch.library.opcheck(op.default, rt.op_args(*args))
 
 
@@ -621,7 +604,7 @@ def test_fake_kernel_matches_real_outputs(request, deepseek_overlay, site_id, to
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     rt, op = _op(site_id)
-    args = BUILDERS[site_id](request, tokens, dtype)
+    args = CASES[site_id].args(request, tokens, dtype)
     op_args = rt.op_args(*args)
     with torch.no_grad():
         real = op(*op_args)
@@ -629,7 +612,7 @@ def test_fake_kernel_matches_real_outputs(request, deepseek_overlay, site_id, to
     with FakeTensorMode() as mode:
         fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in op_args))
     assert len(real) == len(fake) == len(rt.site.outputs)
-    for r, f, shape in zip(real, fake, _shapes(site_id, tokens)):
+    for r, f, shape in zip(real, fake, CASES[site_id].shapes(tokens)):
         assert (tuple(f.shape), f.dtype, f.stride()) == (tuple(r.shape), r.dtype, r.stride())
         assert tuple(r.shape) == shape and r.dtype == dtype and r.is_contiguous()
     assert same_tensors(tuple(real), tuple(t.contiguous() for t in tensors_of(results)))
@@ -642,7 +625,7 @@ def test_fake_kernel_keeps_a_symbolic_token_count(request, deepseek_overlay, sit
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
     rt, op = _op(site_id)
-    args = BUILDERS[site_id](request, 9)
+    args = CASES[site_id].args(request, 9)
     op_args = rt.op_args(*args)
     tensors = [a for a in op_args if isinstance(a, torch.Tensor)]
     with FakeTensorMode(shape_env=ShapeEnv()) as mode:
@@ -654,7 +637,7 @@ def test_fake_kernel_keeps_a_symbolic_token_count(request, deepseek_overlay, sit
         assert isinstance(tokens, torch.SymInt)
         fakes = [first] + [mode.from_tensor(t).new_empty((tokens, *t.shape[1:])) for t in tensors[1:]]
         outs = op(*fakes, *op_args[len(tensors):])
-    for out, shape in zip(outs, _shapes(site_id, 9)):
+    for out, shape in zip(outs, CASES[site_id].shapes(9)):
         assert str(out.shape[0]) == str(tokens)
         assert tuple(out.shape[1:]) == shape[1:] and out.is_contiguous()
 
@@ -662,10 +645,10 @@ def test_fake_kernel_keeps_a_symbolic_token_count(request, deepseek_overlay, sit
 @pytest.mark.parametrize("site_id", OP_SITES)
 def test_real_op_refuses_an_output_the_fake_did_not_promise(request, deepseek_overlay, site_id):
     rt, op = _op(site_id)
-    args = BUILDERS[site_id](request, 3)  # the registry holds its layer weakly: keep it
+    args = CASES[site_id].args(request, 3)  # the registry holds its layer weakly: keep it
     op_args = list(rt.op_args(*args))
     first_width = len(rt.site.params) - 1  # after the tensors: the widths, then head sizes
-    for i in range(len(rt.site.outputs) + len(HEADS.get(site_id, {}))):
+    for i in range(len(rt.site.outputs) + len(CASES[site_id].heads)):
         wrong = list(op_args)
         wrong[first_width + i] += 1
         with pytest.raises(RuntimeError, match="fake kernel promised"):
@@ -677,7 +660,7 @@ def test_unknown_layer_name_is_a_clear_error(request, deepseek_overlay, site_id)
     from vllm_overlap.runtime.layer_registry import encode_layer_name
 
     rt, op = _op(site_id)
-    args = BUILDERS[site_id](request, 2)
+    args = CASES[site_id].args(request, 2)
     op_args = list(rt.op_args(*args))
     op_args[-1] = encode_layer_name(rt.layer_name(args[0]) + ".nope")
     with pytest.raises(KeyError, match="no layer named"):
@@ -711,7 +694,7 @@ def _compile_and_run(request, site_id, layers, token_counts):
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(stack, backend=counter, fullgraph=True, dynamic=True)
     for n in token_counts:
-        tensors = BUILDERS[site_id](request, n)[1:]
+        tensors = CASES[site_id].args(request, n)[1:]
         with torch.no_grad():
             expected = stack(*tensors)
             torch.testing.assert_close(compiled(*tensors), expected, rtol=0, atol=0)
@@ -721,7 +704,7 @@ def _compile_and_run(request, site_id, layers, token_counts):
 
 
 def _layers(request, site_id, n):
-    return [BUILDERS[site_id](request, 1, seed=seed)[0] for seed in range(1, n + 1)]
+    return [CASES[site_id].args(request, 1, seed=seed)[0] for seed in range(1, n + 1)]
 
 
 @pytest.mark.parametrize("num_layers", [2, 4])
@@ -783,7 +766,7 @@ def test_a_registry_sites_layer_registers_itself_when_built(request, deepseek_ov
     from vllm_overlap.runtime import layer_registry as layers
 
     monkeypatch.setattr(layers, "_layers", type(layers._layers)())
-    layer = BUILDERS[site_id](request, 1)[0]
+    layer = CASES[site_id].args(request, 1)[0]
     assert layers.registered_layers() == {site_runtime(site_id).layer_name(layer): layer}
 
 
