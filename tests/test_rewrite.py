@@ -380,7 +380,7 @@ def test_cache_directories_owned_by_someone_else_are_refused(synthetic, tmp_path
     os.makedirs(tmp_path / "cache", mode=0o700)
     os.makedirs(fallback, mode=0o700)
     real = os.geteuid()
-    monkeypatch.setattr(rewrite.os, "geteuid", lambda: real + 1)
+    monkeypatch.setattr(os, "geteuid", lambda: real + 1)
     original = synthetic.Layer.__dict__["forward"]
     with pytest.raises(RewriteSkipped) as info:
         _apply(synthetic, "forward")

@@ -27,8 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_overlap.engine.rewrite import Anchor, RewriteSkipped, _CAPTURE_RE, _match, _parse_anchor, find_anchor, function_node
+from vllm_overlap.engine.rewrite import Anchor, RewriteSkipped, find_anchor, function_node
 from vllm_overlap.engine.site import Branch, Form, Site
+from vllm_overlap.engine.syntax import CAPTURE_RE, clashes, match, names_of, parse_anchor
+
 
 @dataclass
 class CompiledForm:
@@ -64,23 +66,19 @@ class CompiledForm:
         return tuple(results[name] for name in self.branches)
 
 
-def _names(node: ast.AST, ctx: type) -> set[str]:
-    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ctx)}
-
-
 def _free_names(stmts: list[ast.stmt], defined: set[str]) -> set[str]:
     """Names read before this code assigns them (in statement order, into compound bodies)."""
     free: set[str] = set()
     for stmt in stmts:
         if isinstance(stmt, ast.If):
-            free |= _names(stmt.test, ast.Load) - defined
+            free |= names_of(stmt.test, ast.Load) - defined
             body, orelse = set(defined), set(defined)
             free |= _free_names(stmt.body, body)
             free |= _free_names(stmt.orelse, orelse)
             defined |= body | orelse
             continue
-        free |= _names(stmt, ast.Load) - defined
-        defined |= _names(stmt, ast.Store)
+        free |= names_of(stmt, ast.Load) - defined
+        defined |= names_of(stmt, ast.Store)
     return free
 
 
@@ -90,7 +88,7 @@ def _returns(branch: Branch, captures: dict[str, str]) -> str:
             raise RewriteSkipped(f"branch returns unbound ${m.group(1)}")
         return captures[m.group(1)]
 
-    return _CAPTURE_RE.sub(bound, branch.returns)
+    return CAPTURE_RE.sub(bound, branch.returns)
 
 
 def _within(stmts: list[ast.stmt], spans: list[tuple[int, int]]) -> bool:
@@ -123,64 +121,14 @@ def compile_form(
         for anchor in form.anchors
         for m in find_anchor(func, anchor)
     ]
-    params = set(site.params)
-    known = set(func_globals) | set(vars(builtins))
-    found: dict[str, Any] = {}
-    for which, branch in form.branches.items():
-        matches = [m for m in find_anchor(func, Anchor(branch.statements, "")) if _within(m.stmts, spans)]
-        if not matches:
-            raise RewriteSkipped(f"{site.id}: the {which} branch's statements are not in the matched code")
-        match = matches[0]
-        first, last = match.stmts[0], match.stmts[-1]
-        body = textwrap.dedent("".join(lines[first.lineno - 1 : last.end_lineno]))
-        returns = _returns(branch, match.captures)
-        fname = f"{site.id}__{which}"
-        text = f"def {fname}({', '.join(site.params)}):\n" + textwrap.indent(body, "    ")
-        text += f"    return {returns}\n"
-        tree = function_node(text)
-        free = _free_names(tree.body, set())  # the parameters included: what it reads of them
-        unknown = sorted(free - params - known)
-        if unknown:
-            raise RewriteSkipped(
-                f"{site.id}: the {which} branch reads {', '.join(unknown)}, which it is not passed"
-            )
-        stores = set().union(*(_names(s, ast.Store) for s in tree.body))
-        calls = [
-            ast.unparse(n.func)
-            for s in match.stmts
-            for n in ast.walk(s)
-            if isinstance(n, ast.Call) and _root(n.func) in params
-        ]
-        found[which] = dict(
-            match=match,
-            fn=compile_function(text, fname, func_globals, filename, first_lineno + first.lineno - 2),
-            reads=free & params,
-            stores=stores,
-            calls=calls,
-            text=body,
-            returns=returns,
-        )
-    for a in found:
-        for b in found:
-            clash = found[a]["stores"] & found[b]["reads"] if a != b else set()
-            if clash:
-                raise RewriteSkipped(
-                    f"{site.id}: the {a} branch assigns {', '.join(sorted(clash))}, which the {b} "
-                    "branch reads: not independent"
-                )
+    matched = _Matched(site, func, lines, spans, func_globals, filename, first_lineno)
+    found = {which: _compile_branch(matched, which, branch) for which, branch in form.branches.items()}
+    _check_independent(site, found)
     order = tuple(sorted(found, key=lambda w: found[w]["match"].stmts[0].lineno))
     active, gated = None, None
     if form.active:
         active, gated = _gate(site, form, func, found, func_globals, filename, first_lineno)
-    calls = list(dict.fromkeys(c for w in found for c in found[w]["calls"]))
-    projections = compile_function(
-        f"def {site.id}__projections({', '.join(site.params)}):\n"
-        f"    return ({''.join(c + ', ' for c in calls)})\n",
-        f"{site.id}__projections",
-        func_globals,
-        filename,
-        first_lineno,
-    )
+    projections = _projections(site, found, func_globals, filename, first_lineno)
     region, pairs = _region(site, form, func, lines, found, func_globals, filename, first_lineno)
     return CompiledForm(
         site,
@@ -193,6 +141,85 @@ def compile_form(
         {w: found[w]["text"] for w in found},
         region,
         pairs,
+    )
+
+
+@dataclass(frozen=True)
+class _Matched:
+    """Where a form's branches are compiled from: the function the engine matched the form's
+    anchors in, its lines, the matched spans, and where its code lives."""
+
+    site: Site
+    func: ast.AST
+    lines: list[str]
+    spans: list[tuple[int, int]]
+    func_globals: dict
+    filename: str
+    first_lineno: int
+
+
+def _compile_branch(matched: _Matched, which: str, branch: Branch) -> dict[str, Any]:
+    """One branch of the form: its statements inside the matched code, compiled into a function
+    of the site's parameters; refused if it reads anything it is not passed."""
+    site = matched.site
+    params = set(site.params)
+    known = set(matched.func_globals) | set(vars(builtins))
+    matches = [m for m in find_anchor(matched.func, Anchor(branch.statements, "")) if _within(m.stmts, matched.spans)]
+    if not matches:
+        raise RewriteSkipped(f"{site.id}: the {which} branch's statements are not in the matched code")
+    hit = matches[0]
+    first, last = hit.stmts[0], hit.stmts[-1]
+    body = textwrap.dedent("".join(matched.lines[first.lineno - 1 : last.end_lineno]))
+    returns = _returns(branch, hit.captures)
+    fname = f"{site.id}__{which}"
+    text = f"def {fname}({', '.join(site.params)}):\n" + textwrap.indent(body, "    ")
+    text += f"    return {returns}\n"
+    tree = function_node(text)
+    free = _free_names(tree.body, set())  # the parameters included: what it reads of them
+    unknown = sorted(free - params - known)
+    if unknown:
+        raise RewriteSkipped(
+            f"{site.id}: the {which} branch reads {', '.join(unknown)}, which it is not passed"
+        )
+    calls = [
+        ast.unparse(n.func)
+        for s in hit.stmts
+        for n in ast.walk(s)
+        if isinstance(n, ast.Call) and _root(n.func) in params
+    ]
+    line = matched.first_lineno + first.lineno - 2
+    return dict(
+        match=hit,
+        fn=compile_function(text, fname, matched.func_globals, matched.filename, line),
+        reads=free & params,
+        stores=set().union(*(names_of(s, ast.Store) for s in tree.body)),
+        calls=calls,
+        text=body,
+        returns=returns,
+    )
+
+
+def _check_independent(site: Site, found: dict[str, dict[str, Any]]) -> None:
+    """No branch assigns a name another reads: refused otherwise."""
+    stores = {w: found[w]["stores"] for w in found}
+    reads = {w: found[w]["reads"] for w in found}
+    for a, b, clash in clashes(stores, reads):
+        raise RewriteSkipped(
+            f"{site.id}: the {a} branch assigns {', '.join(sorted(clash))}, which the {b} "
+            "branch reads: not independent"
+        )
+
+
+def _projections(site: Site, found: dict[str, dict[str, Any]], func_globals, filename, first_lineno):
+    """The function of the site's parameters returning the modules the branches call."""
+    calls = list(dict.fromkeys(c for w in found for c in found[w]["calls"]))
+    return compile_function(
+        f"def {site.id}__projections({', '.join(site.params)}):\n"
+        f"    return ({''.join(c + ', ' for c in calls)})\n",
+        f"{site.id}__projections",
+        func_globals,
+        filename,
+        first_lineno,
     )
 
 
@@ -221,7 +248,8 @@ def _region(site, form, func, lines, found, func_globals, filename, first_lineno
     if not moved:
         return None, ()
     name = f"{site.id}__region"
-    text = f"def {name}(__mark, __branches, {params}):\n" + textwrap.indent("\n".join([*body, "__mark(None)"]), "    ") + "\n"
+    text = f"def {name}(__mark, __branches, {params}):\n"
+    text += textwrap.indent("\n".join([*body, "__mark(None)"]), "    ") + "\n"
     free = _free_names(function_node(text).body, set()) - {"__mark", "__branches"}
     if free - set(site.params) - set(func_globals) - set(vars(builtins)):
         return None, ()
@@ -236,12 +264,12 @@ def _root(node: ast.AST) -> str | None:
 
 
 def _gate(site, form, func, found, func_globals, filename, first_lineno):
-    pattern = _parse_anchor(form.active)
+    pattern = parse_anchor(form.active)
     if len(pattern) != 1 or not isinstance(pattern[0], ast.Expr):
         raise RewriteSkipped(f"{site.id}: active must be one expression")
     guarded = []
     for node in ast.walk(func):
-        if isinstance(node, ast.If) and _match(pattern[0].value, node.test, {}):
+        if isinstance(node, ast.If) and match(pattern[0].value, node.test, {}):
             for which in found:
                 if any(s is found[which]["match"].stmts[0] for s in node.body):
                     guarded.append((which, node))
@@ -252,7 +280,7 @@ def _gate(site, form, func, found, func_globals, filename, first_lineno):
         )
     which, node = guarded[0]
     layer = site.params[0]
-    unknown = sorted(_names(node.test, ast.Load) - {layer} - set(func_globals) - set(vars(builtins)))
+    unknown = sorted(names_of(node.test, ast.Load) - {layer} - set(func_globals) - set(vars(builtins)))
     if unknown:
         raise RewriteSkipped(f"{site.id}: the active condition reads {', '.join(unknown)}")
     text = f"def {site.id}__active({layer}):\n    return {ast.unparse(node.test)}\n"

@@ -24,7 +24,6 @@ import ast
 import hashlib
 import importlib
 import inspect
-import os
 import re
 import textwrap
 from collections.abc import Callable
@@ -32,9 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vllm_overlap.engine import cache_dir as _cache_dir
+from vllm_overlap.engine.syntax import CAPTURE_RE, match, parse_anchor, statement_lists
 
-CAPTURE_PREFIX = "__vllm_overlap_capture_"
-_CAPTURE_RE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
 MARKER = "__vllm_overlap_rewrite__"
 # Decorators whose effect apply() carries over by re-wrapping; any other one refuses the target.
 CARRIED_DECORATORS = ("staticmethod", "classmethod")
@@ -79,43 +77,6 @@ class Target:
 # --------------------------------------------------------------------------- matching
 
 
-def _parse_anchor(text: str) -> list[ast.stmt]:
-    src = _CAPTURE_RE.sub(lambda m: CAPTURE_PREFIX + m.group(1), textwrap.dedent(text).strip())
-    return ast.parse(src).body
-
-
-def _match(pattern: Any, node: Any, captures: dict[str, str]) -> bool:
-    if isinstance(pattern, ast.Name) and pattern.id.startswith(CAPTURE_PREFIX):
-        if not isinstance(node, ast.Name):
-            return False
-        bound = captures.setdefault(pattern.id[len(CAPTURE_PREFIX) :], node.id)
-        return bound == node.id
-    if isinstance(pattern, ast.AST):
-        if type(pattern) is not type(node):
-            return False
-        return all(
-            _match(getattr(pattern, f, None), getattr(node, f, None), captures)
-            for f in pattern._fields
-            if f != "type_comment"
-        )
-    if isinstance(pattern, list):
-        return (
-            isinstance(node, list)
-            and len(pattern) == len(node)
-            and all(_match(p, n, captures) for p, n in zip(pattern, node))
-        )
-    return pattern == node
-
-
-def _statement_lists(root: ast.AST):
-    """Every list of statements under ``root`` (bodies, else-branches, handlers...)."""
-    for node in ast.walk(root):
-        for name in ("body", "orelse", "finalbody"):
-            value = getattr(node, name, None)
-            if isinstance(value, list) and value and isinstance(value[0], ast.stmt):
-                yield value
-
-
 @dataclass
 class _Match:
     stmts: list[ast.stmt]
@@ -123,14 +84,14 @@ class _Match:
 
 
 def find_anchor(func_node: ast.AST, anchor: Anchor) -> list[_Match]:
-    pattern = _parse_anchor(anchor.find)
+    pattern = parse_anchor(anchor.find)
     found: list[_Match] = []
-    for stmts in _statement_lists(func_node):
+    for stmts in statement_lists(func_node):
         i = 0
         while i + len(pattern) <= len(stmts):
             window = stmts[i : i + len(pattern)]
             captures: dict[str, str] = {}
-            if _match(pattern, window, captures):
+            if match(pattern, window, captures):
                 found.append(_Match(window, captures))
                 i += len(pattern)
             else:
@@ -178,7 +139,7 @@ def rewrite_source(source: str, anchors: list[Anchor] | tuple[Anchor, ...]) -> s
                 raise RewriteSkipped(
                     f"anchor `{anchor.first_line()}` shares a line with other code"
                 )
-            text = _CAPTURE_RE.sub(
+            text = CAPTURE_RE.sub(
                 lambda c: _capture(c.group(1), m.captures, anchor),
                 textwrap.dedent(anchor.replace).strip("\n"),
             )
@@ -200,8 +161,8 @@ def check_anchors(anchor_sets) -> None:
     does not, whichever set a release would use: a broken declaration is never half used."""
     for anchors in anchor_sets:
         for anchor in anchors:
-            _parse_anchor(anchor.find)
-            _parse_anchor(anchor.replace)
+            parse_anchor(anchor.find)
+            parse_anchor(anchor.replace)
 
 
 def rewrite_first(source: str, anchor_sets) -> str:

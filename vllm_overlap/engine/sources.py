@@ -93,7 +93,7 @@ def feature_diff(feature: Feature, read_module) -> tuple[str, dict[str, str]]:
         rel = module.replace(".", "/") + ".py"
         try:
             old = read_module(module)
-        except (OSError, KeyError, ModuleNotFoundError) as exc:
+        except (OSError, KeyError, ModuleNotFoundError):
             for rewrite in feature.rewrites_in(module):
                 results[str(rewrite.target)] = f"{ABSENT}: no module {module}"
             continue

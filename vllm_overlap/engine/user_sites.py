@@ -73,10 +73,11 @@ import re
 import textwrap
 from dataclasses import dataclass, field
 
-from vllm_overlap.engine.rewrite import Anchor, RewriteSkipped, Target, _parse_anchor, find_anchor, internal_error
+from vllm_overlap.engine.rewrite import Anchor, RewriteSkipped, Target, find_anchor, internal_error
 from vllm_overlap.engine.settings import FeatureConfig, UserSiteConfig
 from vllm_overlap.engine.site import Branch, Facts, Feature, Form, Output, Site
 from vllm_overlap.engine.sources import find_function
+from vllm_overlap.engine.syntax import clashes, names_of, parse_anchor, statement_lists
 
 LINEAR_MODULE = "vllm.model_executor.layers.linear"
 # vLLM linear layers with no collective (a column-parallel one only without gather_output).
@@ -222,7 +223,7 @@ def module_info(module: str, text: str | None = None) -> ModuleInfo:
             for a in node.names:
                 imports.setdefault(a.asname or a.name, set()).add(f"{base}.{a.name}")
         elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
-            assigned |= _names(node, ast.Store)
+            assigned |= names_of(node, ast.Store)
     info = ModuleInfo(
         module, text, tree, imports,
         {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)},
@@ -367,7 +368,7 @@ def _assigned_values(view: ClassView, attr: str) -> list[tuple[ModuleInfo, ast.A
     out: list[tuple[ModuleInfo, ast.AST | None]] = []
     for info, cls in view.classes:
         for item in cls.body:
-            if isinstance(item, (ast.Assign, ast.AnnAssign)) and attr in _names(item, ast.Store) and getattr(item, "value", None) is not None:
+            if isinstance(item, (ast.Assign, ast.AnnAssign)) and attr in names_of(item, ast.Store) and getattr(item, "value", None) is not None:
                 out.append((info, None))  # a class attribute: not built by a constructor
         for node in ast.walk(cls):
             if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
@@ -554,10 +555,6 @@ def _custom_op_functions(info: ModuleInfo) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _names(node: ast.AST, ctx: type) -> set[str]:
-    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ctx)}
-
-
 def _reads(stmts: list[ast.stmt]) -> list[str]:
     """Names read before the statements assign them, in order of first appearance."""
     seen: list[str] = []
@@ -567,12 +564,12 @@ def _reads(stmts: list[ast.stmt]) -> list[str]:
         for name in loads:
             if name not in defined and name not in seen:
                 seen.append(name)
-        defined |= _names(stmt, ast.Store)
+        defined |= names_of(stmt, ast.Store)
     return seen
 
 
 def _writes(stmts: list[ast.stmt]) -> set[str]:
-    return set().union(*(_names(s, ast.Store) for s in stmts)) if stmts else set()
+    return set().union(*(names_of(s, ast.Store) for s in stmts)) if stmts else set()
 
 
 def _root(node: ast.AST) -> str | None:
@@ -705,24 +702,16 @@ def _check_module_call(call: ast.Call, attr: str, scope: Scope, effects: Effects
 # ---------------------------------------------------------------------------------------------
 
 
-def _body_lists(func: ast.AST):
-    for node in ast.walk(func):
-        for name in ("body", "orelse", "finalbody"):
-            value = getattr(node, name, None)
-            if isinstance(value, list) and value and isinstance(value[0], ast.stmt):
-                yield value
-
-
 def _group(func, text: str, which: str):
     try:
-        _parse_anchor(text)
+        parse_anchor(text)
     except SyntaxError as exc:
         raise Refused("match", f"the {which} group is not Python: {exc.msg} (line {exc.lineno})") from None
     matches = find_anchor(func, Anchor(text, ""))
     if len(matches) != 1:
         raise Refused("match", f"the {which} group matches {len(matches)} times in the function, expected 1")
     stmts = matches[0].stmts
-    for body in _body_lists(func):
+    for body in statement_lists(func):
         if any(s is stmts[0] for s in body):
             start = next(i for i, s in enumerate(body) if s is stmts[0])
             return body, list(range(start, start + len(stmts)))
@@ -782,7 +771,7 @@ class _Work:
         args = self.func.args
         names = {a.arg for a in [*args.posonlyargs, *args.args, *args.kwonlyargs]}
         names |= {a.arg for a in (args.vararg, args.kwarg) if a is not None}
-        return names | _names(self.func, ast.Store)
+        return names | names_of(self.func, ast.Store)
 
     def scope(self, in_group: bool) -> Scope:
         return Scope(self.info, self.view, self.local, in_group)
@@ -900,15 +889,13 @@ def _rule_independent(work: _Work) -> None:
     reads_underscore = any("_" in r for r in work.reads.values()) or "_" in _used_after(work.func, body, work.hi)
     drop = set() if reads_underscore else {"_"}
     work.writes = {w: _writes([body[i] for i in idx]) - drop for w, idx in found.items()}
-    for a in found:
-        for b in found:
-            clash = work.writes[a] & (set(work.reads[b]) | work.writes[b]) if a != b else set()
-            if clash:
-                raise Refused(
-                    "independent",
-                    f"the {a} group writes {', '.join(sorted(clash))}, which the {b} group "
-                    f"{'reads' if clash & set(work.reads[b]) else 'writes'}",
-                )
+    touched = {w: set(work.reads[w]) | work.writes[w] for w in found}
+    for a, b, clash in clashes(work.writes, touched):
+        raise Refused(
+            "independent",
+            f"the {a} group writes {', '.join(sorted(clash))}, which the {b} group "
+            f"{'reads' if clash & set(work.reads[b]) else 'writes'}",
+        )
 
 
 def _aliases(work: _Work) -> dict[str, set[str]]:
@@ -927,7 +914,7 @@ def _aliases(work: _Work) -> dict[str, set[str]]:
         if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)) and node.value is not None:
             if _fresh(work, node.value):
                 continue
-            names = (_names(node, ast.Store) | _names(node.value, ast.Load)) - {"self", "_"}
+            names = (names_of(node, ast.Store) | names_of(node.value, ast.Load)) - {"self", "_"}
             names = sorted(names)
             for n in names[1:]:
                 parent[find(n)] = find(names[0])
@@ -1110,7 +1097,7 @@ def _like(work: _Work, idx: list[int], upto: int, name: str) -> str | None:
     followed back through the group's linear layers and norms (which keep them)."""
     for i in reversed([j for j in idx if j < upto]):
         stmt = work.body[i]
-        if name not in _names(stmt, ast.Store):
+        if name not in names_of(stmt, ast.Store):
             continue
         linear = _linear_output(stmt, name, work)
         if linear is not None:
@@ -1139,7 +1126,7 @@ def _op_reason(work: _Work) -> str:
         )
     for w, names in work.returns.items():
         for name in names:
-            last = next(i for i in reversed(work.found[w]) if name in _names(work.body[i], ast.Store))
+            last = next(i for i in reversed(work.found[w]) if name in names_of(work.body[i], ast.Store))
             linear = _linear_output(work.body[last], name, work)
             like = _like(work, work.found[w], last, linear[1]) if linear else None
             if linear is None or like is None:
@@ -1159,7 +1146,7 @@ def _outputs(work: _Work) -> tuple[Output, ...]:
     out = []
     for w, names in work.returns.items():
         for name in names:
-            last = next(i for i in reversed(work.found[w]) if name in _names(work.body[i], ast.Store))
+            last = next(i for i in reversed(work.found[w]) if name in names_of(work.body[i], ast.Store))
             width, source = _linear_output(work.body[last], name, work)
             out.append(Output(name, like=_like(work, work.found[w], last, source), width=width))
     return tuple(out)
