@@ -268,7 +268,7 @@ def doctor_model(model: str) -> dict:
     part, with "rows" as {feature: answer}, and the code rows as "code": {(feature, target):
     result}."""
     proc = subprocess.run(
-        [sys.executable, "-m", "vllm_overlap.cli.dispatch", "doctor", "--json", "--model", model],
+        [sys.executable, "-m", "vllm_overlap.cli", "doctor", "--json", "--model", model],
         env=clean_env(),
         capture_output=True,
         text=True,

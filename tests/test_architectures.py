@@ -11,7 +11,7 @@ import pytest
 
 from vllm_overlap.sites.architectures import ARCHITECTURES
 from vllm_overlap.sites.architectures import in_model_registry
-from vllm_overlap.cli.dispatch import model_features
+from vllm_overlap.cli.doctor import model_features
 
 GDN_LAYERS = {"layer_types": ["linear_attention", "full_attention"]}
 MLA = {"kv_lora_rank": 512}

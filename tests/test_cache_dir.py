@@ -228,7 +228,7 @@ def test_doctor_line_names_the_directory_in_use_and_each_refusal(dirs):
         "directory": fallback,
         "refused": [{"path": str(dirs / "cache"), "reason": f"{dirs / 'cache'} is writable by others (mode 777)"}],
     }
-    from vllm_overlap.cli.dispatch import doctor_report
+    from vllm_overlap.cli.doctor import doctor_report
 
     head = {
         "vllm-overlap": "0", "vllm": "0", "torch": "0", "platform": "cpu", "config": "x",
@@ -246,7 +246,7 @@ def test_doctor_json_reports_the_cache_directory(dirs):
     (dirs / "cache").chmod(0o777)
     env = clean_env({"VLLM_OVERLAP": "0", "VLLM_OVERLAP_CACHE_DIR": str(dirs / "cache"), "TMPDIR": str(dirs / "tmp")})
     proc = subprocess.run(
-        [sys.executable, "-m", "vllm_overlap.cli.dispatch", "doctor", "--json"],
+        [sys.executable, "-m", "vllm_overlap.cli", "doctor", "--json"],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

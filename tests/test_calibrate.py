@@ -42,7 +42,7 @@ def test_written_config_loads_and_carries_the_ranges(tmp_path):
 def test_without_a_gpu_it_says_so_and_writes_nothing(tmp_path):
     out = tmp_path / "cal.yaml"
     proc = subprocess.run(
-        [sys.executable, "-m", "vllm_overlap.cli.dispatch", "calibrate", "--model", "any/model", "--out", str(out)],
+        [sys.executable, "-m", "vllm_overlap.cli", "calibrate", "--model", "any/model", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=300,

@@ -18,7 +18,7 @@ from test_plugin import BREAK_GDN, ROOT, run_py
 
 def vllm_overlap_cli(*args, env=None):
     return subprocess.run(
-        [sys.executable, "-m", "vllm_overlap.cli.dispatch", *args],
+        [sys.executable, "-m", "vllm_overlap.cli", *args],
         env=clean_env(env),
         capture_output=True,
         text=True,
@@ -134,7 +134,7 @@ def test_model_checks_on_deepseek_configs():
 
 def test_anchor_counts_name_the_set_the_rewrite_uses():
     """doctor's anchors column follows rewrite_first: the first set that matches."""
-    from vllm_overlap.cli.dispatch import _anchor_counts
+    from vllm_overlap.cli.doctor import _anchor_counts
     from vllm_overlap.engine.site import Rewrite
     from vllm_overlap.sites import mla_q_b_proj as mla
 

@@ -123,7 +123,7 @@ def test_vllm_config_without_compute_hash_imports_with_every_feature_on(tmp_path
         vllm_overlap.register()
         import vllm.config.vllm as cv
         from vllm_overlap.runtime import cache_key, hooks, plugin
-        from vllm_overlap.cli import dispatch as cli
+        from vllm_overlap.cli import doctor as cli
         from vllm_overlap.sites import SITES
         config = cv.VllmConfig()
         out = {"describe": cache_key.describe(), "failures": hooks.failures, "line": plugin.summary_line(),

@@ -58,7 +58,7 @@ def test_patches_has_a_diff_per_feature():
 
 @pytest.mark.parametrize("site_id", list(SITES))
 def test_doctor_has_a_row_per_target_of_each_site(site_id, deepseek_overlay):
-    from vllm_overlap.cli.dispatch import collect
+    from vllm_overlap.cli.doctor import collect
 
     import importlib.util
 

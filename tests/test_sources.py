@@ -99,7 +99,7 @@ def test_compat_matrix_from_wheels_without_importing_them(tmp_path):
 
 def test_compat_and_diff_report_a_broken_declaration_as_skipped(tmp_path, monkeypatch, capsys):
     """An anchor of ours that does not parse is that site's reason, not a crash."""
-    from vllm_overlap.cli import dispatch as cli
+    from vllm_overlap import cli
     from vllm_overlap.engine.rewrite import Anchor
 
     gdn = FEATURES["gdn_in_proj"]

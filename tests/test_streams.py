@@ -348,7 +348,7 @@ def test_two_threads_never_share_events_and_keep_their_order(fake_gpu, monkeypat
 
 
 def test_doctor_reports_the_micro_batch_policy():
-    from vllm_overlap.cli.dispatch import doctor_report
+    from vllm_overlap.cli.doctor import doctor_report
 
     report = {
         "vllm-overlap": "x", "vllm": "v", "torch": "t", "platform": "p", "config": "c",

@@ -719,7 +719,7 @@ def test_doctor_lists_user_sites_beside_the_built_in_ones(tmp_path):
     proc = _python(
         """
         import json
-        from vllm_overlap.cli.dispatch import collect
+        from vllm_overlap.cli.doctor import collect
         report = collect()
         rows = {r["feature"]: r for r in report["rows"] if r["feature"].startswith("user_")}
         print(json.dumps({"rows": rows, "ok": report["ok"]}))

@@ -1,9 +1,9 @@
-"""The commands: ``vllm-overlap doctor | diff | compat | prove | calibrate | config``, one module per
+"""Stage 6, the commands: ``vllm-overlap doctor | diff | compat | prove | calibrate | config``, one module per
 command behind :class:`~vllm_overlap.cli.command.Command`, and the release tools built on them
 (the release canary, the README's generated parts).
 
-May import every lower stage (engine, sites, config, runtime, testing); nothing below imports
-this package. Nothing here runs inside a vLLM process but what a command runs itself.
+May import every lower stage (engine, sites, config, runtime, testing) and the shared leaves;
+nothing below imports this package. Nothing here runs inside a vLLM process but what a command runs itself.
 """
 
 

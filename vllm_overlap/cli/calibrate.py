@@ -12,6 +12,7 @@ import sys
 
 import yaml
 
+from vllm_overlap.cli.command import Command
 from vllm_overlap.config.loader import OverlayConfig, load_config_file
 
 NO_GPU_EXIT = 3
@@ -101,3 +102,16 @@ def main(args) -> int:
     )
     print(header + f"wrote {args.out}: {kept}")
     return 0
+
+
+def arguments(parser) -> None:
+    parser.add_argument("--model", required=True, help="HF id or path of the model to be served")
+    parser.add_argument("--tp", type=int, default=1, help="tensor parallel size it will be served at")
+    parser.add_argument("--out", default="vllm-overlap.yaml", help="config file to write")
+    parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--margin", type=float, default=0.02, help="required speed-up (fraction)")
+
+
+COMMAND = Command(
+    "calibrate", "measure on this GPU and write a config with per-feature token ranges", main, arguments
+)

@@ -16,25 +16,35 @@ import zipfile
 
 from vllm_overlap.sites import FEATURES
 from vllm_overlap.engine.sources import ABSENT, APPLIES, UPSTREAM, feature_diff
+from vllm_overlap.cli.command import Command
 from vllm_overlap.cli.tables import format_table
 
 
+def cache_base() -> str:
+    """``$XDG_CACHE_HOME``, else ``~/.cache``."""
+    return os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+
+
 def wheel_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "vllm-overlap", "wheels")
+    return os.path.join(cache_base(), "vllm-overlap", "wheels")
 
 
-def find_wheel(release: str, directory: str) -> str:
-    """The wheel of ``vllm==release`` in ``directory``, downloaded there if missing."""
-    pattern = os.path.join(directory, f"vllm-{release}-*.whl")
-    found = sorted(glob.glob(pattern))
-    if not found:
+def cached_wheels(release: str, directory: str) -> list[str]:
+    """The wheels of ``vllm==release`` already in ``directory``, sorted."""
+    return sorted(glob.glob(os.path.join(directory, f"vllm-{release}-*.whl")))
+
+
+def find_wheel(release: str, directory: str, download: bool = True) -> str:
+    """The wheel of ``vllm==release`` in ``directory``, downloaded there if missing (unless
+    ``download`` is False)."""
+    found = cached_wheels(release, directory)
+    if not found and download:
         os.makedirs(directory, exist_ok=True)
         subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "-q", f"vllm=={release}", "-d", directory],
             check=True,
         )
-        found = sorted(glob.glob(pattern))
+        found = cached_wheels(release, directory)
     if not found:
         raise FileNotFoundError(f"no wheel for vllm=={release} in {directory}")
     return found[0]
@@ -128,3 +138,28 @@ def matrix_table(rows: list[dict], markdown: bool = False, by_site: bool = False
         lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in table]
         return "\n".join(lines)
     return format_table(table, columns)
+
+
+# The releases the support matrix covers (one per minor, its newest patch; 0.20.0 too).
+SUPPORTED_RELEASES = (
+    "0.20.0", "0.20.2", "0.21.0", "0.22.1", "0.23.0", "0.24.0", "0.25.1", "0.26.0", "0.27.1",
+    "0.28.0", "0.29.0", "0.30.0", "0.31.0", "0.32.0", "0.33.0", "0.34.0",
+)
+
+
+def run(args) -> int:
+    rows = matrix(args.releases, args.wheel_dir)
+    print(matrix_table(rows, markdown=args.markdown, by_site=args.by_site))
+    return 0
+
+
+def arguments(parser) -> None:
+    parser.add_argument("releases", nargs="*", default=list(SUPPORTED_RELEASES))
+    parser.add_argument("--wheel-dir", default=None, help="where wheels are kept (default: the cache)")
+    parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--by-site", action="store_true", help="one row per site, not per target")
+
+
+COMMAND = Command(
+    "compat", "which rewrites apply to vLLM releases (downloads their wheels, no install)", run, arguments
+)

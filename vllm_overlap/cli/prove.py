@@ -10,6 +10,8 @@ listed).
 
 from __future__ import annotations
 
+from vllm_overlap.cli.command import Command
+
 import ast
 
 from vllm_overlap.config.loader import ConfigError, load_config_file
@@ -97,3 +99,15 @@ def main(path: str) -> int:
     refused = [p for p in proofs if p.site is None]
     print(f"{len(proofs) - len(refused)} of {len(proofs)} user sites apply")
     return 1 if refused else 0
+
+
+def arguments(parser) -> None:
+    parser.add_argument("config", help="a config file with a sites: section")
+
+
+COMMAND = Command(
+    "prove",
+    "prove the config's user sites against the installed vLLM (no model loaded)",
+    lambda args: main(args.config),
+    arguments,
+)

@@ -163,7 +163,7 @@ def child() -> dict:
     out["imports"] = [import_and_classify(m) for m in modules]
     imported = time.perf_counter()
     try:
-        from vllm_overlap.cli.dispatch import collect
+        from vllm_overlap.cli.doctor import collect
 
         report = collect()
         out["doctor"] = {"rows": report["rows"], "absent": report["absent"], "ok": report["ok"]}
