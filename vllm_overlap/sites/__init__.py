@@ -1,4 +1,11 @@
-"""The registry: every feature and the sites it groups, one module per feature.
+"""Stage 2, the site declarations: every feature and the sites it groups, one module per
+feature (this file is the registry), which vLLM names the runtime reads (``vllm_names``) and
+which architectures run which feature (``architectures``).
+
+May import: the engine (stage 1) and the shared leaves. No torch, no vLLM at import time. A
+declaration names its runtime steps (post-load, mode factories, upstream switch) as
+``"module:function"`` strings that the runtime resolves when it runs them; the runtime passes
+each step its feature, so nothing below looks the registry up by name.
 
 Order here is the order of doctor's rows, the config's keys and the README's table; the order
 in which sites stack on a shared target is each site's ``stack``, not this.
