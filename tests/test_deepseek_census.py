@@ -6,12 +6,16 @@ from __future__ import annotations
 
 from torch import nn
 
+from vllm_overlap.sites import FEATURES
 from deepseek_layers import (
     build_mla_wrapper,
     build_v32_attention,
     deepseek_v3_config,
     deepseek_v32_config,
 )
+
+# what the plugin passes the DeepSeek features' shared post-load step
+DEEPSEEK = (FEATURES["deepseek_indexer"], FEATURES["mla_q_b_proj"])
 
 
 def test_census_and_registration(deepseek_vllm, standins, monkeypatch):
@@ -38,7 +42,7 @@ def test_census_and_registration(deepseek_vllm, standins, monkeypatch):
     monkeypatch.setattr(census, "site_reports", {})
 
     sites = site_census.post_load(model)
-    report = post_load(model)
+    report = post_load(model, DEEPSEEK)
 
     assert report == {"mla_layers": 5, "with_indexer": 2, "serial": {NO_INDEXER: 3}}
     assert census.post_load_reports == {"deepseek_indexer": report, "mla_q_b_proj": report}
@@ -85,5 +89,5 @@ def test_a_model_without_mla_layers_reports_nothing(monkeypatch):
     monkeypatch.setattr(census, "post_load_reports", {})
     monkeypatch.setattr(census, "site_reports", {})
     model = nn.Sequential(nn.Linear(2, 2))
-    assert post_load(model)["mla_layers"] == 0 and site_census.post_load(model) == {}
+    assert post_load(model, DEEPSEEK)["mla_layers"] == 0 and site_census.post_load(model) == {}
     assert census.post_load_reports == {} and census.site_reports == {}

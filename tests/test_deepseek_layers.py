@@ -26,6 +26,7 @@ from collections import Counter
 import pytest
 import torch
 
+from vllm_overlap.sites import FEATURES
 from deepseek_layers import (
     INDEXER_TARGET,
     ROCM_TARGET,
@@ -64,6 +65,9 @@ V32_STANDINS = Counter(
         "impl.record_logical_topk_ready": 1,
     }
 )
+
+# what the plugin passes the DeepSeek features' shared post-load step
+DEEPSEEK = (FEATURES["deepseek_indexer"], FEATURES["mla_q_b_proj"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,7 +440,7 @@ def test_mla_wrapper_without_indexer_matches_upstream_serially(
     from vllm_overlap.runtime import reports
 
     monkeypatch.setattr(reports, "post_load_reports", {})
-    report = census.post_load(wrapper)
+    report = census.post_load(wrapper, DEEPSEEK)
     assert report == {
         "mla_layers": 1,
         "with_indexer": 0,
@@ -453,7 +457,7 @@ def test_mla_wrapper_census_with_an_indexer(deepseek_vllm, standins, monkeypatch
 
     wrapper = build_mla_wrapper(deepseek_vllm, deepseek_v32_config(), True, standins=standins)
     monkeypatch.setattr(reports, "post_load_reports", {})
-    report = census.post_load(wrapper)
+    report = census.post_load(wrapper, DEEPSEEK)
     assert report == {"mla_layers": 1, "with_indexer": 1, "serial": {}}
     assert layers.registered_layers()[wrapper.indexer.prefix] is wrapper.indexer
 

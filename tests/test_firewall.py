@@ -29,7 +29,7 @@ class Layer:
         return a * b
 '''
 RUNTIME_OK = '''
-def broken_post_load(model):
+def broken_post_load(model, features):
     raise ValueError("post-load bug")
 '''
 RUNTIME_BROKEN = '''
@@ -104,7 +104,7 @@ vllm_overlap.register()
 import fw_target
 from vllm_overlap import outcomes
 from vllm_overlap.engine import rewrite
-from vllm_overlap.cli.dispatch import collect, doctor_report
+from vllm_overlap.cli.doctor import collect, doctor_report
 outcome = outcomes.outcomes[("gdn_in_proj", "fw_target.Layer.forward")]
 report = collect()
 print(json.dumps({

@@ -8,6 +8,9 @@ import torch
 from vllm_overlap.runtime import streams
 from conftest import GDN_MODULE
 from vllm_overlap.runtime import gdn_fuse
+from vllm_overlap.sites import FEATURES
+
+GDN = (FEATURES["gdn_in_proj"],)  # what the plugin passes the feature's post-load step
 
 
 def fused_in_proj(layer, hidden):
@@ -38,7 +41,7 @@ def fused_twin(vllm_context, overlay_applied):
             )
             for _ in range(2)
         )
-        report = gdn_fuse.fuse_model(fused)
+        report = gdn_fuse.fuse_model(fused, GDN)
         for layer in (plain, fused) if process else ():
             process_weights_like_the_loader(layer, vllm_context)
         return plain, fused, report
@@ -125,7 +128,7 @@ def test_a_layer_the_post_load_step_never_saw_says_so_and_runs_the_fallback(
     seen.prefix = "model.layers.1.linear_attn"
     width = seen.in_proj_ba.output_size_per_partition
     seen.in_proj_ba.bias = torch.nn.Parameter(torch.zeros(width, dtype=torch.bfloat16), requires_grad=False)
-    gdn_fuse.fuse_model(seen)
+    gdn_fuse.fuse_model(seen, GDN)
     process_weights_like_the_loader(seen, vllm_context)
     hidden = torch.randn(3, never_seen.hidden_size, dtype=torch.bfloat16)
     with caplog.at_level("WARNING"):

@@ -216,7 +216,7 @@ def test_post_load_steps_run_once_per_model_whichever_loader_reaches_vllms_step(
         import vllm_overlap.runtime.census as site_census
         seen = []
         site_census.post_load = lambda model: seen.append("census")
-        deepseek_census.post_load = lambda model: seen.append("deepseek")
+        deepseek_census.post_load = lambda model, features: seen.append("deepseek")
         callers = {"utils": utils, "base_loader": base_loader, "daemon": daemon, "ipc_loader": ipc_loader}
         for name, module in callers.items():  # as vLLM has them: one function, bound by name
             assert module.process_weights_after_loading is utils.process_weights_after_loading, name

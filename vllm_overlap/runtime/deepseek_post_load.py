@@ -24,18 +24,18 @@ NO_INDEXER = "no indexer"
 MLA_SITES = ("mla_q_b_proj_v32", "mla_q_b_proj_legacy", "deepseek_indexer_v32")
 
 
-def mla_layers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, bool]]:
-    """(layer, has an active indexer) for every MLA attention layer whose forward a site
-    rewrote, judged by upstream's own condition compiled from that forward."""
-    from vllm_overlap.sites import SITES
-
-    shapes = [pair for site_id in MLA_SITES for pair in site_classes(SITES[site_id])]
+def mla_layers(model: torch.nn.Module, features: tuple) -> list[tuple[torch.nn.Module, bool]]:
+    """(layer, has an active indexer) for every MLA attention layer whose forward a site of
+    ``features`` rewrote, judged by upstream's own condition compiled from that forward."""
+    sites = {site.id: site for feature in features for site in feature.sites}
+    shapes = [pair for site_id in MLA_SITES if site_id in sites for pair in site_classes(sites[site_id])]
     return [(module, bool(rt.compiled.active(module))) for module, rt in instances_of(model, shapes)]
 
 
-def post_load(model: torch.nn.Module) -> dict:
-    """Report, log and return how many MLA layers have an indexer."""
-    layers = mla_layers(model)
+def post_load(model: torch.nn.Module, features: tuple) -> dict:
+    """Report, log and return how many MLA layers have an indexer (``features``: the enabled
+    DeepSeek features, as the plugin passes them)."""
+    layers = mla_layers(model, features)
     active = sum(1 for _, has in layers if has)
     report = {
         "mla_layers": len(layers),

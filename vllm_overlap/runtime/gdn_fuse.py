@@ -76,14 +76,14 @@ def fuse_layer(layer: torch.nn.Module) -> tuple[int, int]:
     return before, after
 
 
-def fuse_model(model: torch.nn.Module) -> dict:
-    """Fuse every eligible GDN layer of ``model``; log and return what happened."""
-    from vllm_overlap.sites import SITES
+def fuse_model(model: torch.nn.Module, features: tuple) -> dict:
+    """Fuse every eligible GDN layer of ``model`` (``features``: the gdn_in_proj feature, as
+    the plugin passes it); log and return what happened."""
     from vllm_overlap.runtime.census import layers_running
 
     config = active_config.feature_config("gdn_in_proj")
     # the GDN layers whose forwards the site rewrote (whichever class this release has)
-    layers = [layer for layer, _ in layers_running(model, SITES["gdn_in_proj"])]
+    layers = [layer for feature in features for site in feature.sites for layer, _ in layers_running(model, site)]
     statuses = {o.status for o in outcomes.feature_outcomes("gdn_in_proj")}
     every_variant = outcomes.APPLIED in statuses and outcomes.SKIPPED not in statuses
     skipped: Counter = Counter()

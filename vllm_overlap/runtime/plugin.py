@@ -131,17 +131,24 @@ POST_PROCESS = "process_weights_after_loading"
 SITE_CENSUS = "vllm_overlap.runtime.census:post_load"
 
 
-def _install_post_load_hooks() -> None:
-    """Run the site census and each enabled feature's post-load step before vLLM
-    post-processes the weights, once per model, whichever loader loads it."""
-    steps = []
+def _post_load_steps() -> list[tuple[str, tuple]]:
+    """(step, the enabled features that declare it) in order: the site census first (it
+    counts the layers as loaded, before any fusing; it reads every enabled site itself), then
+    each step once, however many features share it (the DeepSeek features share one)."""
+    steps: dict[str, list] = {}
     if any(_enabled(feature) for feature in features().values()):
-        steps.append(SITE_CENSUS)  # first: it counts the layers as loaded, before any fusing
+        steps[SITE_CENSUS] = []
     for feature in features().values():
         cfg = active_config.feature_config(feature.name)
         if cfg.enabled and feature.post_load and cfg.mode in feature.post_load_modes:
-            if feature.post_load not in steps:  # features may share one step
-                steps.append(feature.post_load)
+            steps.setdefault(feature.post_load, []).append(feature)
+    return [(step, tuple(owners)) for step, owners in steps.items()]
+
+
+def _install_post_load_hooks() -> None:
+    """Run the site census and each enabled feature's post-load step before vLLM
+    post-processes the weights, once per model, whichever loader loads it."""
+    steps = _post_load_steps()
     if not steps:
         return
     done: weakref.WeakSet = weakref.WeakSet()  # models whose steps ran (a loader may re-run)
@@ -150,8 +157,8 @@ def _install_post_load_hooks() -> None:
         model = args[0] if args else kwargs["model"]
         if model not in done:
             done.add(model)
-            for step in steps:
-                _run_post_load_step(step, model)
+            for step, owners in steps:
+                _run_post_load_step(step, owners, model)
 
     def hook(module) -> None:
         original = vars(module).get(POST_PROCESS)
@@ -167,12 +174,15 @@ def _install_post_load_hooks() -> None:
     hooks.on_import(LOADER_UTILS, hook, what=f"in the hook on {LOADER_UTILS}")
 
 
-def _run_post_load_step(step: str, model) -> None:
-    """One feature's post-load step; a failure of ours is logged (the layers it did not
-    reach keep running their fallback), never raised into vLLM's loader, unless strict."""
+def _run_post_load_step(step: str, owners: tuple, model) -> None:
+    """One post-load step: the census with the model, a feature's step with the model and the
+    features that declare it (it reads their sites from them, never from the registry). A
+    failure of ours is logged (the layers it did not reach keep running their fallback), never
+    raised into vLLM's loader, unless strict."""
     try:
         module_name, func = step.split(":")
-        getattr(importlib.import_module(module_name), func)(model)
+        function = getattr(importlib.import_module(module_name), func)
+        function(model, owners) if owners else function(model)
     except Exception as exc:
         reason = internal_error(exc, f"post-load step {step}")
         census.post_load_reports[step] = {"error": reason}
