@@ -10,7 +10,11 @@ DeepSeek rewrites applied and its layers left serial for that reason. MiniCPM3's
 run kv_a_proj (its census rows are printed); a second MiniCPM3 row runs the same pair declared as
 a user site in a config file (``sites:``, built-in kv_a_proj off), proven before it runs.
 On the CPU there is no aux stream, so the overlay runs its serial path: this shows that it is
-correct and costs nothing there, not that it is faster (that needs a GPU: benchmarks/).
+correct, not that it is faster. The table gives no generate time: each row is one cold run per
+setting in a fresh process, whose times differ run to run by more than anything the overlay
+could change (warm repeats of the same runs are within noise). Speed is measured where it can
+be: ``benchmarks/site_regions.py`` and ``benchmarks/pairs.py`` (medians of warm repeats with
+their noise) and, on a GPU, ``gpu/`` (docs/gpu.md).
 """
 
 from __future__ import annotations
@@ -92,8 +96,7 @@ def main() -> None:
             {
                 "model": name,
                 "mode": "torch.compile" if compiled else "eager",
-                "start-up on/off s": f"{on['init_s']:.1f} / {off['init_s']:.1f}",
-                "generate on/off s": f"{on['generate_s']:.2f} / {off['generate_s']:.2f}",
+                "cold start-up on/off s": f"{on['init_s']:.1f} / {off['init_s']:.1f}",
                 "sequences": len(on["token_ids"]),
                 "identical token ids": "yes" if on["token_ids"] == off["token_ids"] else "NO",
             }
@@ -106,8 +109,13 @@ def main() -> None:
 
     from vllm_overlap.cli.tables import format_table
 
-    print("\nOverlay on vs off (greedy, 4 prompts x 8 tokens; start-up includes a cold compile):")
+    print("\nOverlay on vs off (greedy, 4 prompts x 8 tokens; start-up is one cold run each, compile included):")
     print(format_table(rows, list(rows[0])))
+    print(
+        "Not a speed measurement: one cold run per setting (no second stream on a CPU either). Speed, as\n"
+        "medians of warm repeats with their noise: benchmarks/site_regions.py, benchmarks/pairs.py; on a GPU,\n"
+        "gpu/ (docs/gpu.md)."
+    )
     if any(r["identical token ids"] != "yes" for r in rows):
         raise SystemExit("overlay on and off differ")
 

@@ -4,7 +4,7 @@
     python benchmarks/pairs.py --sites gdn_in_proj --tp 1 --dtypes bf16
     python benchmarks/pairs.py --smoke         # anywhere (the CPU): tiny shapes, serial only
 
-Needs torch only (no vLLM): shapes come from ``benchmarks/model_shapes.py``, the fork/join is
+Needs torch only (no vLLM, no pydantic; matplotlib for the figure where it is installed): shapes come from ``benchmarks/model_shapes.py``, the fork/join is
 the project's own ``vllm_overlap.runtime.streams.fork_join`` on a real second stream. On a GPU each
 variant is captured in a CUDA graph (``--inner`` copies of the region per graph) and replayed;
 each replay is timed with CUDA events and the median taken, in ``--rounds`` interleaved rounds
@@ -414,11 +414,15 @@ def table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: str, title: str) -> None:
-    import matplotlib
+def plot(rows: list[dict], path: str, title: str) -> bool:
+    """The figure, where matplotlib is installed (the GPU image's torch may come without it)."""
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
 
     sites = list(dict.fromkeys(r["site"] for r in rows))
     fig, axes = plt.subplots(1, len(sites), figsize=(5 * len(sites), 4), squeeze=False)
@@ -447,6 +451,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def device_name(device: torch.device) -> str:
@@ -527,8 +532,10 @@ def main(argv: list[str] | None = None) -> int:
     save(rows, complete=True)
     unequal = [r for r in rows if r.get("dual_equal") is False]
     png_path = os.path.join(args.out, f"pairs-{name}.png")
-    plot(rows, png_path, f"overlap pairs on {name}, torch {torch.__version__}")
-    print(f"\nwrote {json_path} and {png_path}")
+    if plot(rows, png_path, f"overlap pairs on {name}, torch {torch.__version__}"):
+        print(f"\nwrote {json_path} and {png_path}")
+    else:
+        print(f"\nwrote {json_path} (no figure: matplotlib is not installed)")
     if not args.smoke:
         print(f"dual-stream outputs bitwise equal to serial: {len(rows) - len(unequal)}/{len(rows)}")
         print("\n".join(wins(rows)))

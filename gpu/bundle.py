@@ -19,9 +19,10 @@ CUDA 13, so its wheel is the one (``--vllm``). Steps:
    dependency satisfies which specifier.
 4. Reassemble the parts into a second tar and check it is the same bytes, and that every wheel
    in it has its manifest sha256.
-5. Print the exact device calls: one per part (``python3 gpu/device.py receive``), then the
-   call that installs and runs the first suite steps, then the rest of the suite. A gap of more
-   than 30 s between two calls loses the machine and everything on it.
+5. Print the session's plan (``gpu/plan.py``, also ``python gpu/device.py --plan``): tier 1
+   (no bundle) first, then one call per part (``python3 gpu/device.py receive``), the last
+   part's call installing and running ``e2e``, then ``decode_qwen3_next``, with the budget. A
+   gap of more than 30 s between two calls loses the machine and everything on it.
 """
 
 from __future__ import annotations
@@ -246,33 +247,12 @@ def pack(files: list[dict], out_dir: str, part_bytes: int, meta: dict) -> dict:
     return manifest
 
 
-# The suite's steps grouped into device calls of at most 10 minutes, in order of value; the
-# first group shares its call with the last part and the install. With the machine's start-up
-# and the three receives this is about the 30 minutes of device time a session has.
-SUITE_CALLS = (("pairs", "cuda_tests"), ("e2e", "profile"), ("decode_qwen3_next",), ("decode_deepseek_v32",))
+def device_calls(manifest: dict) -> list[dict]:
+    """The session's device calls for this bundle, in order (``gpu/plan.py``): arguments of ``run``."""
+    from plan import calls
 
-
-def device_calls(manifest: dict, out_rel: str = "out/gpu-bundle") -> list[dict]:
-    """The device tool's calls, in order: arguments of ``run``."""
-    manifest_path = f"{out_rel}/manifest.json"
-    calls = []
-    parts = manifest["parts"]
-    for part in parts[:-1]:
-        path = f"{out_rel}/{part['name']}"
-        calls.append({"command": f"python3 gpu/device.py receive {path}", "carry": [path, manifest_path], "timeout_s": 120})
-    last = f"{out_rel}/{parts[-1]['name']}"
-    first, *rest = SUITE_CALLS
-    calls.append(
-        {
-            "command": f"python3 gpu/device.py receive {last} && python3 gpu/device.py install && "
-            f"python3 gpu/device.py suite {' '.join(first)}",
-            "carry": [last, manifest_path],
-            "timeout_s": 600,
-        }
-    )
-    for steps in rest:
-        calls.append({"command": f"python3 gpu/device.py suite {' '.join(steps)}", "carry": [], "timeout_s": 600})
-    return calls
+    return [{"command": c.command, "carry": list(c.carry), "timeout_s": c.timeout_s}
+            for c in calls([p["name"] for p in manifest["parts"]])]
 
 
 def image_has(freeze_path: str | None) -> dict[str, str]:
@@ -342,10 +322,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  left out ({line})")
     print(f"bundle: {manifest['tar_bytes'] / 2**20:.1f} MiB in {len(manifest['parts'])} parts under {args.out}")
     print(verify(args.out, manifest))
-    print("\nDevice calls, back to back (each within 30 s of the last one's end):")
-    out_rel = os.path.relpath(args.out, ROOT)
-    for i, call in enumerate(device_calls(manifest, out_rel), 1):
-        print(f"{i}. run(command={call['command']!r}, carry={call['carry']}, timeout_s={call['timeout_s']})")
+    import plan
+
+    print()
+    print(plan.render(plan.calls([p["name"] for p in manifest["parts"]]), known=True))
     return 0
 
 

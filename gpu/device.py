@@ -1,9 +1,16 @@
 """The steps run on the lent GPU machine (its own python3: torch 2.11, no vLLM, no network).
 
+    python gpu/device.py --plan                 # (anywhere) the session's calls and their budget
+    python3 gpu/device.py tier1                 # probe, then gpu/suite.py --tier 1 (torch only) -> $OUT
     python3 gpu/device.py probe                 # what the image has -> $OUT/probe/ (freeze, GPU)
     python3 gpu/device.py receive PART          # keep a bundle part where the next call sees it
     python3 gpu/device.py install               # probe, reassemble, check, install vLLM + this project
     python3 gpu/device.py suite [STEP ...]      # gpu/suite.py with the installed vLLM -> $OUT/suite
+    python gpu/device.py collect FILES_AT --call NAME   # (here) a call's results -> benchmarks/results/
+
+``tier1`` runs with the image's own python and torch: no bundle, nothing installed (its steps
+import torch, the standard library and this repository only; the cuda tests also need pytest,
+PyYAML and pydantic, and are skipped with the reason where the image lacks them).
 
 The parts of ``gpu/bundle.py`` arrive one call each and are kept in ``STORE`` (outside the
 repository copy, which a call may replace); files there survive only while the machine stays
@@ -190,6 +197,43 @@ def _write(directory: str, report: dict) -> None:
         json.dump(report, fh, indent=1)
 
 
+def cmd_tier1(args: list[str]) -> int:
+    """The image's torch only: probe, then the tier-1 steps of gpu/suite.py, with this python."""
+    cmd_probe([])
+    argv = [sys.executable, os.path.join(HERE, "suite.py"), "--out", out_dir("tier1"), "--tier", "1", *args]
+    return subprocess.run(argv, cwd=ROOT).returncode
+
+
+def cmd_collect(args: list[str]) -> int:
+    """Copy one call's results (the device tool's files_at) under benchmarks/results/."""
+    import argparse
+    import time
+
+    parser = argparse.ArgumentParser(prog="device.py collect")
+    parser.add_argument("files_at", help="the folder the device tool put the call's $OUT files in")
+    parser.add_argument("--call", required=True, help="the plan's call, e.g. tier1, e2e, decode")
+    parser.add_argument("--into", default=None, help="default: benchmarks/results/gpu-<UTC date>")
+    parser.add_argument("--max-mib", type=float, default=5.0, help="larger files are left out (named)")
+    opts = parser.parse_args(args)
+    into = opts.into or os.path.join(ROOT, "benchmarks", "results", time.strftime("gpu-%Y-%m-%d", time.gmtime()))
+    dest = os.path.join(into, opts.call)
+    copied, left = 0, []
+    for base, _, files in os.walk(opts.files_at):
+        for name in files:
+            src = os.path.join(base, name)
+            rel = os.path.relpath(src, opts.files_at)
+            if os.path.getsize(src) > opts.max_mib * 2**20:
+                left.append(f"{rel} ({os.path.getsize(src) / 2**20:.1f} MiB)")
+                continue
+            os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
+            shutil.copyfile(src, os.path.join(dest, rel))
+            copied += 1
+    print(f"collect: {copied} files into {os.path.relpath(dest, ROOT)}")
+    for line in left:
+        print(f"  left out, over {opts.max_mib} MiB: {line}")
+    return 0
+
+
 def cmd_suite(args: list[str]) -> int:
     py = os.path.join(VENV, "bin", "python")
     if not os.path.exists(py):
@@ -198,7 +242,16 @@ def cmd_suite(args: list[str]) -> int:
     return subprocess.run([py, os.path.join(HERE, "suite.py"), "--out", out_dir("suite"), *args], cwd=ROOT).returncode
 
 
-COMMANDS = {"probe": cmd_probe, "receive": cmd_receive, "install": cmd_install, "suite": cmd_suite}
+def cmd_plan(args: list[str]) -> int:
+    import plan
+
+    return plan.main()
+
+
+COMMANDS = {
+    "--plan": cmd_plan, "plan": cmd_plan, "tier1": cmd_tier1, "probe": cmd_probe, "receive": cmd_receive,
+    "install": cmd_install, "suite": cmd_suite, "collect": cmd_collect,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

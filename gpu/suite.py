@@ -1,17 +1,23 @@
 """The GPU proof, in order of value: each step its own process with its own time limit.
 
     python gpu/suite.py --out DIR                    # every step, on any CUDA machine with vLLM
+    python gpu/suite.py --out DIR --tier 1           # the steps that need torch only (no vLLM)
     python gpu/suite.py --out DIR pairs e2e          # some steps
     python gpu/suite.py --out DIR --dry-run          # list the steps, check their inputs, run nothing
 
-Steps (``--list``): ``pairs`` (benchmarks/pairs.py: serial / dual-stream / fused GEMMs at real
-shapes), ``cuda_tests`` (the tests marked cuda), ``e2e`` (tiny Qwen3-Next through vllm.LLM:
-identical greedy token ids overlay on vs off, eager, piecewise and FULL CUDA graphs with
-torch.compile), ``profile`` (a profiler trace of decode steps: do gdn_in_proj's branches run at
-the same time on two streams?), ``decode_qwen3_next`` and ``decode_deepseek_v32`` (decode
-speed on vs off at real per-layer shapes: off, on, off again for the noise). A step that
-fails or runs out of time does not stop the others. Everything goes under ``--out``: a folder
-per step with its log and results, ``suite.json``, and the summary table printed last.
+Tier 1 needs the image's torch only: ``pairs`` (benchmarks/pairs.py: serial / dual-stream /
+fused GEMMs of every site at real shapes, CUDA-graph replays timed with events),
+``trace_primitive`` (gpu/trace_primitive.py: a profiler trace of the fork/join at two shapes,
+checked by gpu/trace_overlap.py), ``cuda_tests_torch`` (the tests marked cuda that need no
+vLLM: the real fork/join and graph capture of ``runtime/streams.py``). Tier 2 needs the
+installed vLLM: ``e2e`` (tiny Qwen3-Next through vllm.LLM: identical greedy token ids overlay
+on vs off, eager and compiled with FULL and piecewise CUDA graphs) and ``decode_qwen3_next``
+(decode speed off, on, off again at real per-layer shapes). Tier 3, when a session has the
+time: ``cuda_tests`` (the tests marked cuda that need vLLM), ``profile`` (a profiler trace of
+vLLM decode steps) and ``decode_deepseek_v32``. A step that fails or runs out of time does not
+stop the others. Everything goes under ``--out``: a folder per step with its log and results,
+``suite.json``, and the summary table printed last. ``gpu/plan.py`` groups the steps into
+device calls that fit one session's device time.
 """
 
 from __future__ import annotations
@@ -39,12 +45,13 @@ class Step:
     files: tuple[str, ...]  # inputs, relative to the repository root
     modules: tuple[str, ...] = ("torch",)
     commands: tuple = field(default=())  # (label, argv, extra env) per process, run in turn
+    tier: int = 3  # 1: torch only; 2: the installed vLLM, first; 3: when there is time
 
 
-def decode_step(name: str, kind: str, limit_s: int) -> Step:
+def decode_step(name: str, kind: str, limit_s: int, tier: int = 3, extra: tuple[str, ...] = ()) -> Step:
     runs = []
     for label, switch in (("off", "0"), ("on", "1"), ("off_again", "0")):
-        argv = [PY, "gpu/decode.py", "--kind", kind, "--layers", "{layers}", "--out", f"{{dir}}/{label}.json"]
+        argv = [PY, "gpu/decode.py", "--kind", kind, "--layers", "{layers}", *extra, "--out", f"{{dir}}/{label}.json"]
         runs.append((label, argv, {"VLLM_OVERLAP": switch}))
     return Step(
         name,
@@ -53,36 +60,71 @@ def decode_step(name: str, kind: str, limit_s: int) -> Step:
         ("gpu/decode.py", "gpu/model_configs.py"),
         ("torch", "vllm", "vllm_overlap"),
         tuple(runs),
+        tier,
     )
 
+
+# Tier 1's pair benchmark: every site at its first published model, tp 1 and 8 (the widest and
+# the narrowest per-rank GEMMs), bf16 then FP8, token counts from decode to prefill chunks.
+PAIRS_TIER1 = (
+    "--models", "Qwen3-Next-80B-A3B", "DeepSeek-V3.2", "MiniCPM3-4B", "OLMo-Hybrid-7B", "Ling-3.0-flash",
+    "Kimi-Linear-48B-A3B", "--tp", "1", "8", "--dtypes", "bf16", "fp8", "--tokens", "1", "16", "64", "256",
+    "1024", "--rounds", "3", "--budget-ms", "5",
+)
+CUDA_TESTS_TORCH = ("tests/test_streams.py",)  # the cuda-marked tests that need no vLLM
+CUDA_TESTS_VLLM = ("tests/test_deepseek_cuda.py", "tests/test_sites_cuda.py")
+PYTEST = (PY, "-m", "pytest", "-m", "cuda", "-q", "-rs", "-p", "no:cacheprovider")
 
 STEPS = {
     s.name: s
     for s in (
         Step(
             "pairs",
-            "serial vs dual-stream vs fused GEMMs of every site at real shapes (CUDA graphs)",
-            240,
+            "serial vs dual-stream (aux first) vs fused GEMMs of every site at real shapes (CUDA graphs)",
+            50,
             ("benchmarks/pairs.py", "benchmarks/model_shapes.py", "vllm_overlap/runtime/streams.py"),
             ("torch",),
-            (("pairs", [PY, "benchmarks/pairs.py", "--out", "{dir}"], {}),),
+            (("pairs", [PY, "benchmarks/pairs.py", *PAIRS_TIER1, "--out", "{dir}"], {}),),
+            1,
         ),
         Step(
-            "cuda_tests",
-            "the tests marked cuda",
-            150,
-            ("tests/test_deepseek_cuda.py", "tests/test_sites_cuda.py", "tests/test_streams.py", "tests/conftest.py"),
-            ("torch", "vllm", "vllm_overlap", "pytest"),
-            (("pytest", [PY, "-m", "pytest", "-m", "cuda", "-q", "-rs", "-p", "no:cacheprovider",
-                         "tests/test_deepseek_cuda.py", "tests/test_sites_cuda.py", "tests/test_streams.py"], {}),),
+            "trace_primitive",
+            "profiler trace of the fork/join at two shapes: both branches' kernels on two streams at once?",
+            15,
+            ("gpu/trace_primitive.py", "gpu/trace_overlap.py", "benchmarks/pairs.py",
+             "vllm_overlap/runtime/streams.py"),
+            ("torch",),
+            (("trace", [PY, "gpu/trace_primitive.py", "--out", "{dir}"], {}),),
+            1,
+        ),
+        Step(
+            "cuda_tests_torch",
+            "the tests marked cuda that need no vLLM (the real fork/join, fan-out, graph capture)",
+            20,
+            ("tests/conftest.py", *CUDA_TESTS_TORCH),
+            ("torch", "pytest", "yaml", "pydantic"),
+            (("pytest", [*PYTEST, *CUDA_TESTS_TORCH], {}),),
+            1,
         ),
         Step(
             "e2e",
-            "tiny Qwen3-Next through vllm.LLM, on vs off: eager, piecewise, FULL graphs",
-            300,
+            "tiny Qwen3-Next through vllm.LLM, on vs off: eager, and compiled with FULL and piecewise graphs",
+            100,
             ("gpu/e2e.py", "vllm_overlap/testing/llm_runner.py", "vllm_overlap/testing/tiny_models.py", "gpu/model_configs.py"),
             ("torch", "vllm", "vllm_overlap", "transformers"),
-            (("e2e", [PY, "gpu/e2e.py", "--out", "{dir}"], {}),),
+            (("e2e", [PY, "gpu/e2e.py", "--out", "{dir}", "--modes", "eager", "compiled_full_and_piecewise",
+                      "--timeout", "90"], {}),),
+            2,
+        ),
+        decode_step("decode_qwen3_next", "qwen3-next", 125, 2,
+                    ("--concurrency", "1", "16", "--steps", "32", "--repeats", "3")),
+        Step(
+            "cuda_tests",
+            "the tests marked cuda that need vLLM",
+            150,
+            ("tests/conftest.py", *CUDA_TESTS_VLLM),
+            ("torch", "vllm", "vllm_overlap", "pytest"),
+            (("pytest", [*PYTEST, *CUDA_TESTS_VLLM], {}),),
         ),
         Step(
             "profile",
@@ -92,10 +134,10 @@ STEPS = {
             ("torch", "vllm", "vllm_overlap"),
             (("profile", [PY, "gpu/profile_gdn.py", "--out", "{dir}"], {}),),
         ),
-        decode_step("decode_qwen3_next", "qwen3-next", 420),
         decode_step("decode_deepseek_v32", "deepseek-v32", 420),
     )
 }
+TIERS = {t: tuple(name for name, s in STEPS.items() if s.tier == t) for t in (1, 2, 3)}
 DEFAULT_LAYERS = {"decode_qwen3_next": 4, "decode_deepseek_v32": 3}
 
 
@@ -178,6 +220,7 @@ def decode_ratios(directory: str) -> list[dict] | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("steps", nargs="*", help=f"default: all of {list(STEPS)}")
+    parser.add_argument("--tier", type=int, choices=sorted(TIERS), default=None, help="the steps of one tier")
     parser.add_argument("--out", default=os.path.join(ROOT, "out", "gpu-suite"))
     parser.add_argument("--dry-run", action="store_true", help="list the steps and check their inputs")
     parser.add_argument("--list", action="store_true", help="list the steps")
@@ -186,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in args.steps if s not in STEPS]
     if unknown:
         parser.error(f"unknown step(s) {unknown}; known: {list(STEPS)}")
-    steps = [STEPS[s] for s in (args.steps or STEPS)]
+    if args.tier and args.steps:
+        parser.error("give steps or --tier, not both")
+    steps = [STEPS[s] for s in (args.steps or (TIERS[args.tier] if args.tier else STEPS))]
 
     if args.list or args.dry_run:
         problems = 0

@@ -32,10 +32,36 @@ def test_dry_run_lists_every_step_and_finds_its_inputs(tmp_path):
     proc = run("gpu/suite.py", "--dry-run", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     steps = [ln.split()[0] for ln in proc.stdout.splitlines() if not ln.startswith(" ")]
-    assert steps == ["pairs", "cuda_tests", "e2e", "profile", "decode_qwen3_next", "decode_deepseek_v32"]
-    assert proc.stdout.count("inputs found") == 6
-    assert f"VLLM_OVERLAP=0 {sys.executable} gpu/decode.py --kind qwen3-next --layers 4 --out {tmp_path}/decode_qwen3_next/off.json" in proc.stdout
+    assert steps == [
+        "pairs", "trace_primitive", "cuda_tests_torch", "e2e", "decode_qwen3_next", "cuda_tests", "profile",
+        "decode_deepseek_v32",
+    ]
+    assert proc.stdout.count("inputs found") == 8
+    assert (
+        f"VLLM_OVERLAP=0 {sys.executable} gpu/decode.py --kind qwen3-next --layers 4 --concurrency 1 16 "
+        f"--steps 32 --repeats 3 --out {tmp_path}/decode_qwen3_next/off.json"
+    ) in proc.stdout
     assert not list(tmp_path.iterdir())  # a dry run writes nothing
+
+
+def test_tiers_in_order_of_value(tmp_path):
+    assert suite.TIERS == {
+        1: ("pairs", "trace_primitive", "cuda_tests_torch"),
+        2: ("e2e", "decode_qwen3_next"),
+        3: ("cuda_tests", "profile", "decode_deepseek_v32"),
+    }
+    assert all(m in ("torch", "pytest", "yaml", "pydantic") for n in suite.TIERS[1] for m in suite.STEPS[n].modules)
+    proc = run("gpu/suite.py", "--dry-run", "--tier", "1", "--out", str(tmp_path))
+    assert [ln.split()[0] for ln in proc.stdout.splitlines() if not ln.startswith(" ")] == list(suite.TIERS[1])
+    pairs = next(ln for ln in proc.stdout.splitlines() if "benchmarks/pairs.py" in ln)
+    # every site (one published model per family), bf16 and FP8
+    for model in ("Qwen3-Next-80B-A3B", "DeepSeek-V3.2", "MiniCPM3-4B", "OLMo-Hybrid-7B", "Ling-3.0-flash",
+                  "Kimi-Linear-48B-A3B"):
+        assert model in pairs
+    assert "--dtypes bf16 fp8" in pairs
+    families = {model_shapes.SITES[s][0] for s in model_shapes.SITES}
+    covered = {model_shapes.MODELS[m]["family"] for m in suite.PAIRS_TIER1[1:suite.PAIRS_TIER1.index("--tp")]}
+    assert covered == families
 
 
 def test_dry_run_names_what_is_missing(monkeypatch, capsys):
