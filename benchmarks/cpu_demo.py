@@ -75,7 +75,7 @@ def main() -> None:
 
     env = {k: v for k, v in os.environ.items() if k != "VLLM_OVERLAP_CONFIG"}
     doctor = subprocess.run(
-        [sys.executable, "-m", "vllm_overlap.cli.dispatch", "doctor"],
+        [sys.executable, "-m", "vllm_overlap.cli", "doctor"],
         env=env,
         capture_output=True,
         text=True,
