@@ -28,10 +28,11 @@ import tempfile
 
 from vllm_overlap.testing.tiny_models import build
 
-
 # The user-site row's config: MiniCPM3's q path beside kv_a_proj_with_mqa, declared by hand
 # (the README's example).
-USER_SITE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "user-site-minicpm3.yaml")
+USER_SITE_CONFIG = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "user-site-minicpm3.yaml"
+)
 
 
 def run(model: str, overlay: bool, compiled: bool, cache_root: str, config: str | None = None) -> dict:
@@ -59,9 +60,7 @@ def main() -> None:
     parser.add_argument("--eager-only", action="store_true", help="skip the compiled runs")
     args = parser.parse_args()
 
-    cache = os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vllm-overlap"
-    )
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vllm-overlap")
     models = {
         "Qwen3-Next": build("qwen3-next", os.path.join(cache, "tiny-models", "qwen3-next-2")),
         "DeepSeek-V3": build("deepseek-v3", os.path.join(cache, "tiny-models", "deepseek-v3")),

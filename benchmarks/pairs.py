@@ -4,9 +4,9 @@
     python benchmarks/pairs.py --sites gdn_in_proj --tp 1 --dtypes bf16
     python benchmarks/pairs.py --smoke         # anywhere (the CPU): tiny shapes, serial only
 
-Needs torch only (no vLLM, no pydantic; matplotlib for the figure where it is installed): shapes come from ``benchmarks/model_shapes.py``, the fork/join is
-the project's own ``vllm_overlap.runtime.streams.fork_join`` on a real second stream. On a GPU each
-variant is captured in a CUDA graph (``--inner`` copies of the region per graph) and replayed;
+Needs torch only (no vLLM, no pydantic; matplotlib for the figure where it is installed): shapes
+come from ``benchmarks/model_shapes.py``, the fork/join is the project's own
+``vllm_overlap.runtime.streams.fork_join`` on a real second stream. On a GPU each variant is captured in a CUDA graph (``--inner`` copies of the region per graph) and replayed;
 each replay is timed with CUDA events and the median taken, in ``--rounds`` interleaved rounds
 (the median of the round medians is reported; ``noise`` is the spread of serial across
 rounds, (max - min) / median). Variants: ``serial`` (branch 0 then branch 1, one stream),
@@ -341,18 +341,53 @@ def plan(args, device: torch.device) -> tuple[list, list[str]]:
 def smoke_shapes() -> list[PairShapes]:
     """Tiny versions of every site's shapes (the CPU smoke pass)."""
     tiny = {
-        "gdn": dict(family="gdn", hidden_size=64, linear_num_key_heads=2, linear_key_head_dim=16,
-                    linear_num_value_heads=4, linear_value_head_dim=16),
-        "dsa": dict(family="dsa", hidden_size=64, num_attention_heads=4, q_lora_rank=32,
-                    kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, index_n_heads=4,
-                    index_head_dim=16),
-        "minicpm3": dict(family="minicpm3", hidden_size=64, num_attention_heads=4, q_lora_rank=32,
-                         kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8),
-        "olmo_hybrid": dict(family="olmo_hybrid", hidden_size=64, linear_num_key_heads=2, linear_key_head_dim=16,
-                            linear_num_value_heads=4, linear_value_head_dim=16),
+        "gdn": dict(
+            family="gdn",
+            hidden_size=64,
+            linear_num_key_heads=2,
+            linear_key_head_dim=16,
+            linear_num_value_heads=4,
+            linear_value_head_dim=16,
+        ),
+        "dsa": dict(
+            family="dsa",
+            hidden_size=64,
+            num_attention_heads=4,
+            q_lora_rank=32,
+            kv_lora_rank=16,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=8,
+            index_n_heads=4,
+            index_head_dim=16,
+        ),
+        "minicpm3": dict(
+            family="minicpm3",
+            hidden_size=64,
+            num_attention_heads=4,
+            q_lora_rank=32,
+            kv_lora_rank=16,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=8,
+        ),
+        "olmo_hybrid": dict(
+            family="olmo_hybrid",
+            hidden_size=64,
+            linear_num_key_heads=2,
+            linear_key_head_dim=16,
+            linear_num_value_heads=4,
+            linear_value_head_dim=16,
+        ),
         "bailing_moe_v3": dict(family="bailing_moe_v3", hidden_size=64, num_attention_heads=4, head_dim=16),
-        "kimi_linear": dict(family="kimi_linear", hidden_size=64, num_attention_heads=4, kv_lora_rank=16,
-                            qk_nope_head_dim=8, qk_rope_head_dim=8, kda_num_heads=4, kda_head_dim=16),
+        "kimi_linear": dict(
+            family="kimi_linear",
+            hidden_size=64,
+            num_attention_heads=4,
+            kv_lora_rank=16,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=8,
+            kda_num_heads=4,
+            kda_head_dim=16,
+        ),
     }
     return [PairShapes(site, f"tiny-{family}", 1, *build(tiny[family], 1)) for site, (family, build) in SITES.items()]
 
@@ -394,8 +429,21 @@ def wins(rows: list[dict]) -> list[str]:
 
 
 COLUMNS_GPU = [
-    "site", "model", "tp", "dtype", "tokens", "serial_us", "dual_us", "fused_us", "bound_us",
-    "sum_us", "dual/serial", "fused/serial", "bound/serial", "noise", "dual_equal",
+    "site",
+    "model",
+    "tp",
+    "dtype",
+    "tokens",
+    "serial_us",
+    "dual_us",
+    "fused_us",
+    "bound_us",
+    "sum_us",
+    "dual/serial",
+    "fused/serial",
+    "bound/serial",
+    "noise",
+    "dual_equal",
 ]
 COLUMNS_CPU = ["site", "model", "tp", "dtype", "tokens", "serial_us", "branch0_us", "branch1_us", "noise"]
 
@@ -504,7 +552,9 @@ def main(argv: list[str] | None = None) -> int:
     def save(rows: list[dict], complete: bool) -> None:  # after every job: a timeout keeps them
         unequal = sum(r.get("dual_equal") is False for r in rows)
         with open(json_path, "w", encoding="utf-8") as fh:
-            json.dump({"meta": {**meta, "complete": complete, "dual_not_bitwise_equal": unequal}, "rows": rows}, fh, indent=1)
+            json.dump(
+                {"meta": {**meta, "complete": complete, "dual_not_bitwise_equal": unequal}, "rows": rows}, fh, indent=1
+            )
 
     rows, started = [], time.perf_counter()
     for shapes, dtype, tokens in jobs:
@@ -515,14 +565,17 @@ def main(argv: list[str] | None = None) -> int:
             for n in tokens:
                 rows.append(measure(pair, n, args))
         except Exception as exc:
-            meta["skipped"].append(f"{shapes.site} {shapes.model} tp={shapes.tp} {dtype}: failed: {type(exc).__name__}: {exc}")
+            meta["skipped"].append(
+                f"{shapes.site} {shapes.model} tp={shapes.tp} {dtype}: failed: {type(exc).__name__}: {exc}"
+            )
             print(f"  {meta['skipped'][-1]}", flush=True)
             continue
         last = rows[-1]
         print(
             f"  {shapes.site} {shapes.model} tp={shapes.tp} {dtype}: done "
             f"({time.perf_counter() - started:.0f}s; at {last['tokens']} tokens serial "
-            f"{last['serial_us']:.1f} us" + (f", dual/serial {last['dual/serial']:.3f})" if "dual/serial" in last else ")"),
+            f"{last['serial_us']:.1f} us"
+            + (f", dual/serial {last['dual/serial']:.3f})" if "dual/serial" in last else ")"),
             flush=True,
         )
         save(rows, complete=False)

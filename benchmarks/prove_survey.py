@@ -64,7 +64,7 @@ def pairs(models_dir: str):
             continue
         lines = text.splitlines(keepends=True)
 
-        def segment(stmt: ast.stmt) -> str:  # the statement's whole lines (one statement each)
+        def segment(stmt: ast.stmt, lines=lines) -> str:  # the statement's whole lines (one each)
             return textwrap.dedent("".join(lines[stmt.lineno - 1 : stmt.end_lineno]))
 
         for qualname, func in _functions(tree):
@@ -92,9 +92,15 @@ def main(argv=None) -> int:
     # One parse per module text (the proof parses its module each time; same text, same tree).
     real_parse = ast.parse
     cached = functools.lru_cache(maxsize=64)(lambda source, *a: real_parse(source, *a))
-    ast.parse = lambda source, *a, **k: cached(source, *a) if not k and isinstance(source, str) and len(source) > 20000 else real_parse(source, *a, **k)
+    ast.parse = (
+        lambda source, *a, **k: cached(source, *a)
+        if not k and isinstance(source, str) and len(source) > 20000
+        else real_parse(source, *a, **k)
+    )
 
-    models_dir = os.path.join(list(importlib.util.find_spec("vllm").submodule_search_locations)[0], "model_executor", "models")
+    models_dir = os.path.join(
+        list(importlib.util.find_spec("vllm").submodule_search_locations)[0], "model_executor", "models"
+    )
     tried, accepted, rules, crashes = 0, [], collections.Counter(), []
     start = time.perf_counter()
     for module, qualname, ta, tb, tokens, text in pairs(models_dir):
@@ -109,28 +115,44 @@ def main(argv=None) -> int:
         except Exception as exc:  # a proof that crashes is a bug: count it apart, name the pair
             rules[f"crash {type(exc).__name__}"] += 1
             crashes.append(
-                {"module": module, "function": qualname, "current": ta.strip(), "aux": tb.strip(),
-                 "tokens": tokens, "error": f"{type(exc).__name__}: {exc}"}
+                {
+                    "module": module,
+                    "function": qualname,
+                    "current": ta.strip(),
+                    "aux": tb.strip(),
+                    "tokens": tokens,
+                    "error": f"{type(exc).__name__}: {exc}",
+                }
             )
             continue
         if proof.site is None:
             rules[proof.refused.split(":", 1)[0]] += 1
         else:
             accepted.append(
-                {"module": module, "function": qualname, "current": ta.strip(), "aux": tb.strip(),
-                 "tokens": tokens, "dynamo": proof.site.dynamo}
+                {
+                    "module": module,
+                    "function": qualname,
+                    "current": ta.strip(),
+                    "aux": tb.strip(),
+                    "tokens": tokens,
+                    "dynamo": proof.site.dynamo,
+                }
             )
     elapsed = time.perf_counter() - start
     print(f"models dir: {models_dir}")
     print(f"pairs tried: {tried}  accepted: {len(accepted)}  ({elapsed:.0f} s)")
     print("refused by rule: " + ", ".join(f"{r} {n}" for r, n in rules.most_common()))
     for item in crashes:
-        print(f"CRASH {item['module'].rsplit('.', 1)[1]}.{item['function']}: "
-              f"`{item['current']}` | `{item['aux']}` (tokens {item['tokens']}): {item['error']}")
+        print(
+            f"CRASH {item['module'].rsplit('.', 1)[1]}.{item['function']}: "
+            f"`{item['current']}` | `{item['aux']}` (tokens {item['tokens']}): {item['error']}"
+        )
     step = max(1, len(accepted) // max(1, args.sample))
     for item in accepted[::step][: args.sample]:
-        print(f"- {item['module'].rsplit('.', 1)[1]}.{item['function']} [{item['dynamo']}]: "
-              f"`{item['current']}` | `{item['aux']}` (tokens {item['tokens']})")
+        print(
+            f"- {item['module'].rsplit('.', 1)[1]}.{item['function']} [{item['dynamo']}]: "
+            f"`{item['current']}` | `{item['aux']}` (tokens {item['tokens']})"
+        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"tried": tried, "accepted": accepted, "refused": dict(rules), "crashes": crashes}, fh, indent=1)

@@ -54,9 +54,7 @@ STRIP = {
         "FlashAttention-2 (124 MiB compressed): on SM90 fa_utils.get_flash_attn_version picks "
         "FA3, and vllm_flash_attn/flash_attn_interface.py imports _vllm_fa2_C in a try"
     ),
-    "vllm/vllm-rs": (
-        "the Rust front-end binary: envs.py looks for it only with VLLM_USE_RUST_FRONTEND=1"
-    ),
+    "vllm/vllm-rs": ("the Rust front-end binary: envs.py looks for it only with VLLM_USE_RUST_FRONTEND=1"),
 }
 STRIP_PATTERNS = {
     r"vllm/third_party/deep_gemm/_C\.cpython-3(10|11|13|14)-x86_64-linux-gnu\.so": (
@@ -88,16 +86,31 @@ def requirements(path: str) -> list[str]:
 def dist_name(spec_or_file: str) -> str:
     """The normalised distribution name of a specifier or a wheel file name."""
     base = os.path.basename(spec_or_file)
-    name = base.split("-")[0] if base.endswith(".whl") else re.split(r"[<>=!~ ;\[]", base, 1)[0]
+    name = base.split("-")[0] if base.endswith(".whl") else re.split(r"[<>=!~ ;\[]", base, maxsplit=1)[0]
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def _pip_download(spec: str, dest: str) -> subprocess.CompletedProcess:
     platforms = [a for p in PLATFORMS for a in ("--platform", p)]
     return subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-         "--python-version", PYTHON, "--implementation", "cp", *platforms, "-d", dest, spec],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            PYTHON,
+            "--implementation",
+            "cp",
+            *platforms,
+            "-d",
+            dest,
+            spec,
+        ],
+        capture_output=True,
+        text=True,
     )
 
 
@@ -133,9 +146,7 @@ def strip_wheel(src: str, dst: str) -> list[dict]:
         names = zin.namelist()
         drop = {}
         for name in names:
-            why = STRIP.get(name) or next(
-                (w for p, w in STRIP_PATTERNS.items() if re.fullmatch(p, name)), None
-            )
+            why = STRIP.get(name) or next((w for p, w in STRIP_PATTERNS.items() if re.fullmatch(p, name)), None)
             if why:
                 drop[name] = why
         for info in zin.infolist():
@@ -222,7 +233,10 @@ def verify(out_dir: str, manifest: dict) -> str:
                 data = tar.extractfile(f"wheels/{wheel['file']}").read()
                 if hashlib.sha256(data).hexdigest() != wheel["sha256"]:
                     raise ValueError(f"{wheel['file']} differs from the manifest after reassembly")
-    return f"{len(manifest['parts'])} parts reassemble bit for bit into the tar (sha256 {got[:16]}...), {len(manifest['wheels'])} wheels checked"
+    return (
+        f"{len(manifest['parts'])} parts reassemble bit for bit into the tar (sha256 {got[:16]}...), "
+        f"{len(manifest['wheels'])} wheels checked"
+    )
 
 
 def pack(files: list[dict], out_dir: str, part_bytes: int, meta: dict) -> dict:
@@ -241,7 +255,13 @@ def pack(files: list[dict], out_dir: str, part_bytes: int, meta: dict) -> dict:
         make_tar([f["path"] for f in files], tar_path, {"wheels.json": inner})
         tar_sha = sha256_file(tar_path)
         parts = split(tar_path, out_dir, part_bytes)
-    manifest = {**meta, "tar_sha256": tar_sha, "tar_bytes": sum(p["bytes"] for p in parts), "parts": parts, "wheels": wheels}
+    manifest = {
+        **meta,
+        "tar_sha256": tar_sha,
+        "tar_bytes": sum(p["bytes"] for p in parts),
+        "parts": parts,
+        "wheels": wheels,
+    }
     with open(os.path.join(out_dir, "manifest.json"), "w", encoding="utf-8") as fh:
         json.dump(manifest, fh, indent=1)
     return manifest
@@ -251,8 +271,10 @@ def device_calls(manifest: dict) -> list[dict]:
     """The session's device calls for this bundle, in order (``gpu/plan.py``): arguments of ``run``."""
     from plan import calls
 
-    return [{"command": c.command, "carry": list(c.carry), "timeout_s": c.timeout_s}
-            for c in calls([p["name"] for p in manifest["parts"]])]
+    return [
+        {"command": c.command, "carry": list(c.carry), "timeout_s": c.timeout_s}
+        for c in calls([p["name"] for p in manifest["parts"]])
+    ]
 
 
 def image_has(freeze_path: str | None) -> dict[str, str]:
@@ -313,9 +335,11 @@ def main(argv: list[str] | None = None) -> int:
         "part_bytes": args.part_mib * 2**20,
     }
     manifest = pack(files, args.out, args.part_mib * 2**20, meta)
-    print(f"vllm {args.vllm}: {os.path.getsize(vllm_wheel) / 2**20:.1f} MiB, stripped "
-          f"{os.path.getsize(stripped_path) / 2**20:.1f} MiB (removed {sum(r['files'] for r in removed)} files, "
-          f"{sum(r['bytes'] for r in removed) / 2**20:.0f} MiB uncompressed)")
+    print(
+        f"vllm {args.vllm}: {os.path.getsize(vllm_wheel) / 2**20:.1f} MiB, stripped "
+        f"{os.path.getsize(stripped_path) / 2**20:.1f} MiB (removed {sum(r['files'] for r in removed)} files, "
+        f"{sum(r['bytes'] for r in removed) / 2**20:.0f} MiB uncompressed)"
+    )
     for wheel in manifest["wheels"][1:]:
         print(f"  {wheel['file']:70s} {wheel['bytes'] / 2**20:6.2f} MiB  {wheel.get('note', '')}".rstrip())
     for line in left_out:

@@ -36,6 +36,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 from bundle import reassemble, satisfied, sha256_file  # noqa: E402  (stdlib only)
+
 STORE = os.environ.get("VLLM_OVERLAP_GPU_STORE", "/tmp/vllm-overlap-gpu")
 VENV = os.path.join(STORE, "venv")
 MANIFEST = os.path.join(ROOT, "out", "gpu-bundle", "manifest.json")
@@ -69,7 +70,12 @@ def cmd_probe(args: list[str]) -> int:
     with open(os.path.join(directory, "probe.txt"), "w", encoding="utf-8") as log:
         for argv in (
             [sys.executable, "--version"],
-            [sys.executable, "-c", "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"],
+            [
+                sys.executable,
+                "-c",
+                "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(), "
+                "torch.cuda.get_device_capability())",
+            ],
             ["nvidia-smi"],
             ["df", "-h", "/tmp", ROOT],
             ["free", "-g"],
@@ -92,7 +98,9 @@ def cmd_receive(args: list[str]) -> int:
         return 2
     got = sha256_file(part_path)
     if got != expected["sha256"]:
-        print(f"receive: {name} arrived damaged (sha256 {got[:16]}, expected {expected['sha256'][:16]})", file=sys.stderr)
+        print(
+            f"receive: {name} arrived damaged (sha256 {got[:16]}, expected {expected['sha256'][:16]})", file=sys.stderr
+        )
         return 1
     os.makedirs(os.path.join(STORE, "parts"), exist_ok=True)
     shutil.copyfile(part_path, os.path.join(STORE, "parts", name))
@@ -249,8 +257,14 @@ def cmd_plan(args: list[str]) -> int:
 
 
 COMMANDS = {
-    "--plan": cmd_plan, "plan": cmd_plan, "tier1": cmd_tier1, "probe": cmd_probe, "receive": cmd_receive,
-    "install": cmd_install, "suite": cmd_suite, "collect": cmd_collect,
+    "--plan": cmd_plan,
+    "plan": cmd_plan,
+    "tier1": cmd_tier1,
+    "probe": cmd_probe,
+    "receive": cmd_receive,
+    "install": cmd_install,
+    "suite": cmd_suite,
+    "collect": cmd_collect,
 }
 
 

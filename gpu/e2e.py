@@ -46,7 +46,10 @@ def run_one(model: str, flags: list[str], switch: str, log_dir: str, cache: str,
     try:
         proc = subprocess.run(
             [sys.executable, *RUNNER, model, *flags],
-            env=env, capture_output=True, text=True, timeout=timeout,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         rc, out, err = proc.returncode, proc.stdout, proc.stderr
     except subprocess.TimeoutExpired as exc:
@@ -71,9 +74,9 @@ def compare(mode: str, on: dict, off: dict) -> dict:
         identical=identical,
         sequences=len(on["token_ids"]),
         tokens=sum(len(t) for t in on["token_ids"]),
-        verdict="pass" if applied and identical else (
-            "FAILED: token ids differ" if not identical else "FAILED: overlay not applied in the on-run"
-        ),
+        verdict="pass"
+        if applied and identical
+        else ("FAILED: token ids differ" if not identical else "FAILED: overlay not applied in the on-run"),
     )
     return row
 
@@ -109,8 +112,12 @@ def main(argv: list[str] | None = None) -> int:
 
         model = tiny("qwen3-next", os.path.join(args.out, "tiny-qwen3-next-hd128"))
     common = [
-        "--max-tokens", str(args.max_tokens), "--prompts", str(args.prompts),
-        "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+        "--max-tokens",
+        str(args.max_tokens),
+        "--prompts",
+        str(args.prompts),
+        "--gpu-memory-utilization",
+        str(args.gpu_memory_utilization),
     ]
     jobs = []
     for mode in modes:
@@ -125,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     results = {key: f.result() for key, f in futures.items()}
     rows = [compare(mode, results[mode, "on"], results[mode, "off"]) for mode in modes]
     with open(os.path.join(args.out, "e2e.json"), "w", encoding="utf-8") as fh:
-        json.dump({"model": model, "rows": rows, "runs": {f"{m}:{s}": r for (m, s), r in results.items()}}, fh, indent=1)
+        json.dump(
+            {"model": model, "rows": rows, "runs": {f"{m}:{s}": r for (m, s), r in results.items()}}, fh, indent=1
+        )
     columns = ["mode", "verdict", "applied", "identical", "sequences", "tokens", "on_s", "off_s"]
     widths = {c: max(len(c), *(len(str(r.get(c, "-"))) for r in rows)) for c in columns}
     print("  ".join(c.ljust(widths[c]) for c in columns))

@@ -89,10 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["VLLM_OVERLAP_CONFIG"] = config
 
     import torch
-    from vllm import LLM, SamplingParams
-
     from model_configs import reduced
     from trace_overlap import check, load
+    from vllm import LLM, SamplingParams
 
     model_dir = reduced("qwen3-next", args.layers, os.path.join(args.out, f"qwen3-next-{args.layers}-layers"))
     llm = LLM(

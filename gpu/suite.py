@@ -67,9 +67,29 @@ def decode_step(name: str, kind: str, limit_s: int, tier: int = 3, extra: tuple[
 # Tier 1's pair benchmark: every site at its first published model, tp 1 and 8 (the widest and
 # the narrowest per-rank GEMMs), bf16 then FP8, token counts from decode to prefill chunks.
 PAIRS_TIER1 = (
-    "--models", "Qwen3-Next-80B-A3B", "DeepSeek-V3.2", "MiniCPM3-4B", "OLMo-Hybrid-7B", "Ling-3.0-flash",
-    "Kimi-Linear-48B-A3B", "--tp", "1", "8", "--dtypes", "bf16", "fp8", "--tokens", "1", "16", "64", "256",
-    "1024", "--rounds", "3", "--budget-ms", "5",
+    "--models",
+    "Qwen3-Next-80B-A3B",
+    "DeepSeek-V3.2",
+    "MiniCPM3-4B",
+    "OLMo-Hybrid-7B",
+    "Ling-3.0-flash",
+    "Kimi-Linear-48B-A3B",
+    "--tp",
+    "1",
+    "8",
+    "--dtypes",
+    "bf16",
+    "fp8",
+    "--tokens",
+    "1",
+    "16",
+    "64",
+    "256",
+    "1024",
+    "--rounds",
+    "3",
+    "--budget-ms",
+    "5",
 )
 CUDA_TESTS_TORCH = ("tests/test_streams.py",)  # the cuda-marked tests that need no vLLM
 CUDA_TESTS_VLLM = ("tests/test_deepseek_cuda.py", "tests/test_sites_cuda.py")
@@ -91,8 +111,12 @@ STEPS = {
             "trace_primitive",
             "profiler trace of the fork/join at two shapes: both branches' kernels on two streams at once?",
             15,
-            ("gpu/trace_primitive.py", "gpu/trace_overlap.py", "benchmarks/pairs.py",
-             "vllm_overlap/runtime/streams.py"),
+            (
+                "gpu/trace_primitive.py",
+                "gpu/trace_overlap.py",
+                "benchmarks/pairs.py",
+                "vllm_overlap/runtime/streams.py",
+            ),
             ("torch",),
             (("trace", [PY, "gpu/trace_primitive.py", "--out", "{dir}"], {}),),
             1,
@@ -110,14 +134,35 @@ STEPS = {
             "e2e",
             "tiny Qwen3-Next through vllm.LLM, on vs off: eager, and compiled with FULL and piecewise graphs",
             100,
-            ("gpu/e2e.py", "vllm_overlap/testing/llm_runner.py", "vllm_overlap/testing/tiny_models.py", "gpu/model_configs.py"),
+            (
+                "gpu/e2e.py",
+                "vllm_overlap/testing/llm_runner.py",
+                "vllm_overlap/testing/tiny_models.py",
+                "gpu/model_configs.py",
+            ),
             ("torch", "vllm", "vllm_overlap", "transformers"),
-            (("e2e", [PY, "gpu/e2e.py", "--out", "{dir}", "--modes", "eager", "compiled_full_and_piecewise",
-                      "--timeout", "90"], {}),),
+            (
+                (
+                    "e2e",
+                    [
+                        PY,
+                        "gpu/e2e.py",
+                        "--out",
+                        "{dir}",
+                        "--modes",
+                        "eager",
+                        "compiled_full_and_piecewise",
+                        "--timeout",
+                        "90",
+                    ],
+                    {},
+                ),
+            ),
             2,
         ),
-        decode_step("decode_qwen3_next", "qwen3-next", 125, 2,
-                    ("--concurrency", "1", "16", "--steps", "32", "--repeats", "3")),
+        decode_step(
+            "decode_qwen3_next", "qwen3-next", 125, 2, ("--concurrency", "1", "16", "--steps", "32", "--repeats", "3")
+        ),
         Step(
             "cuda_tests",
             "the tests marked cuda that need vLLM",
@@ -169,12 +214,23 @@ def run_step(step: Step, out: str, layers: int) -> dict:
         with open(log_path, "w", encoding="utf-8") as log:
             try:
                 rc = subprocess.run(
-                    expand(argv, directory, layers), cwd=ROOT, env=env, stdout=log,
-                    stderr=subprocess.STDOUT, timeout=left,
+                    expand(argv, directory, layers),
+                    cwd=ROOT,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    timeout=left,
                 ).returncode
             except subprocess.TimeoutExpired:
                 rc = "timeout"
-        results.append({"run": label, "rc": rc, "seconds": round(time.perf_counter() - t0, 1), "log": os.path.relpath(log_path, out)})
+        results.append(
+            {
+                "run": label,
+                "rc": rc,
+                "seconds": round(time.perf_counter() - t0, 1),
+                "log": os.path.relpath(log_path, out),
+            }
+        )
         print(f"  {step.name}/{label}: rc {rc} in {results[-1]['seconds']}s", flush=True)
     record = {
         "step": step.name,
@@ -252,7 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     for step in steps:
         missing = missing_inputs(step)
         if missing:
-            records.append({"step": step.name, "what": step.what, "ok": False, "skipped": f"missing {', '.join(missing)}"})
+            records.append(
+                {"step": step.name, "what": step.what, "ok": False, "skipped": f"missing {', '.join(missing)}"}
+            )
             print(f"{step.name}: skipped, missing {', '.join(missing)}", flush=True)
             continue
         print(f"{step.name}: {step.what} (limit {step.limit_s}s)", flush=True)

@@ -92,7 +92,9 @@ def branch_kernels(trace, labels: dict[str, str]) -> list[Kernel]:
             continue
         branch = min(inside, key=lambda s: s[1] - s[0])[2]  # the innermost range
         start = float(e["ts"])
-        found.append(Kernel(e.get("name", "?"), int(args.get("stream", -1)), start, start + float(e.get("dur", 0)), branch))
+        found.append(
+            Kernel(e.get("name", "?"), int(args.get("stream", -1)), start, start + float(e.get("dur", 0)), branch)
+        )
     return found
 
 

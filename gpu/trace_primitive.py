@@ -50,10 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import torch
-
     from model_shapes import site_shapes
     from pairs import Pair
     from trace_overlap import check, load
+
     from vllm_overlap.runtime.streams import fork_join
 
     if not torch.cuda.is_available():

@@ -178,8 +178,8 @@ def gdn_layer(vllm_context, overlay_applied):
     """Factory of real QwenGatedDeltaNetAttention layers with seeded random weights."""
     import torch
 
-    from vllm_overlap.testing.tiny_models import qwen3_next_config
     from vllm_overlap.testing.layer_builders import build_gdn_layer
+    from vllm_overlap.testing.tiny_models import qwen3_next_config
 
     def make(interleaved: bool = True, dtype=torch.bfloat16, seed: int = 0, process_weights: bool = True):
         return build_gdn_layer(
@@ -243,7 +243,6 @@ class KernelStandins:
 @pytest.fixture
 def kernel_standins(monkeypatch):
     import torch
-
     from vllm.model_executor.layers.mamba.ops.cpu.gdn_attention import (
         register_cpu_gdn_attention_ops,
     )
@@ -327,8 +326,8 @@ def same_tensors(a, b) -> bool:
 def site_runtime(site_id: str, module: str | None = None):
     """The runtime the rewritten code of ``site_id`` calls in ``module`` (default: its first
     target's), as the plugin built it in this process."""
-    from vllm_overlap.sites import SITES
     from vllm_overlap.runtime import module_namespaces as installed
+    from vllm_overlap.sites import SITES
 
     module = module or SITES[site_id].targets[0].module
     rt = installed.runtime(site_id, module)
@@ -338,8 +337,8 @@ def site_runtime(site_id: str, module: str | None = None):
 
 def site_entry(site_id: str, module: str | None = None):
     """What the rewritten code calls for ``site_id``: ``_vllm_overlap_<feature>.<entry>``."""
-    from vllm_overlap.sites import SITES
     from vllm_overlap.runtime import module_namespaces as installed
+    from vllm_overlap.sites import SITES
 
     site = SITES[site_id]
     module = module or site.targets[0].module

@@ -35,9 +35,9 @@ import weakref
 from contextlib import contextmanager
 
 import torch
+from deepseek_standins import DEEPSEEK_V2, INDEXER_BRANCHES, V32_ATTENTION, DeepseekStandins  # noqa: F401 (re-exported)
 from torch import nn
 
-from deepseek_standins import DEEPSEEK_V2, INDEXER_BRANCHES, V32_ATTENTION, DeepseekStandins  # noqa: F401 (re-exported)
 from vllm_overlap.engine.rewrite import Target
 
 V32_ROCM = "vllm.models.deepseek_v32.amd.rocm"

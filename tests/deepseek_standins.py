@@ -16,9 +16,8 @@ import math
 from collections import Counter
 
 import torch
-from torch import nn
-
 from kernel_standin import standin
+from torch import nn
 
 DEEPSEEK_V2 = "vllm.model_executor.models.deepseek_v2"
 V32_ATTENTION = "vllm.models.deepseek_v32.attention"

@@ -17,8 +17,8 @@ import importlib
 
 import pytest
 import torch
-
 from conftest import functions, wrap_branch
+
 from vllm_overlap.engine import rewrite
 from vllm_overlap.sites.delta_in_proj import BAILING_MOE_V3
 
@@ -142,8 +142,8 @@ def test_a_separate_b_proj_layer_runs_upstreams_statements(
 def test_the_census_counts_a_separate_b_proj_layer_as_not_reaching_the_site(
     vllm_context, standins, monkeypatch
 ):
-    from vllm_overlap.runtime import reports as census
     from vllm_overlap.runtime import census as site_census
+    from vllm_overlap.runtime import reports as census
 
     monkeypatch.setattr(census, "site_reports", {})
     fused, _ = _layer(vllm_context, standins, monkeypatch)

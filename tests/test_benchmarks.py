@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import clean_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

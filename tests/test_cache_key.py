@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from vllm_overlap.runtime.cache_key import combine, overlay_key
 from vllm_overlap.config.loader import parse_config
+from vllm_overlap.runtime.cache_key import combine, overlay_key
 
 
 def _key(text):

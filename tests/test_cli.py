@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import clean_env
 from test_plugin import BREAK_GDN, ROOT, run_py
 

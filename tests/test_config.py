@@ -385,7 +385,9 @@ def test_the_time_bound_is_checked_every_few_hundred_steps(monkeypatch):
     assert config_yaml.MAX_SECONDS == 10 and 100 <= config_yaml.CHECK_EVERY <= 1000
     looks = []
 
-    def clock(ticks=itertools.count()):
+    ticks = itertools.count()
+
+    def clock():
         looks.append(next(ticks))
         return looks[-1]
 

@@ -10,7 +10,6 @@ import sys
 import zipfile
 
 import pytest
-
 from conftest import clean_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

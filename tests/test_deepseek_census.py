@@ -4,24 +4,24 @@ MLA layers that have an indexer to overlap with (both code shapes), and those th
 
 from __future__ import annotations
 
-from torch import nn
-
-from vllm_overlap.sites import FEATURES
 from deepseek_layers import (
     build_mla_wrapper,
     build_v32_attention,
     deepseek_v3_config,
     deepseek_v32_config,
 )
+from torch import nn
+
+from vllm_overlap.sites import FEATURES
 
 # what the plugin passes the DeepSeek features' shared post-load step
 DEEPSEEK = (FEATURES["deepseek_indexer"], FEATURES["mla_q_b_proj"])
 
 
 def test_census_and_registration(deepseek_vllm, standins, monkeypatch):
-    from vllm_overlap.runtime import reports as census
-    from vllm_overlap.runtime import layer_registry as layers
     from vllm_overlap.runtime import census as site_census
+    from vllm_overlap.runtime import layer_registry as layers
+    from vllm_overlap.runtime import reports as census
     from vllm_overlap.runtime.deepseek_post_load import NO_INDEXER, post_load
 
     monkeypatch.setattr(layers, "_layers", type(layers._layers)())  # only what is built here
@@ -67,9 +67,9 @@ def test_census_and_registration(deepseek_vllm, standins, monkeypatch):
 
 def test_a_disabled_feature_has_no_census_rows(deepseek_vllm, standins, monkeypatch):
     from vllm_overlap.config import active as active_config
-    from vllm_overlap.runtime import reports as census
     from vllm_overlap.config.loader import LoadedConfig, OverlayConfig
     from vllm_overlap.runtime import census as site_census
+    from vllm_overlap.runtime import reports as census
 
     data = OverlayConfig().model_dump()
     data["features"]["mla_q_b_proj"]["enabled"] = False
@@ -81,10 +81,9 @@ def test_a_disabled_feature_has_no_census_rows(deepseek_vllm, standins, monkeypa
 
 
 def test_a_model_without_mla_layers_reports_nothing(monkeypatch):
+    from vllm_overlap.runtime import census as site_census
     from vllm_overlap.runtime import reports as census
     from vllm_overlap.runtime.deepseek_post_load import post_load
-
-    from vllm_overlap.runtime import census as site_census
 
     monkeypatch.setattr(census, "post_load_reports", {})
     monkeypatch.setattr(census, "site_reports", {})

@@ -18,7 +18,7 @@ from collections import Counter
 
 import pytest
 import torch
-
+from conftest import functions, site_entry, site_runtime
 from deepseek_layers import (
     INDEXER_TARGET,
     V32_TARGET,
@@ -35,8 +35,7 @@ from deepseek_layers import (
     run_mla_wrapper,
     run_v32,
 )
-from conftest import functions, site_entry, site_runtime
-from vllm_overlap.engine import rewrite
+
 from vllm_overlap.runtime import streams
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("forks_in_eager_steps")]

@@ -12,14 +12,13 @@ import types
 
 import pytest
 import torch
-
 from conftest import functions
 from deepseek_layers import (
+    INDEXER_BRANCHES,
     INDEXER_TARGET,
     ROCM_TARGET,
     V32_TARGET,
     WRAPPER_TARGET,
-    INDEXER_BRANCHES,
     build_indexer,
     build_indexer_rope,
     build_mla_wrapper,
@@ -31,9 +30,9 @@ from deepseek_layers import (
     run_mla_wrapper,
     run_v32,
 )
-from fork_join_recorder import OUT, b0, b1, fork, join, out, without_forks
-from vllm_overlap.runtime import streams
+from fork_join_recorder import b0, b1, fork, join, out, without_forks
 
+from vllm_overlap.runtime import streams
 
 # The sites, by code shape: V3.2 CUDA path and the legacy (compiled / MLA wrapper) path.
 DI, MQ = "deepseek_indexer_v32", "mla_q_b_proj_v32"

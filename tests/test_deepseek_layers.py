@@ -25,14 +25,13 @@ from collections import Counter
 
 import pytest
 import torch
-
-from vllm_overlap.sites import FEATURES
+from conftest import functions, site_runtime, wrap_branch
 from deepseek_layers import (
+    INDEXER_BRANCHES,
     INDEXER_TARGET,
     ROCM_TARGET,
     V32_TARGET,
     WRAPPER_TARGET,
-    INDEXER_BRANCHES,
     build_indexer,
     build_indexer_rope,
     build_mla_wrapper,
@@ -45,9 +44,9 @@ from deepseek_layers import (
     run_mla_wrapper,
     run_v32,
 )
-from conftest import functions, site_runtime, wrap_branch
-from vllm_overlap.engine import rewrite
 
+from vllm_overlap.engine import rewrite
+from vllm_overlap.sites import FEATURES
 
 EXPECTED_FEATURES = {
     V32_TARGET: ["deepseek_indexer", "mla_q_b_proj"],
@@ -451,9 +450,9 @@ def test_mla_wrapper_without_indexer_matches_upstream_serially(
 
 
 def test_mla_wrapper_census_with_an_indexer(deepseek_vllm, standins, monkeypatch):
-    from vllm_overlap.runtime import reports
     from vllm_overlap.runtime import deepseek_post_load as census
     from vllm_overlap.runtime import layer_registry as layers
+    from vllm_overlap.runtime import reports
 
     wrapper = build_mla_wrapper(deepseek_vllm, deepseek_v32_config(), True, standins=standins)
     monkeypatch.setattr(reports, "post_load_reports", {})

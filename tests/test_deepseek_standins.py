@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from collections import Counter
 
+import deepseek_layers as dl
 import pytest
 import torch
-
-import deepseek_layers as dl
 from kernel_standin import standin
 
 

@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, clean_env
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,6 @@ rewrite must be applied, and the only reason anything stays serial must be "no i
 from __future__ import annotations
 
 import pytest
-
 from conftest import doctor_model, run_on_off
 
 pytestmark = pytest.mark.slow

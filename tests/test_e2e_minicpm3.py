@@ -9,7 +9,6 @@ as the run without the overlay.
 from __future__ import annotations
 
 import pytest
-
 from conftest import doctor_model, run_on_off
 
 pytestmark = pytest.mark.slow

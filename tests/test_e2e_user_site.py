@@ -9,7 +9,6 @@ compiled run has no graph break and as many graphs as the run without the overla
 from __future__ import annotations
 
 import pytest
-
 from conftest import minicpm3_user_site_yaml, run_llm
 
 pytestmark = pytest.mark.slow

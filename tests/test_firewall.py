@@ -12,7 +12,6 @@ import json
 import textwrap
 
 import pytest
-
 from test_plugin import run_py
 
 TARGET = '''

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from fork_join_recorder import fork, join
-from vllm_overlap.runtime import streams
 
+from vllm_overlap.runtime import streams
 
 
 def test_hazard_check_catches_a_branch_writing_what_the_other_reads(recorder):

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from vllm_overlap.runtime import streams
 from conftest import GDN_MODULE
-from vllm_overlap.runtime import gdn_fuse
+
+from vllm_overlap.runtime import gdn_fuse, streams
 from vllm_overlap.sites import FEATURES
 
 GDN = (FEATURES["gdn_in_proj"],)  # what the plugin passes the feature's post-load step
@@ -27,8 +26,8 @@ def fused_twin(vllm_context, overlay_applied):
     one of them), then vLLM's own weight post-processing (on both), which picks this
     machine's GEMM path for whatever projections each layer then has. ``process=False``
     stops before that last step, where the fusing has happened and nothing is repacked."""
-    from vllm_overlap.testing.tiny_models import qwen3_next_config
     from vllm_overlap.testing.layer_builders import build_gdn_layer, process_weights_like_the_loader
+    from vllm_overlap.testing.tiny_models import qwen3_next_config
 
     def make(interleaved=True, process=True):
         plain, fused = (
@@ -76,10 +75,10 @@ def test_fusing_keeps_no_extra_parameter_memory(fused_twin):
 @pytest.mark.parametrize(
     "spoil, reason",
     [
-        (lambda l: setattr(l.in_proj_ba, "base_layer", torch.nn.Identity()), "in_proj_ba is LoRA-wrapped"),
-        (lambda l: setattr(l.in_proj_qkvz, "quant_method", object()), "in_proj_qkvz is quantised (object)"),
-        (lambda l: setattr(l.in_proj_ba, "tp_size", 2), "sharded differently"),
-        (lambda l: l.in_proj_ba.to(torch.float32), "dtypes differ"),
+        (lambda layer: setattr(layer.in_proj_ba, "base_layer", torch.nn.Identity()), "in_proj_ba is LoRA-wrapped"),
+        (lambda layer: setattr(layer.in_proj_qkvz, "quant_method", object()), "in_proj_qkvz is quantised (object)"),
+        (lambda layer: setattr(layer.in_proj_ba, "tp_size", 2), "sharded differently"),
+        (lambda layer: layer.in_proj_ba.to(torch.float32), "dtypes differ"),
     ],
     ids=["lora", "quantised", "sharding", "dtype"],
 )

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import site_entry
+
 from vllm_overlap.engine import rewrite
 from vllm_overlap.sites.gdn_in_proj import CLASS, MODULE, VARIANTS
 

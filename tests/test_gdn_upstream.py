@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from vllm_overlap import outcomes
+from vllm_overlap.runtime import census as site_census
+from vllm_overlap.runtime import gdn_upstream
 from vllm_overlap.sites import FEATURES
-from vllm_overlap.runtime import gdn_upstream, census as site_census
 
 SITE = FEATURES["gdn_in_proj"].sites[0]
 CUDA_TARGET = next(t for t in SITE.targets if t.qualname == "QwenGatedDeltaNetAttention.forward_cuda")
@@ -162,8 +163,8 @@ def test_strict_never_stops_because_upstream_took_over(monkeypatch):
     import dataclasses
 
     from vllm_overlap.config import active as active_config
-    from vllm_overlap.runtime import plugin
     from vllm_overlap.config.loader import LoadedConfig, OverlayConfig
+    from vllm_overlap.runtime import plugin
 
     monkeypatch.setattr(active_config, "_loaded", LoadedConfig(OverlayConfig(strict=True), "strict.yaml"))
     upstream = outcomes.Outcome(SITE.feature, str(CUDA_TARGET), outcomes.UPSTREAM, "vLLM forks the pair itself")

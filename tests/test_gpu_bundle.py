@@ -13,7 +13,6 @@ import sys
 import zipfile
 
 import pytest
-
 from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "gpu"))

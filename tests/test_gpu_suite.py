@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, clean_env
 
 sys.path.insert(0, os.path.join(ROOT, "gpu"))

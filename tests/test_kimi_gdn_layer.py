@@ -15,8 +15,8 @@ import importlib
 
 import pytest
 import torch
-
 from conftest import functions, wrap_branch
+
 from vllm_overlap.engine import rewrite
 from vllm_overlap.sites.delta_in_proj import KIMI_GDN
 
@@ -90,8 +90,8 @@ def test_the_comparison_fails_when_either_branch_changes(overlay_applied, vllm_c
 def test_a_full_rank_gate_layer_runs_upstreams_statements(overlay_applied, vllm_context, count_forks, monkeypatch):
     """The gate inside the fused projection: the rewritten forward is upstream's, unforked, and
     the census counts the layer as not reaching the site."""
-    from vllm_overlap.runtime import reports as census
     from vllm_overlap.runtime import census as site_census
+    from vllm_overlap.runtime import reports as census
 
     upstream, rewritten = functions(TARGET)
     full, hf = _layer(vllm_context, full_rank_gate=True)

@@ -16,8 +16,8 @@ import importlib
 
 import pytest
 import torch
-
 from conftest import functions, wrap_branch
+
 from vllm_overlap.engine import rewrite
 from vllm_overlap.sites.kv_a_proj import KIMI_LINEAR
 

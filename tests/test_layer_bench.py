@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from vllm_overlap.cli.calibrate import plan
-from vllm_overlap.testing.layer_bench import measure_model, measured_sites
 from vllm_overlap.sites import SITES
+from vllm_overlap.testing.layer_bench import measure_model, measured_sites
 from vllm_overlap.testing.layer_builders import SITE_LAYERS
 
 # DeepSeek-V3 plus the lightning indexer: vLLM reads such a config as V3.2.

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import functions
+
 from vllm_overlap.engine import rewrite
 from vllm_overlap.sites.kv_a_proj import MINICPM3
 

@@ -15,9 +15,9 @@ from collections import Counter
 
 import pytest
 import torch
-
 from conftest import functions
 from kernel_standin import standin
+
 from vllm_overlap.engine import rewrite
 from vllm_overlap.sites.delta_in_proj import OLMO_HYBRID, OLMO_MODULE
 

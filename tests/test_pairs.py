@@ -14,7 +14,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, clean_env
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))

@@ -8,8 +8,8 @@ import sys
 import textwrap
 
 import pytest
-
 from conftest import clean_env
+
 from vllm_overlap.sites import SITES
 
 SITE_IDS = list(SITES)
@@ -55,8 +55,8 @@ def test_register_is_cheap_and_idempotent():
         """
     )
     assert proc.returncode == 0, proc.stderr
-    from vllm_overlap.sites import FEATURES
     from vllm_overlap.runtime.plugin import LOADER_UTILS
+    from vllm_overlap.sites import FEATURES
 
     targets = sorted({m for f in FEATURES.values() for m in f.modules()})
     assert GDN in targets and "vllm.model_executor.layers.mla" in targets

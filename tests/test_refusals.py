@@ -15,9 +15,7 @@ import os
 import sys
 import types
 
-import pytest
 import torch
-
 from conftest import functions
 from deepseek_layers import (
     INDEXER_TARGET,
@@ -28,6 +26,7 @@ from deepseek_layers import (
     make_inputs,
     run_indexer,
 )
+
 from vllm_overlap.sites import SITES
 
 SITE = SITES["deepseek_indexer_legacy"]
@@ -86,8 +85,8 @@ def _model_with_a_refused_and_a_free_indexer(deepseek_vllm, standins, monkeypatc
 def test_an_indexer_inside_the_refused_class_runs_upstream_statements(
     deepseek_vllm, standins, count_forks, monkeypatch
 ):
-    from vllm_overlap.runtime import reports as census
     from vllm_overlap.runtime import census as site_census
+    from vllm_overlap.runtime import reports as census
 
     monkeypatch.setattr(census, "site_reports", {})
     model, refused, free, hf = _model_with_a_refused_and_a_free_indexer(deepseek_vllm, standins, monkeypatch)
@@ -113,7 +112,8 @@ def test_an_indexer_inside_the_refused_class_runs_upstream_statements(
 
 
 def test_without_the_refused_class_imported_nothing_is_marked(deepseek_vllm, standins, monkeypatch):
-    from vllm_overlap.runtime import refusals, census as site_census
+    from vllm_overlap.runtime import census as site_census
+    from vllm_overlap.runtime import refusals
 
     model, refused, free, _ = _model_with_a_refused_and_a_free_indexer(deepseek_vllm, standins, monkeypatch)
     monkeypatch.delitem(sys.modules, DOTS3.module)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from conftest import ROOT
+
 from vllm_overlap.sites import FEATURES, SITES, problems
 
 
@@ -58,9 +58,9 @@ def test_patches_has_a_diff_per_feature():
 
 @pytest.mark.parametrize("site_id", list(SITES))
 def test_doctor_has_a_row_per_target_of_each_site(site_id, deepseek_overlay):
-    from vllm_overlap.cli.doctor import collect
-
     import importlib.util
+
+    from vllm_overlap.cli.doctor import collect
 
     site = SITES[site_id]
     report = collect()

@@ -31,12 +31,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-
 from conftest import same_tensors, site_entry, site_runtime, tensors_of, wrap_branch
 from linear_no_rows import skip_where_no_rows_kill_vllms_linear
+
 from vllm_overlap.config import active as active_config
-from vllm_overlap.runtime import streams
 from vllm_overlap.config.loader import LoadedConfig, OverlayConfig
+from vllm_overlap.runtime import streams
 from vllm_overlap.sites import SITES
 
 BF16 = torch.bfloat16
@@ -240,8 +240,8 @@ def test_every_site_with_another_path_says_how_to_take_it():
 def test_the_census_counts_a_layer_on_upstreams_other_path_as_not_reaching_the_site(
     request, deepseek_overlay, site_id, monkeypatch
 ):
-    from vllm_overlap.runtime import reports as census
     from vllm_overlap.runtime import census as site_census
+    from vllm_overlap.runtime import reports as census
 
     monkeypatch.setattr(census, "site_reports", {})
     case = CASES[site_id]
@@ -432,8 +432,9 @@ def test_no_second_stream_or_lora_runs_serially(request, deepseek_overlay, site_
 def test_a_projection_that_is_not_stream_safe_runs_serially(request, deepseek_overlay, site_id, fake_gpu, monkeypatch):
     """Each module the branches call judged not stream-safe in turn (its kernel keeps a
     per-device workspace): upstream's statements, no fork; and the census says why."""
+    from vllm_overlap.runtime import census as site_census
     from vllm_overlap.runtime import reports as census
-    from vllm_overlap.runtime import census as site_census, stream_safety
+    from vllm_overlap.runtime import stream_safety
 
     rt = site_runtime(site_id)
     args = CASES[site_id].args(request, 5)
@@ -463,8 +464,8 @@ def test_the_mla_wrapper_site_declares_the_legacy_indexer_as_its_callee():
 def test_another_models_module_behind_a_callee_runs_serially(request, deepseek_overlay, site_id, fake_gpu, monkeypatch):
     """A model that builds the layer around a module of its own (Glm5Next wraps its own
     indexer in the MLA wrapper): upstream's statements, no fork, and the census says why."""
-    from vllm_overlap.runtime import reports as census
     from vllm_overlap.runtime import census as site_census
+    from vllm_overlap.runtime import reports as census
 
     rt = site_runtime(site_id)
     args = CASES[site_id].args(request, 5)
@@ -521,8 +522,8 @@ def test_an_inactive_layer_runs_only_the_ungated_branch(request, deepseek_overla
 def test_the_census_counts_the_sites_layer(request, deepseek_overlay, site_id, active, monkeypatch):
     """Every site has a census row for a model holding its layer: the layer overlaps, or (made
     inactive) runs serially with upstream's condition named as the reason."""
-    from vllm_overlap.runtime import reports as census
     from vllm_overlap.runtime import census as site_census
+    from vllm_overlap.runtime import reports as census
 
     monkeypatch.setattr(census, "site_reports", {})
     args = CASES[site_id].args(request, 1)

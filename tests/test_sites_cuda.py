@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import same_tensors, site_entry, site_runtime, tensors_of
+
 from vllm_overlap.runtime import streams
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("forks_in_eager_steps")]
@@ -42,11 +42,10 @@ def _hf_config(name):
 
 
 def _args(request, site_id, tokens):
-    from vllm_overlap.testing.layer_builders import SITE_LAYERS
-
     import importlib.util
 
     from vllm_overlap.sites import SITES
+    from vllm_overlap.testing.layer_builders import SITE_LAYERS
 
     module = SITES[site_id].targets[0].module
     if importlib.util.find_spec(module) is None:  # e.g. BailingMoeV3 before vLLM 0.28
@@ -116,9 +115,10 @@ def test_a_user_site_checks_its_first_run_then_forks_on_the_gpu(request, monkeyp
     import importlib
 
     from conftest import minicpm3_user_site_yaml
+
     from vllm_overlap.config import active as active_config
-    from vllm_overlap.engine import user_sites
     from vllm_overlap.config.loader import LoadedConfig, parse_config
+    from vllm_overlap.engine import user_sites
     from vllm_overlap.runtime import module_namespaces as installed
     from vllm_overlap.testing.layer_builders import build_minicpm3_attention
     from vllm_overlap.testing.tiny_models import minicpm3_config

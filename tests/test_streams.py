@@ -7,8 +7,8 @@ import threading
 import pytest
 import torch
 
-from vllm_overlap.runtime import streams
 from vllm_overlap.config.loader import FeatureConfig
+from vllm_overlap.runtime import streams
 
 FEATURE = FeatureConfig(min_tokens=4, max_tokens=16)
 
@@ -318,8 +318,8 @@ def test_two_threads_never_share_events_and_keep_their_order(fake_gpu, monkeypat
         for i in range(200):
             streams.run_pair(
                 "gdn_in_proj",
-                lambda: recorder.note("fn0", tag, i),
-                lambda: recorder.note("fn1", tag, i),
+                lambda i=i: recorder.note("fn0", tag, i),
+                lambda i=i: recorder.note("fn1", tag, i),
                 8,
                 FEATURE,
             )

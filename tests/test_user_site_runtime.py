@@ -11,13 +11,13 @@ import textwrap
 
 import pytest
 import torch
-
 from conftest import minicpm3_user_site_yaml, same_tensors
+
 from vllm_overlap.config import active as active_config
-from vllm_overlap.runtime import streams
-from vllm_overlap.engine import user_sites
 from vllm_overlap.config.loader import LoadedConfig, parse_config
-from vllm_overlap.runtime import hazards, module_namespaces as installed
+from vllm_overlap.engine import user_sites
+from vllm_overlap.runtime import hazards
+from vllm_overlap.runtime import module_namespaces as installed
 
 CONFIG = minicpm3_user_site_yaml("probe_q_kv")
 
@@ -197,7 +197,6 @@ def synthetic_runtime(monkeypatch):
     the config loaded; and a layer of fake modules (what the runtime runs is upstream's text)."""
     from vllm_overlap.engine.branches import compile_form
     from vllm_overlap.runtime.site_runtime import SiteRuntime
-    from vllm_overlap.engine.settings import UserSiteConfig
 
     def make(site_id: str, current: str, aux: str, tokens: str = "x"):
         yaml = (

@@ -38,7 +38,7 @@ def run(args) -> int:
         width = max(map(len, found), default=0)
         for name, text in found.items():
             print(f"{name:<{width}}  {summary(text)}")
-        print(f"\nprint one: vllm-overlap config NAME > overlay.yaml; use it: VLLM_OVERLAP_CONFIG=overlay.yaml")
+        print("\nprint one: vllm-overlap config NAME > overlay.yaml; use it: VLLM_OVERLAP_CONFIG=overlay.yaml")
         return 0
     name = args.name[: -len(SUFFIX)] if args.name.endswith(SUFFIX) else args.name
     if name not in found:

@@ -8,8 +8,8 @@ from vllm_overlap.cli.command import Command
 
 
 def run(args) -> int:
-    from vllm_overlap.sites import FEATURES
     from vllm_overlap.engine.sources import ABSENT, APPLIES, feature_diff, read_installed
+    from vllm_overlap.sites import FEATURES
 
     names = [args.feature] if args.feature else list(FEATURES)
     unknown = [n for n in names if n not in FEATURES]

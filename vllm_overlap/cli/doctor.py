@@ -63,8 +63,8 @@ def _anchor_counts(rewrite) -> str:
 def model_features(hf_config) -> list[dict]:
     """Per feature, whether a model with this Hugging Face config runs its sites: by the
     architecture vLLM builds (``architectures``), then the feature's own config check."""
-    from vllm_overlap.sites.architectures import model_reason
     from vllm_overlap.sites import FEATURES
+    from vllm_overlap.sites.architectures import model_reason
 
     rows = []
     for feature in FEATURES.values():
@@ -97,8 +97,8 @@ def _vllm_names() -> list[dict]:
 
 def collect(model: str | None = None) -> dict:
     """Load the config, apply every enabled feature in this process, and report."""
-    from vllm_overlap.config import active as active_config
     from vllm_overlap import outcomes
+    from vllm_overlap.config import active as active_config
     from vllm_overlap.runtime import plugin
 
     plugin.register()

@@ -10,10 +10,9 @@ listed).
 
 from __future__ import annotations
 
-from vllm_overlap.cli.command import Command
-
 import ast
 
+from vllm_overlap.cli.command import Command
 from vllm_overlap.config.loader import ConfigError, load_config_file
 from vllm_overlap.engine.rewrite import internal_error
 from vllm_overlap.engine.user_sites import Proof, prove_all, read_module, rewritten_diff

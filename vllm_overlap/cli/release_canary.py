@@ -155,8 +155,8 @@ def child() -> dict:
     except (Exception, SystemExit) as exc:
         out["register"] = classify(exc, "vllm_overlap.runtime.plugin")[1] + "\n" + traceback.format_exc()
         return out
-    from vllm_overlap.config import active as active_config
     from vllm_overlap import outcomes
+    from vllm_overlap.config import active as active_config
 
     features = {**FEATURES, **plugin.features()}
     modules = list(BASE_MODULES) + sorted({m for f in features.values() for m in f.modules()} - set(BASE_MODULES))
@@ -197,7 +197,19 @@ def child() -> dict:
 # Third-party packages vLLM imports at start-up whatever the release (most of a child's import
 # time): imported once per release, before the children fork, so that each child pays only
 # for vLLM's own modules and the overlay. None of them is vLLM or the overlay.
-WARM = ("torch", "torch._dynamo", "torch._inductor", "transformers", "huggingface_hub", "openai", "sympy", "numpy", "aiohttp", "networkx", "pydantic")
+WARM = (
+    "torch",
+    "torch._dynamo",
+    "torch._inductor",
+    "transformers",
+    "huggingface_hub",
+    "openai",
+    "sympy",
+    "numpy",
+    "aiohttp",
+    "networkx",
+    "pydantic",
+)
 
 
 def serve(jobs_path: str) -> None:
@@ -328,7 +340,8 @@ def unpack(wheel_path: str, root: str | None = None) -> str:
     def extract(tmp: str) -> None:
         with zipfile.ZipFile(wheel_path) as archive:
             names = [
-                n for n in archive.namelist()
+                n
+                for n in archive.namelist()
                 if (n.startswith("vllm/") and n.endswith(UNPACKED_SUFFIXES))
                 or (n.split("/")[0].endswith(".dist-info") and not n.endswith("/RECORD"))
             ]
@@ -352,8 +365,9 @@ def child_env(src: str, deps: str | None = None) -> dict[str, str]:
     return env
 
 
-def run_configs(src: str, configs: list[str], workers: int = 2, python: str = sys.executable,
-                deps: str | None = None) -> list[dict]:
+def run_configs(
+    src: str, configs: list[str], workers: int = 2, python: str = sys.executable, deps: str | None = None
+) -> list[dict]:
     """Every config against the sources in ``src``: one :func:`serve` process, one forked child
     per config. Per config what :func:`child` returned, plus ``config``; ``error`` where the
     child gave nothing."""
@@ -365,9 +379,17 @@ def run_configs(src: str, configs: list[str], workers: int = 2, python: str = sy
         with open(os.path.join(tmp, "jobs.json"), "w") as fh:
             json.dump({"workers": workers, "jobs": jobs}, fh)
         proc = subprocess.Popen(
-            [python, "-c", f"from vllm_overlap.cli.release_canary import serve; serve({os.path.join(tmp, 'jobs.json')!r})"],
-            env=child_env(src, deps), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            cwd=tmp, start_new_session=True,
+            [
+                python,
+                "-c",
+                f"from vllm_overlap.cli.release_canary import serve; serve({os.path.join(tmp, 'jobs.json')!r})",
+            ],
+            env=child_env(src, deps),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=tmp,
+            start_new_session=True,
         )
         try:
             output, _ = proc.communicate(timeout=CHILD_TIMEOUT_S)
@@ -409,8 +431,10 @@ class ReleaseReport:
     seconds: float = 0.0
 
     def text(self) -> str:
-        lines = [f"vLLM {self.release}: {len(self.failures)} failure(s), {self.compared} targets "
-                 f"compared with compat, {self.seconds:.0f} s"]
+        lines = [
+            f"vLLM {self.release}: {len(self.failures)} failure(s), {self.compared} targets "
+            f"compared with compat, {self.seconds:.0f} s"
+        ]
         lines += [f"FAIL {f}" for f in self.failures]
         lines += [f"vLLM's own: {f}" for f in self.vllm_failures]
         return "\n".join(lines)
@@ -451,8 +475,10 @@ def judge(release: str, runs: list[dict], expected: dict[tuple[str, str], str]) 
                 fail(f"[{cfg}] import {module}: {item['detail']}")
             elif kind == STOPPED:  # strict, and a target did not apply: fine where compat agrees
                 why = [
-                    o for o in run.get("outcomes", [])
-                    if o["status"] == "skipped" and o["feature"] in enabled
+                    o
+                    for o in run.get("outcomes", [])
+                    if o["status"] == "skipped"
+                    and o["feature"] in enabled
                     and _category(expected.get((o["feature"], o["target"]), "")) == "skipped"
                 ]
                 if not (run.get("strict") and why):
@@ -473,21 +499,25 @@ def judge(release: str, runs: list[dict], expected: dict[tuple[str, str], str]) 
             want = _category(expected[key])
             report.compared += 1
             if o["status"] not in AGREEMENT.get(want, frozenset()):
-                fail(f"[{cfg}] doctor says {o['feature']} {o['target']} is {o['status']}"
-                     f"{': ' + o['reason'] if o['reason'] else ''}; compat says {expected[key]}")
+                fail(
+                    f"[{cfg}] doctor says {o['feature']} {o['target']} is {o['status']}"
+                    f"{': ' + o['reason'] if o['reason'] else ''}; compat says {expected[key]}"
+                )
     report.seconds = sum(r.get("seconds", 0) for r in runs)
     return report
 
 
-def run_release(release: str, wheel_path: str, configs: list[str] | None = None, workers: int = 2,
-                python: str = sys.executable) -> ReleaseReport:
+def run_release(
+    release: str, wheel_path: str, configs: list[str] | None = None, workers: int = 2, python: str = sys.executable
+) -> ReleaseReport:
     """The canary for one release: one child per config, ``workers`` at a time."""
     src = unpack(wheel_path)
     try:
         expected, broken = compat_results(release, wheel_path), ""
     except Exception:  # compat itself fails on this release: the overlay's fault too
-        expected, broken = {}, f"compat.release_rows raised on vLLM {release}:\n" + "\n".join(
-            traceback.format_exc().splitlines()[-12:]
+        expected, broken = (
+            {},
+            f"compat.release_rows raised on vLLM {release}:\n" + "\n".join(traceback.format_exc().splitlines()[-12:]),
         )
     start = time.perf_counter()
     runs = run_configs(src, configs or config_files(), workers, python, extra_deps())

@@ -29,8 +29,13 @@ import yaml
 from pydantic import ValidationError, create_model, model_validator
 
 from vllm_overlap.config import yaml_reader as config_yaml
+from vllm_overlap.engine.settings import (  # noqa: F401  (re-exported)
+    FeatureConfig,
+    GdnInProjConfig,
+    Strict,
+    UserSiteConfig,
+)
 from vllm_overlap.sites import FEATURES
-from vllm_overlap.engine.settings import FeatureConfig, GdnInProjConfig, Strict, UserSiteConfig  # noqa: F401  (re-exported)
 
 ENV_CONFIG = "VLLM_OVERLAP_CONFIG"
 ENV_SWITCH = "VLLM_OVERLAP"

@@ -23,8 +23,8 @@ import hashlib
 import importlib
 import json
 
-from vllm_overlap.runtime import hooks
 from vllm_overlap.config.loader import FEATURE_NAMES, OverlayConfig
+from vllm_overlap.runtime import hooks
 
 CONFIG_MODULE = "vllm.config.vllm"
 CONFIG_CLASS = "VllmConfig"

@@ -31,9 +31,10 @@ from collections import Counter
 import torch
 
 from vllm_overlap.config import active as active_config
-from vllm_overlap.runtime import reports as census
 from vllm_overlap.log import logger
-from vllm_overlap.runtime import gates, module_namespaces as installed, refusals, stream_safety
+from vllm_overlap.runtime import gates, refusals, stream_safety
+from vllm_overlap.runtime import module_namespaces as installed
+from vllm_overlap.runtime import reports as census
 
 
 def applied_sites() -> list:

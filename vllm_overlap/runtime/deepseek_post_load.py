@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from vllm_overlap.config import active as active_config
-from vllm_overlap.runtime import reports as census
 from vllm_overlap.log import logger
+from vllm_overlap.runtime import reports as census
 from vllm_overlap.runtime.census import instances_of, site_classes
 
 FEATURES = ("deepseek_indexer", "mla_q_b_proj")

@@ -16,10 +16,10 @@ from collections import Counter
 
 import torch
 
-from vllm_overlap.config import active as active_config
-from vllm_overlap.runtime import reports as census
 from vllm_overlap import outcomes
+from vllm_overlap.config import active as active_config
 from vllm_overlap.log import logger
+from vllm_overlap.runtime import reports as census
 from vllm_overlap.runtime.gates import is_lora
 
 FUSED = "vllm_overlap_in_proj_qkvz_ba"  # the fused projection's submodule name on the layer

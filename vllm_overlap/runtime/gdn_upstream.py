@@ -27,7 +27,10 @@ from typing import Any
 import torch
 
 NATIVE = "upstream overlaps this natively (the model opted in)"
-TURNED_ON = "upstream's own _ba_stream path, turned on by the overlay (upstream's limits: <= 256 tokens, during CUDA-graph capture)"
+TURNED_ON = (
+    "upstream's own _ba_stream path, turned on by the overlay "
+    "(upstream's limits: <= 256 tokens, during CUDA-graph capture)"
+)
 
 
 def _vllm_config():
@@ -44,8 +47,10 @@ def refusal(layer: Any, compiled: bool) -> str:
     if not hasattr(layer, "_ba_stream"):
         return "serial: this layer has no upstream _ba_stream path"
     if compiled:
-        return ("serial: runs under torch.compile, where upstream's _ba_stream path is not "
-                "validated (upstream: compiled callers need a custom op)")
+        return (
+            "serial: runs under torch.compile, where upstream's _ba_stream path is not "
+            "validated (upstream: compiled callers need a custom op)"
+        )
     from vllm.platforms import current_platform
 
     if not current_platform.is_cuda():
@@ -54,7 +59,11 @@ def refusal(layer: Any, compiled: bool) -> str:
 
     plain = getattr(sys.modules.get(type(layer).__module__), "cuda_unquantized_gemm", None)
     method = getattr(getattr(layer, "in_proj_ba", None), "quant_method", None)
-    if plain is None or not isinstance(method, UnquantizedLinearMethod) or getattr(method, "_gemm_impl", None) is not plain:
+    if (
+        plain is None
+        or not isinstance(method, UnquantizedLinearMethod)
+        or getattr(method, "_gemm_impl", None) is not plain
+    ):
         return "serial: in_proj_ba is not an unquantized GEMM on plain cuBLAS (upstream's condition)"
     config = _vllm_config()
     if config is None:

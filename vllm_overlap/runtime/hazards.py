@@ -30,7 +30,16 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-COLLECTIVE_NAMES = ("allreduce", "all_reduce", "allgather", "all_gather", "reduce_scatter", "broadcast", "alltoall", "all_to_all")
+COLLECTIVE_NAMES = (
+    "allreduce",
+    "all_reduce",
+    "allgather",
+    "all_gather",
+    "reduce_scatter",
+    "broadcast",
+    "alltoall",
+    "all_to_all",
+)
 
 
 def is_collective(func) -> bool:
@@ -157,14 +166,18 @@ def combination(args: tuple) -> tuple:
     for value in args[1:]:
         if isinstance(value, torch.Tensor):
             shape = tuple(value.shape)
-            parts.append((min(shape[0], 2) if shape else -1, shape[1:], value.dtype, value.device.type, value.is_contiguous()))
+            parts.append(
+                (min(shape[0], 2) if shape else -1, shape[1:], value.dtype, value.device.type, value.is_contiguous())
+            )
             storage = value.untyped_storage()
             storages.append(storage.data_ptr() if storage.nbytes() else None)
         else:
             parts.append(type(value).__name__)
             storages.append(None)
     shared = tuple(
-        (i, j) for i in range(len(storages)) for j in range(i + 1, len(storages))
+        (i, j)
+        for i in range(len(storages))
+        for j in range(i + 1, len(storages))
         if storages[i] is not None and storages[i] == storages[j]
     )
     return tuple(parts), shared

@@ -1,8 +1,8 @@
 """The vLLM general plugin: ``register()`` runs in every vLLM process.
 
-It reads the config, then installs a post-import hook per target module of each
-enabled feature (through ``hooks``, the one way in); the rewrite happens when vLLM imports that module (in the process that builds
-the model), so ``register()`` itself imports no torch and initialises no CUDA.
+It reads the config, then installs a post-import hook per target module of each enabled feature
+(through ``hooks``, the one way in); the rewrite happens when vLLM imports that module (in the
+process that builds the model), so ``register()`` itself imports no torch and initialises no CUDA.
 
 The firewall: the hooks run inside vLLM's own imports (and the post-load step inside its
 loader), so no exception of ours may escape from them. A failure while applying a rewrite
@@ -21,12 +21,13 @@ import weakref
 
 from vllm_overlap import __version__, outcomes
 from vllm_overlap.config import active as active_config
-from vllm_overlap.runtime import cache_key, reports as census, hooks
 from vllm_overlap.config.loader import OverlayStop, load_config
-from vllm_overlap.log import logger
-from vllm_overlap.sites import FEATURES
 from vllm_overlap.engine.rewrite import RewriteSkipped, TargetAbsent, apply, internal_error
 from vllm_overlap.engine.site import Feature, Site
+from vllm_overlap.log import logger
+from vllm_overlap.runtime import cache_key, hooks
+from vllm_overlap.runtime import reports as census
+from vllm_overlap.sites import FEATURES
 
 _lock = threading.RLock()
 _registered = False
@@ -113,7 +114,9 @@ def _prove_user_sites(loaded) -> None:
         if proof.site is None:
             reason = f"refused: {proof.refused}"
             USER_REFUSED[cfg.feature_name] = (cfg.module, cfg.function, reason)
-            outcomes.record(outcomes.Outcome(cfg.feature_name, f"{cfg.module}.{cfg.function}", outcomes.SKIPPED, reason))
+            outcomes.record(
+                outcomes.Outcome(cfg.feature_name, f"{cfg.module}.{cfg.function}", outcomes.SKIPPED, reason)
+            )
             continue
         USER_FEATURES[cfg.feature_name] = feature_of(proof)
         if proof.plain_reason:
@@ -336,9 +339,7 @@ def summary_line() -> str:
     notes = [f"; {reason}" for reason in REGISTER_FAILED]
     if cache_key.keyed_nowhere():
         notes.append(f"; compile-cache key: {cache_key.describe()}")
-    return (
-        f"vllm-overlap {__version__} [pid {os.getpid()}] config {loaded.source}: {feats}" + "".join(notes)
-    )
+    return f"vllm-overlap {__version__} [pid {os.getpid()}] config {loaded.source}: {feats}" + "".join(notes)
 
 
 def _announce() -> None:

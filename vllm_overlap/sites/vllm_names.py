@@ -97,7 +97,9 @@ NAMES = (
 # Attributes the runtime reads on vLLM's objects (not importable names): where each is missing
 # on an object, the runtime takes the fallback said.
 INSTANCE_ATTRIBUTES = {
-    "QwenGatedDeltaNetAttention._ba_stream / _ba_events": "set as upstream's __init__ sets them (0.34+); a layer without _ba_stream has no upstream path: serial",
+    "QwenGatedDeltaNetAttention._ba_stream / _ba_events": (
+        "set as upstream's __init__ sets them (0.34+); a layer without _ba_stream has no upstream path: serial"
+    ),
     "QwenGatedDeltaNetAttention._forward_method": "the census cannot tell which forward runs: counted serial",
     "ParallelConfig.use_ubatching / VllmConfig.lora_config": "upstream's GDN path is left off (its conditions unknown)",
     "UnquantizedLinearMethod._gemm_impl": "stream_safety and upstream's GDN condition: not plain cuBLAS, serial",

@@ -113,8 +113,8 @@ def _cuda_graph_median(fn: Callable[[], object], reps: int) -> float:
 def site_runtime(site_id: str):
     """The runtime of ``site_id`` compiled from its first target's upstream function: the
     branches, serial path and op the rewritten code runs (nothing is rewritten)."""
-    from vllm_overlap.sites import SITES
     from vllm_overlap.runtime.module_namespaces import standalone
+    from vllm_overlap.sites import SITES
 
     site = SITES[site_id]
     return standalone(site, site.targets[0])
@@ -135,13 +135,15 @@ def bench_site(rt, make_args, token_counts=TOKEN_COUNTS, reps: int = 50, rounds:
             args = make_args(n)
             device = args[rt.tokens_index].device
 
-            def off():
+            def off(args=args):
                 return rt.serial(*args)
 
-            def on():
+            def on(args=args):
                 return rt(*args)
 
-            alone = [median_seconds(lambda fn=fn: fn(*args), device, reps) for fn in rt.compiled.branches.values()]
+            alone = [
+                median_seconds(lambda fn=fn, args=args: fn(*args), device, reps) for fn in rt.compiled.branches.values()
+            ]
             offs, ons, op_paths = [], [], []
             for _ in range(rounds):
                 offs.append(median_seconds(off, device, per_round))
@@ -180,8 +182,8 @@ def measured_sites(hf_config) -> list[tuple[str, str]]:
     """(site id, "" or why it is not measured) for every site this model's layers run: per
     feature the model uses, its sites whose target module this vLLM has, newest first; only
     the first measurable one is timed (older forms of the same region say so)."""
-    from vllm_overlap.sites.architectures import model_reason
     from vllm_overlap.sites import FEATURES
+    from vllm_overlap.sites.architectures import model_reason
     from vllm_overlap.testing.layer_builders import SITE_LAYERS
 
     out = []

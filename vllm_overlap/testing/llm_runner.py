@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 
@@ -38,8 +37,9 @@ def main() -> None:
     if args.tp > 1:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i) for i in range(args.tp)))
 
-    from vllm_overlap.testing.tiny_models import prompts
     from vllm import LLM, SamplingParams
+
+    from vllm_overlap.testing.tiny_models import prompts
 
     extra = {}
     if args.cudagraph_mode:
@@ -65,13 +65,13 @@ def main() -> None:
     outs = llm.generate(prompts(args.prompts), params, use_tqdm=False)
     t_gen = time.perf_counter() - t1
 
-    from vllm_overlap.runtime import reports as census
-    from vllm_overlap import outcomes
-    from vllm_overlap.runtime.plugin import summary_line
-
     import glob
 
     import torch._dynamo.utils as dynamo_utils
+
+    from vllm_overlap import outcomes
+    from vllm_overlap.runtime import reports as census
+    from vllm_overlap.runtime.plugin import summary_line
 
     cache_root = os.environ.get("VLLM_CACHE_ROOT", "")
     artefacts = glob.glob(os.path.join(cache_root, "torch_compile_cache", "**", "*.so"), recursive=True)
