@@ -53,18 +53,11 @@ import time
 import zipfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from vllm_overlap.cli.compat import cache_base, cached_wheels, find_wheel, wheel_dir as default_wheel_dir
 from vllm_overlap.sites import vllm_names
 
 # --------------------------------------------------------------------------------------------
 # paths and wheels
-
-
-def cache_base() -> str:
-    return os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-
-
-def default_wheel_dir() -> str:
-    return os.path.join(cache_base(), "vllm-overlap", "wheels")
 
 
 def default_venv_root() -> str:
@@ -85,20 +78,6 @@ def release_key(release: str):
     return tuple(int(p) if p.isdigit() else p for p in re.split(r"[.-]", release))
 
 
-def find_wheel(release: str, wheel_dir: str, download: bool = True) -> str:
-    found = sorted(glob.glob(os.path.join(wheel_dir, f"vllm-{release}-*.whl")))
-    if not found and download:
-        os.makedirs(wheel_dir, exist_ok=True)
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", f"vllm=={release}", "-d", wheel_dir],
-            check=True,
-        )
-        found = sorted(glob.glob(os.path.join(wheel_dir, f"vllm-{release}-*.whl")))
-    if not found:
-        raise FileNotFoundError(f"no wheel for vllm=={release} in {wheel_dir}")
-    return found[0]
-
-
 def cached_releases(wheel_dir: str) -> list[str]:
     out = set()
     for path in glob.glob(os.path.join(wheel_dir, "vllm-*.whl")):
@@ -113,7 +92,7 @@ def wheel_metadata(path: str) -> str:
 
 
 def requires_dist(metadata: str) -> list[str]:
-    return [l[len("Requires-Dist: "):] for l in metadata.splitlines() if l.startswith("Requires-Dist: ")]
+    return [line[len("Requires-Dist: "):] for line in metadata.splitlines() if line.startswith("Requires-Dist: ")]
 
 
 def torch_pin(metadata: str) -> str:
@@ -433,7 +412,7 @@ def run_probe(venv: str, plugin_root: str, logfile: str, wheel: str, max_fixes: 
             env = probe_env(plugin_root, rewritten)
             env["RELCHECK_WHEEL"] = wheel
             proc = run([venv_python(venv), script], logfile, env=env)
-            marker = [l for l in proc.stdout.splitlines() if l.startswith("@@PROBE@@")]
+            marker = [line for line in proc.stdout.splitlines() if line.startswith("@@PROBE@@")]
             if not marker:
                 m = re.search(r"No module named '([\w.]+)'", proc.stderr)
                 if m and not m.group(1).startswith(("vllm", "torch")):
@@ -886,7 +865,7 @@ def main(argv=None) -> int:
         print()
     name_releases = args.names_releases or cached_releases(args.wheel_dir)
     for r in args.releases:
-        if r not in name_releases and glob.glob(os.path.join(args.wheel_dir, f"vllm-{r}-*.whl")):
+        if r not in name_releases and cached_wheels(r, args.wheel_dir):
             name_releases.append(r)
     name_releases = sorted(set(name_releases), key=release_key)
     releases, rows = name_table(name_releases, args.wheel_dir)
