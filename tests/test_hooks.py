@@ -17,7 +17,7 @@ from vllm_overlap.sites import vllm_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "vllm_overlap")
-THE_WAY_IN = os.path.join("vllm_overlap", "hooks.py")
+THE_WAY_IN = os.path.join("vllm_overlap", "runtime", "hooks.py")
 
 
 def wrapt_uses(root: str) -> list[str]:

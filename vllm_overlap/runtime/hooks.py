@@ -35,6 +35,12 @@ wrapped: list[tuple[str, str]] = []
 
 def _report(reason: str) -> None:
     failures.append(reason)
+    log_internal_error(reason)
+
+
+def log_internal_error(reason: str) -> None:
+    """Log an internal error (``internal error: ...``) as a warning, never raising. Only this;
+    the hooks' own failures are also recorded in :data:`failures` (``_report``)."""
     try:
         from vllm_overlap.log import logger
 
