@@ -17,6 +17,10 @@ import os
 VOCAB = 512
 KINDS = ("qwen3-next", "deepseek-v3", "minicpm3")
 WORDS = [f"w{i}" for i in range(VOCAB - 4)]
+# What every tiny model shares: the tokenizer's vocabulary and the smallest sizes the CPU backend runs.
+SIZES = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=128, max_position_embeddings=512)
+# What every model vLLM runs here shares besides: the tokenizer's <s> and </s>, an untied output layer.
+TOKENS = dict(bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
 
 
 def write_tokenizer(out: str) -> None:
@@ -44,9 +48,7 @@ def qwen3_next_config(gdn_layers: int = 2, head_dim: int = 32):
     layer_types = ["linear_attention"] * gdn_layers + ["full_attention"]
     return AutoConfig.for_model(
         "qwen3_next",
-        vocab_size=VOCAB,
-        hidden_size=128,
-        intermediate_size=128,
+        **SIZES,
         num_hidden_layers=len(layer_types),
         layer_types=layer_types,
         full_attention_interval=len(layer_types),
@@ -64,11 +66,8 @@ def qwen3_next_config(gdn_layers: int = 2, head_dim: int = 32):
         shared_expert_intermediate_size=64,
         decoder_sparse_step=1,
         mlp_only_layers=[],
-        max_position_embeddings=512,
         dtype="bfloat16",
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
+        **TOKENS,
     )
 
 
@@ -77,9 +76,7 @@ def deepseek_v3_config():
 
     return AutoConfig.for_model(
         "deepseek_v3",
-        vocab_size=VOCAB,
-        hidden_size=128,
-        intermediate_size=128,
+        **SIZES,
         moe_intermediate_size=64,
         num_hidden_layers=2,
         first_k_dense_replace=1,
@@ -96,12 +93,9 @@ def deepseek_v3_config():
         qk_nope_head_dim=64,
         v_head_dim=64,
         topk_method="noaux_tc",  # DeepSeek-V3's router: vLLM then loads e_score_correction_bias
-        max_position_embeddings=512,
         rope_scaling=None,
         dtype="bfloat16",
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
+        **TOKENS,
     )
 
 
@@ -111,9 +105,7 @@ def minicpm3_config():
 
     return AutoConfig.for_model(
         "minicpm3",
-        vocab_size=VOCAB,
-        hidden_size=128,
-        intermediate_size=128,
+        **SIZES,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=4,
@@ -123,11 +115,8 @@ def minicpm3_config():
         qk_rope_head_dim=32,
         v_head_dim=32,
         head_dim=32,
-        max_position_embeddings=512,
         dtype="bfloat16",
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
+        **TOKENS,
     )
 
 
@@ -138,9 +127,7 @@ def olmo_hybrid_config():
 
     return AutoConfig.for_model(
         "olmo_hybrid",
-        vocab_size=VOCAB,
-        hidden_size=128,
-        intermediate_size=128,
+        **SIZES,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=4,
@@ -149,7 +136,6 @@ def olmo_hybrid_config():
         linear_key_head_dim=32,
         linear_value_head_dim=32,
         linear_conv_kernel_dim=4,
-        max_position_embeddings=512,
         dtype="bfloat16",
     )
 
@@ -161,9 +147,7 @@ def bailing_moe_v3_config():
     from vllm.transformers_utils.configs.bailing_moe_v3_vl import BailingMoeV3TextConfig
 
     return BailingMoeV3TextConfig(
-        vocab_size=VOCAB,
-        hidden_size=128,
-        intermediate_size=128,
+        **SIZES,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=4,
@@ -172,7 +156,6 @@ def bailing_moe_v3_config():
         short_conv_kernel_size=4,
         no_kda_lora=True,
         kda_safe_gate=True,
-        max_position_embeddings=512,
         dtype="bfloat16",
     )
 
@@ -184,9 +167,7 @@ def kimi_linear_config(full_rank_gate: bool = False):
     from vllm.transformers_utils.configs.kimi_linear import KimiLinearConfig
 
     return KimiLinearConfig(
-        vocab_size=VOCAB,
-        hidden_size=128,
-        intermediate_size=128,
+        **SIZES,
         num_hidden_layers=2,
         num_attention_heads=4,
         head_dim=32,
@@ -194,7 +175,6 @@ def kimi_linear_config(full_rank_gate: bool = False):
         qk_nope_head_dim=32,
         qk_rope_head_dim=32,
         v_head_dim=32,
-        max_position_embeddings=512,
         linear_attn_config={
             "head_dim": 32,
             "num_heads": 4,
