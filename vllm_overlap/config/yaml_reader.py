@@ -251,16 +251,22 @@ class _Loader(Reader, Scanner, Parser, Composer, _Constructor, _Resolver):
                 )
         return node
 
-    def compose_sequence_node(self, anchor):
+    def _start_collection(self, anchor, kind, tag_wanted: str, what: str):
+        """The node a list or mapping starts (its start event read, its tag checked, its
+        anchor recorded), values still to come."""
         start_event = self.get_event()
         tag = start_event.tag
         if tag is None or tag == "!":
-            tag = self.resolve(SequenceNode, None, start_event.implicit)
-        if tag != SEQ:
-            self._refuse(f"tag {_short_tag(tag)} is not read here (a list is !!seq)", start_event.start_mark)
-        node = SequenceNode(tag, [], start_event.start_mark, None, flow_style=start_event.flow_style)
+            tag = self.resolve(kind, None, start_event.implicit)
+        if tag != tag_wanted:
+            self._refuse(f"tag {_short_tag(tag)} is not read here ({what})", start_event.start_mark)
+        node = kind(tag, [], start_event.start_mark, None, flow_style=start_event.flow_style)
         if anchor is not None:
             self.anchors[anchor] = node
+        return node
+
+    def compose_sequence_node(self, anchor):
+        node = self._start_collection(anchor, SequenceNode, SEQ, "a list is !!seq")
         index = 0
         while not self.check_event(SequenceEndEvent):
             self._path.append(index)
@@ -271,15 +277,7 @@ class _Loader(Reader, Scanner, Parser, Composer, _Constructor, _Resolver):
         return node
 
     def compose_mapping_node(self, anchor):
-        start_event = self.get_event()
-        tag = start_event.tag
-        if tag is None or tag == "!":
-            tag = self.resolve(MappingNode, None, start_event.implicit)
-        if tag != MAP:
-            self._refuse(f"tag {_short_tag(tag)} is not read here (a mapping is !!map)", start_event.start_mark)
-        node = MappingNode(tag, [], start_event.start_mark, None, flow_style=start_event.flow_style)
-        if anchor is not None:
-            self.anchors[anchor] = node
+        node = self._start_collection(anchor, MappingNode, MAP, "a mapping is !!map")
         seen: dict = {}  # key -> its line
         while not self.check_event(MappingEndEvent):
             key_event = self.peek_event()
