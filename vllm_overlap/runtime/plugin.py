@@ -65,7 +65,7 @@ def register() -> None:
         except Exception as exc:
             _registered = True
             REGISTER_FAILED.append(internal_error(exc, "register()"))
-            _log_internal_error(REGISTER_FAILED[-1])
+            hooks.log_internal_error(REGISTER_FAILED[-1])
 
 
 # Why register() did nothing (empty: it did what the config asks).
@@ -191,19 +191,12 @@ def _run_post_load_step(step: str, owners: tuple, model) -> None:
         census.post_load_reports[step] = {"error": reason}
         if active_config.loaded().config.strict:
             raise StrictError(f"strict: true and a post-load step failed: {reason}") from None
-        _log_internal_error(reason)
+        hooks.log_internal_error(reason)
 
 
 def _log_info(line: str) -> None:
     try:
         logger().info("%s", line)
-    except Exception:  # the logger itself: nothing more can be said
-        pass
-
-
-def _log_internal_error(reason: str) -> None:
-    try:
-        logger().warning("vllm-overlap: %s", reason)
     except Exception:  # the logger itself: nothing more can be said
         pass
 

@@ -197,13 +197,7 @@ def build_mla_wrapper(
         attention = DeepseekV2MLAAttention(
             vllm_config,
             dense_config,
-            hidden_size=hf_config.hidden_size,
-            num_heads=hf_config.num_attention_heads,
-            qk_nope_head_dim=hf_config.qk_nope_head_dim,
-            qk_rope_head_dim=hf_config.qk_rope_head_dim,
-            v_head_dim=hf_config.v_head_dim,
-            q_lora_rank=hf_config.q_lora_rank,
-            kv_lora_rank=hf_config.kv_lora_rank,
+            **mla_sizes(hf_config),
             max_position_embeddings=hf_config.max_position_embeddings,
             cache_config=vllm_config.cache_config,
             prefix=prefix,
@@ -280,13 +274,7 @@ def build_minicpm3_attention(vllm_config, hf_config, *, dtype=torch.bfloat16, de
     def make(prefix):
         return MiniCPM3Attention(
             config=hf_config,
-            hidden_size=hf_config.hidden_size,
-            num_heads=hf_config.num_attention_heads,
-            qk_nope_head_dim=hf_config.qk_nope_head_dim,
-            qk_rope_head_dim=hf_config.qk_rope_head_dim,
-            v_head_dim=hf_config.v_head_dim,
-            q_lora_rank=hf_config.q_lora_rank,
-            kv_lora_rank=hf_config.kv_lora_rank,
+            **mla_sizes(hf_config),
             max_position_embeddings=hf_config.max_position_embeddings,
             cache_config=vllm_config.cache_config,
             quant_config=None,
@@ -351,19 +339,27 @@ def build_kimi_mla_layer(vllm_config, hf_config, *, dtype=torch.bfloat16, device
     def make(prefix):
         return MultiHeadLatentAttention(
             hf_config,
-            hidden_size=hf_config.hidden_size,
-            num_heads=hf_config.num_attention_heads,
-            qk_nope_head_dim=hf_config.qk_nope_head_dim,
-            qk_rope_head_dim=hf_config.qk_rope_head_dim,
-            v_head_dim=hf_config.v_head_dim,
-            q_lora_rank=hf_config.q_lora_rank,
-            kv_lora_rank=hf_config.kv_lora_rank,
+            **mla_sizes(hf_config),
             cache_config=vllm_config.cache_config,
             prefix=prefix,
         )
 
     prefix = f"kimimla{next(_layer_ids)}.layers.1.self_attn"
     return _built(vllm_config, make, prefix, dtype=dtype, device=device, seed=seed, register=False, attention=False)
+
+
+def mla_sizes(hf_config) -> dict:
+    """The size arguments every MLA attention layer (DeepSeek's, MiniCPM3's, Kimi's) takes,
+    read from the model's config."""
+    return {
+        "hidden_size": hf_config.hidden_size,
+        "num_heads": hf_config.num_attention_heads,
+        "qk_nope_head_dim": hf_config.qk_nope_head_dim,
+        "qk_rope_head_dim": hf_config.qk_rope_head_dim,
+        "v_head_dim": hf_config.v_head_dim,
+        "q_lora_rank": hf_config.q_lora_rank,
+        "kv_lora_rank": hf_config.kv_lora_rank,
+    }
 
 
 def cpu_mla_backend(device) -> type | None:
