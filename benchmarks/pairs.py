@@ -6,10 +6,11 @@
 
 Needs torch only (no vLLM, no pydantic; matplotlib for the figure where it is installed): shapes
 come from ``benchmarks/model_shapes.py``, the fork/join is the project's own
-``vllm_overlap.runtime.streams.fork_join`` on a real second stream. On a GPU each variant is captured in a CUDA graph (``--inner`` copies of the region per graph) and replayed;
-each replay is timed with CUDA events and the median taken, in ``--rounds`` interleaved rounds
-(the median of the round medians is reported; ``noise`` is the spread of serial across
-rounds, (max - min) / median). Variants: ``serial`` (branch 0 then branch 1, one stream),
+``vllm_overlap.runtime.streams.fork_join`` on a real second stream. On a GPU each variant is
+captured in a CUDA graph (``--inner`` copies of the region per graph) and replayed; each replay
+is timed with CUDA events and the median taken, in ``--rounds`` interleaved rounds (the median
+of the round medians is reported; ``noise`` is the spread of serial across rounds,
+(max - min) / median). Variants: ``serial`` (branch 0 then branch 1, one stream),
 ``dual`` (branch 1 on the aux stream), ``fused`` (one concatenated GEMM, then the split the
 product makes, where the site has that form), and each branch alone: ``bound`` =
 max(branch) is what perfect overlap could reach, ``sum`` = branch 0 + branch 1.

@@ -53,7 +53,8 @@ import time
 import zipfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from vllm_overlap.cli.compat import cache_base, cached_wheels, find_wheel, wheel_dir as default_wheel_dir
+from vllm_overlap.cli.compat import cache_base, cached_wheels, find_wheel
+from vllm_overlap.cli.compat import wheel_dir as default_wheel_dir
 from vllm_overlap.sites import vllm_names
 
 # --------------------------------------------------------------------------------------------
@@ -92,7 +93,7 @@ def wheel_metadata(path: str) -> str:
 
 
 def requires_dist(metadata: str) -> list[str]:
-    return [line[len("Requires-Dist: "):] for line in metadata.splitlines() if line.startswith("Requires-Dist: ")]
+    return [line[len("Requires-Dist: ") :] for line in metadata.splitlines() if line.startswith("Requires-Dist: ")]
 
 
 def torch_pin(metadata: str) -> str:
@@ -109,21 +110,50 @@ def torch_pin(metadata: str) -> str:
 # vLLM requirements that are GPU kernels / media codecs, never imported by the modules the
 # plugin touches on a machine without a GPU; torch & co. are installed separately.
 GPU_ONLY = {
-    "torch", "torchaudio", "torchvision", "torchcodec", "pynvvideocodec", "flashinfer-python",
-    "flashinfer-cubin", "flashinfer-jit-cache", "apache-tvm-ffi", "tilelang",
-    "nvidia-cudnn-frontend", "nvtx", "fastsafetensors", "instanttensor", "nvidia-cutlass-dsl",
-    "quack-kernels", "tokenspeed-mla", "humming-kernels", "xformers", "deep-gemm", "deep-ep",
-    "cupy-cuda12x", "ray", "vllm-flash-attn",
+    "torch",
+    "torchaudio",
+    "torchvision",
+    "torchcodec",
+    "pynvvideocodec",
+    "flashinfer-python",
+    "flashinfer-cubin",
+    "flashinfer-jit-cache",
+    "apache-tvm-ffi",
+    "tilelang",
+    "nvidia-cudnn-frontend",
+    "nvtx",
+    "fastsafetensors",
+    "instanttensor",
+    "nvidia-cutlass-dsl",
+    "quack-kernels",
+    "tokenspeed-mla",
+    "humming-kernels",
+    "xformers",
+    "deep-gemm",
+    "deep-ep",
+    "cupy-cuda12x",
+    "ray",
+    "vllm-flash-attn",
 }
 TORCH_PURE_DEPS = ["typing_extensions", "sympy", "networkx", "jinja2", "fsspec", "filelock", "mpmath", "markupsafe"]
 PLUGIN_DEPS = ["wrapt>=1.14", "pydantic>=2", "PyYAML>=6"]
 # import name -> distribution, where they differ (for the ModuleNotFoundError loop)
 MODULE_DIST = {
-    "cv2": "opencv-python-headless", "yaml": "PyYAML", "zmq": "pyzmq", "PIL": "pillow",
-    "google": "protobuf", "cpuinfo": "py-cpuinfo", "sklearn": "scikit-learn",
-    "dateutil": "python-dateutil", "dotenv": "python-dotenv", "jwt": "PyJWT",
-    "pythonjsonlogger": "python-json-logger", "multipart": "python-multipart",
-    "attr": "attrs", "lm_format_enforcer": "lm-format-enforcer", "openai_harmony": "openai-harmony",
+    "cv2": "opencv-python-headless",
+    "yaml": "PyYAML",
+    "zmq": "pyzmq",
+    "PIL": "pillow",
+    "google": "protobuf",
+    "cpuinfo": "py-cpuinfo",
+    "sklearn": "scikit-learn",
+    "dateutil": "python-dateutil",
+    "dotenv": "python-dotenv",
+    "jwt": "PyJWT",
+    "pythonjsonlogger": "python-json-logger",
+    "multipart": "python-multipart",
+    "attr": "attrs",
+    "lm_format_enforcer": "lm-format-enforcer",
+    "openai_harmony": "openai-harmony",
 }
 
 
@@ -147,8 +177,11 @@ def venv_python(venv: str) -> str:
 
 
 def probe_env(plugin_root: str, rewritten_dir: str) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k != "VLLM_TARGET_DEVICE" and not k.startswith("VLLM_OVERLAP") and k != "PYTHONPATH"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k != "VLLM_TARGET_DEVICE" and not k.startswith("VLLM_OVERLAP") and k != "PYTHONPATH"
+    }
     env["PYTHONPATH"] = plugin_root
     env["VLLM_OVERLAP_CACHE_DIR"] = rewritten_dir
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -173,8 +206,9 @@ def filtered_requirements(metadata: str, python: str) -> list[str]:
         """
     )
     try:
-        proc = subprocess.run([python, "-c", code], input=json.dumps(requires_dist(metadata)),
-                              capture_output=True, text=True, check=True)
+        proc = subprocess.run(
+            [python, "-c", code], input=json.dumps(requires_dist(metadata)), capture_output=True, text=True, check=True
+        )
         pairs = json.loads(proc.stdout)
     except (subprocess.CalledProcessError, json.JSONDecodeError):  # no packaging: crude split
         pairs = []
@@ -182,7 +216,7 @@ def filtered_requirements(metadata: str, python: str) -> list[str]:
             if "extra ==" in line:
                 continue
             req = line.split(";")[0].strip()
-            pairs.append((re.split(r"[\s\[<>=!~]", req, 1)[0], req))
+            pairs.append((re.split(r"[\s\[<>=!~]", req, maxsplit=1)[0], req))
     norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()  # noqa: E731
     return [req for name, req in pairs if norm(name) not in GPU_ONLY]
 
@@ -195,8 +229,15 @@ def build_venv(release: str, wheel: str, venv_root: str, rebuild: bool = False) 
     venv = os.path.join(venv_root, f"venv-{release}")
     logfile = os.path.join(venv_root, f"install-{release}.log")
     stamp = os.path.join(venv, ".release-check.json")
-    info = {"release": release, "wheel": wheel, "torch_pin": pin, "venv": venv, "log": logfile,
-            "relaxed": [], "torch_deps": "pure-python only"}
+    info = {
+        "release": release,
+        "wheel": wheel,
+        "torch_pin": pin,
+        "venv": venv,
+        "log": logfile,
+        "relaxed": [],
+        "torch_deps": "pure-python only",
+    }
     if os.path.exists(stamp) and not rebuild:
         with open(stamp) as fh:
             done = json.load(fh)
@@ -215,11 +256,18 @@ def build_venv(release: str, wheel: str, venv_root: str, rebuild: bool = False) 
     check = run([py, "-c", "import torch"], logfile)
     if check.returncode:
         missing = re.findall(r"(lib[\w.+-]+\.so[\w.]*): cannot open shared object", check.stderr)
-        log(f"{release}: CUDA torch does not import without its NVIDIA libraries ({', '.join(missing) or 'see log'}); installing torch's Requires-Dist")
-        torch_meta = run([py, "-c", "import importlib.metadata as m, json; print(json.dumps(m.requires('torch') or []))"], logfile)
+        log(
+            f"{release}: CUDA torch does not import without its NVIDIA libraries "
+            f"({', '.join(missing) or 'see log'}); installing torch's Requires-Dist"
+        )
+        torch_meta = run(
+            [py, "-c", "import importlib.metadata as m, json; print(json.dumps(m.requires('torch') or []))"], logfile
+        )
         reqs = [r for r in json.loads(torch_meta.stdout) if "extra ==" not in r]
         proc = pip(venv, [*reqs, f"torch==={pin}"], logfile)
-        info["torch_deps"] = "torch's Requires-Dist (NVIDIA runtime wheels, triton): " + (", ".join(missing) or "import failed")
+        info["torch_deps"] = "torch's Requires-Dist (NVIDIA runtime wheels, triton): " + (
+            ", ".join(missing) or "import failed"
+        )
         check = run([py, "-c", "import torch"], logfile)
         if check.returncode:
             raise RuntimeError(f"import torch still fails: {check.stderr.strip().splitlines()[-1]}")
@@ -237,7 +285,7 @@ def build_venv(release: str, wheel: str, venv_root: str, rebuild: bool = False) 
         m = re.search(r"No matching distribution found for ([A-Za-z0-9_.\-\[\]]+)", proc.stderr)
         if not m:
             raise RuntimeError(f"vLLM's dependencies did not install: see {logfile}")
-        name = re.split(r"[\s<>=!~;]", m.group(1), 1)[0]
+        name = re.split(r"[\s<>=!~;]", m.group(1), maxsplit=1)[0]
         base = re.sub(r"\[.*\]", "", name).lower()
         hit = [r for r in reqs if re.sub(r"[\[<>=!~ ].*", "", r).lower() == base]
         if not hit or hit[0] == name:
@@ -394,8 +442,13 @@ out["summary_line"] = attempt(plugin.summary_line)
 print("@@PROBE@@" + json.dumps(out, default=str))
 '''
 
-BASE_MODULES_OK = ("vllm.platforms", "vllm.utils.torch_utils", "vllm.forward_context",
-                   "vllm.model_executor.layers.linear", "vllm.model_executor.model_loader.utils")
+BASE_MODULES_OK = (
+    "vllm.platforms",
+    "vllm.utils.torch_utils",
+    "vllm.forward_context",
+    "vllm.model_executor.layers.linear",
+    "vllm.model_executor.model_loader.utils",
+)
 
 
 def run_probe(venv: str, plugin_root: str, logfile: str, wheel: str, max_fixes: int = 5) -> dict:
@@ -421,9 +474,12 @@ def run_probe(venv: str, plugin_root: str, logfile: str, wheel: str, max_fixes: 
                     log(f"probe: vLLM needs {m.group(1)}; installing {dist}")
                     pip(venv, [dist], logfile)
                     continue
-                return {"crashed": True, "stderr_tail": "\n".join(proc.stderr.strip().splitlines()[-15:]),
-                        "fixes": fixes}
-            result = json.loads(marker[-1][len("@@PROBE@@"):])
+                return {
+                    "crashed": True,
+                    "stderr_tail": "\n".join(proc.stderr.strip().splitlines()[-15:]),
+                    "fixes": fixes,
+                }
+            result = json.loads(marker[-1][len("@@PROBE@@") :])
             missing = [v.get("missing") for v in result["base"].values() if not v["ok"] and v.get("missing")]
             missing = [m for m in missing if not m.startswith(("vllm", "torch"))]
             if missing and len(fixes) < max_fixes:
@@ -450,48 +506,294 @@ def run_probe(venv: str, plugin_root: str, logfile: str, wheel: str, max_fixes: 
 #   binds:   the module imports ``name`` by name (the post-load hook rebinds it there)
 NAMES = [
     # every name the runtime reads (vllm_names: one table, with what the runtime does without it)
-    *((f"{n.module.rsplit('.', 1)[-1]}.{n.name}", f"runtime; without: {n.without}", n.module,
-       "member" if "." in n.name else "attr", n.name, None)
-      for n in vllm_names.NAMES),
+    *(
+        (
+            f"{n.module.rsplit('.', 1)[-1]}.{n.name}",
+            f"runtime; without: {n.without}",
+            n.module,
+            "member" if "." in n.name else "attr",
+            n.name,
+            None,
+        )
+        for n in vllm_names.NAMES
+    ),
     ("Platform.is_cuda_alike", "gates", "vllm.platforms.interface", "member", "Platform.is_cuda_alike", None),
     ("Platform.device_type", "cli doctor", "vllm.platforms.interface", "member", "Platform.device_type", None),
     ("Platform._enum", "cli doctor", "vllm.platforms.interface", "member", "Platform._enum", None),
-    ("  (op_name, op_func, mutates_args, fake_impl, target_lib)", "site_runtime", "vllm.utils.torch_utils", "params", "direct_register_custom_op", ("op_name", "op_func", "mutates_args", "fake_impl", "target_lib")),
-    ("torch_utils.set_default_torch_dtype", "site_layers", "vllm.utils.torch_utils", "attr", "set_default_torch_dtype", None),
-    ("  (default_fn, aux_fns, start_event, done_events, aux_streams, enable)", "streams", "vllm.utils.multi_stream_utils", "params", "execute_in_parallel", ("default_fn", "aux_fns", "start_event", "done_events", "aux_streams", "enable")),
-    ("breakable_cudagraph.eager_break_during_capture", "not called (decorates V3.2 _fused_attention 0.25-0.27)", "vllm.compilation.breakable_cudagraph", "attr", "eager_break_during_capture", None),
-    ("ForwardContext.no_compile_layers", "layers", "vllm.forward_context", "member", "ForwardContext.no_compile_layers", None),
-    ("  (input_size, output_sizes, bias, quant_config, params_dtype, disable_tp, prefix)", "gdn_fuse", "vllm.model_executor.layers.linear", "params", "MergedColumnParallelLinear.__init__", ("input_size", "output_sizes", "bias", "quant_config", "params_dtype", "disable_tp", "prefix")),
-    ("  .output_size_per_partition", "gdn_fuse, layers", "vllm.model_executor.layers.linear", "member", "MergedColumnParallelLinear.output_size_per_partition", None),
-    ("  .output_sizes", "gdn_fuse", "vllm.model_executor.layers.linear", "member", "MergedColumnParallelLinear.output_sizes", None),
-    ("  .tp_size / .tp_rank", "gdn_fuse", "vllm.model_executor.layers.linear", "member", "MergedColumnParallelLinear.tp_size,MergedColumnParallelLinear.tp_rank", None),
-    ("  .input_size / .quant_method", "gdn_fuse", "vllm.model_executor.layers.linear", "member", "MergedColumnParallelLinear.input_size,MergedColumnParallelLinear.quant_method", None),
-    ("ReplicatedLinear.output_size", "layers.per_rank_width", "vllm.model_executor.layers.linear", "member", "ReplicatedLinear.output_size", None),
-    ("  (model, model_config, target_device)", "site_layers", "vllm.model_executor.model_loader.utils", "params", "process_weights_after_loading", ("model", "model_config", "target_device")),
-    ("  bound by name in base_loader", "plugin post-load hook", "vllm.model_executor.model_loader.base_loader", "binds", "process_weights_after_loading", None),
-    ("  bound by name in weight_cache.daemon", "plugin post-load hook", "vllm.model_executor.model_loader.weight_cache.daemon", "binds", "process_weights_after_loading", None),
-    ("  bound by name in weight_cache.ipc_loader", "plugin post-load hook", "vllm.model_executor.model_loader.weight_cache.ipc_loader", "binds", "process_weights_after_loading", None),
-    ("config.set_current_vllm_config", "site_layers, layer_bench", "vllm.config", "attr", "set_current_vllm_config", None),
+    (
+        "  (op_name, op_func, mutates_args, fake_impl, target_lib)",
+        "site_runtime",
+        "vllm.utils.torch_utils",
+        "params",
+        "direct_register_custom_op",
+        ("op_name", "op_func", "mutates_args", "fake_impl", "target_lib"),
+    ),
+    (
+        "torch_utils.set_default_torch_dtype",
+        "site_layers",
+        "vllm.utils.torch_utils",
+        "attr",
+        "set_default_torch_dtype",
+        None,
+    ),
+    (
+        "  (default_fn, aux_fns, start_event, done_events, aux_streams, enable)",
+        "streams",
+        "vllm.utils.multi_stream_utils",
+        "params",
+        "execute_in_parallel",
+        ("default_fn", "aux_fns", "start_event", "done_events", "aux_streams", "enable"),
+    ),
+    (
+        "breakable_cudagraph.eager_break_during_capture",
+        "not called (decorates V3.2 _fused_attention 0.25-0.27)",
+        "vllm.compilation.breakable_cudagraph",
+        "attr",
+        "eager_break_during_capture",
+        None,
+    ),
+    (
+        "ForwardContext.no_compile_layers",
+        "layers",
+        "vllm.forward_context",
+        "member",
+        "ForwardContext.no_compile_layers",
+        None,
+    ),
+    (
+        "  (input_size, output_sizes, bias, quant_config, params_dtype, disable_tp, prefix)",
+        "gdn_fuse",
+        "vllm.model_executor.layers.linear",
+        "params",
+        "MergedColumnParallelLinear.__init__",
+        ("input_size", "output_sizes", "bias", "quant_config", "params_dtype", "disable_tp", "prefix"),
+    ),
+    (
+        "  .output_size_per_partition",
+        "gdn_fuse, layers",
+        "vllm.model_executor.layers.linear",
+        "member",
+        "MergedColumnParallelLinear.output_size_per_partition",
+        None,
+    ),
+    (
+        "  .output_sizes",
+        "gdn_fuse",
+        "vllm.model_executor.layers.linear",
+        "member",
+        "MergedColumnParallelLinear.output_sizes",
+        None,
+    ),
+    (
+        "  .tp_size / .tp_rank",
+        "gdn_fuse",
+        "vllm.model_executor.layers.linear",
+        "member",
+        "MergedColumnParallelLinear.tp_size,MergedColumnParallelLinear.tp_rank",
+        None,
+    ),
+    (
+        "  .input_size / .quant_method",
+        "gdn_fuse",
+        "vllm.model_executor.layers.linear",
+        "member",
+        "MergedColumnParallelLinear.input_size,MergedColumnParallelLinear.quant_method",
+        None,
+    ),
+    (
+        "ReplicatedLinear.output_size",
+        "layers.per_rank_width",
+        "vllm.model_executor.layers.linear",
+        "member",
+        "ReplicatedLinear.output_size",
+        None,
+    ),
+    (
+        "  (model, model_config, target_device)",
+        "site_layers",
+        "vllm.model_executor.model_loader.utils",
+        "params",
+        "process_weights_after_loading",
+        ("model", "model_config", "target_device"),
+    ),
+    (
+        "  bound by name in base_loader",
+        "plugin post-load hook",
+        "vllm.model_executor.model_loader.base_loader",
+        "binds",
+        "process_weights_after_loading",
+        None,
+    ),
+    (
+        "  bound by name in weight_cache.daemon",
+        "plugin post-load hook",
+        "vllm.model_executor.model_loader.weight_cache.daemon",
+        "binds",
+        "process_weights_after_loading",
+        None,
+    ),
+    (
+        "  bound by name in weight_cache.ipc_loader",
+        "plugin post-load hook",
+        "vllm.model_executor.model_loader.weight_cache.ipc_loader",
+        "binds",
+        "process_weights_after_loading",
+        None,
+    ),
+    (
+        "config.set_current_vllm_config",
+        "site_layers, layer_bench",
+        "vllm.config",
+        "attr",
+        "set_current_vllm_config",
+        None,
+    ),
     ("config.ModelConfig / VllmConfig", "layer_bench", "vllm.config", "attr", "ModelConfig,VllmConfig", None),
-    ("distributed.init_distributed_environment", "layer_bench", "vllm.distributed", "attr", "init_distributed_environment", None),
-    ("distributed.initialize_model_parallel", "layer_bench", "vllm.distributed", "attr", "initialize_model_parallel", None),
-    ("parallel_state.model_parallel_is_initialized", "layer_bench", "vllm.distributed.parallel_state", "attr", "model_parallel_is_initialized", None),
-    ("rotary_embedding.get_rope", "site_layers", "vllm.model_executor.layers.rotary_embedding", "attr", "get_rope", None),
-    ("  (head_size, max_position, rope_parameters, is_neox_style)", "site_layers", "vllm.model_executor.layers.rotary_embedding", "params", "get_rope", ("max_position", "rope_parameters", "is_neox_style")),
-    ("qwen_gdn_linear_attn.QwenGatedDeltaNetAttention", "site_layers, gdn target", "vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn", "attr", "QwenGatedDeltaNetAttention", None),
-    ("  __init__(config, vllm_config, prefix, gqa_interleaved_layout)", "site_layers", "vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn", "params", "QwenGatedDeltaNetAttention.__init__", ("prefix", "gqa_interleaved_layout")),
-    ("gdn_linear_attn.GatedDeltaNetAttention (0.20-0.21)", "gdn target", "vllm.model_executor.layers.mamba.gdn_linear_attn", "attr", "GatedDeltaNetAttention", None),
-    ("deepseek_v2.Indexer", "site_layers, legacy target", "vllm.model_executor.models.deepseek_v2", "attr", "Indexer", None),
-    ("deepseek_v2.DeepseekV2MLAAttention", "site_layers", "vllm.model_executor.models.deepseek_v2", "attr", "DeepseekV2MLAAttention", None),
-    ("mla.MultiHeadLatentAttentionWrapper", "legacy target", "vllm.model_executor.layers.mla", "attr", "MultiHeadLatentAttentionWrapper", None),
-    ("deepseek_v32.attention.DeepseekV32Attention", "site_layers, v32 target", "vllm.models.deepseek_v32.attention", "attr", "DeepseekV32Attention", None),
-    ("  __init__(vllm_config, config, prefix, topk_indices_buffer, attn_backend)", "site_layers", "vllm.models.deepseek_v32.attention", "params", "DeepseekV32Attention.__init__", ("topk_indices_buffer", "attn_backend")),
-    ("deepseek_v32.nvidia.attention.DeepseekV32Attention (0.25-0.26)", "v32 target", "vllm.models.deepseek_v32.nvidia.attention", "attr", "DeepseekV32Attention", None),
-    ("deepseek_v32.amd.rocm.DeepseekV32MLAAttention", "v32 ROCm target", "vllm.models.deepseek_v32.amd.rocm", "attr", "DeepseekV32MLAAttention", None),
-    ("cpu_mla.CPUMLABackend", "site_layers (CPU)", "vllm.v1.attention.backends.mla.cpu_mla", "attr", "CPUMLABackend", None),
+    (
+        "distributed.init_distributed_environment",
+        "layer_bench",
+        "vllm.distributed",
+        "attr",
+        "init_distributed_environment",
+        None,
+    ),
+    (
+        "distributed.initialize_model_parallel",
+        "layer_bench",
+        "vllm.distributed",
+        "attr",
+        "initialize_model_parallel",
+        None,
+    ),
+    (
+        "parallel_state.model_parallel_is_initialized",
+        "layer_bench",
+        "vllm.distributed.parallel_state",
+        "attr",
+        "model_parallel_is_initialized",
+        None,
+    ),
+    (
+        "rotary_embedding.get_rope",
+        "site_layers",
+        "vllm.model_executor.layers.rotary_embedding",
+        "attr",
+        "get_rope",
+        None,
+    ),
+    (
+        "  (head_size, max_position, rope_parameters, is_neox_style)",
+        "site_layers",
+        "vllm.model_executor.layers.rotary_embedding",
+        "params",
+        "get_rope",
+        ("max_position", "rope_parameters", "is_neox_style"),
+    ),
+    (
+        "qwen_gdn_linear_attn.QwenGatedDeltaNetAttention",
+        "site_layers, gdn target",
+        "vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn",
+        "attr",
+        "QwenGatedDeltaNetAttention",
+        None,
+    ),
+    (
+        "  __init__(config, vllm_config, prefix, gqa_interleaved_layout)",
+        "site_layers",
+        "vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn",
+        "params",
+        "QwenGatedDeltaNetAttention.__init__",
+        ("prefix", "gqa_interleaved_layout"),
+    ),
+    (
+        "gdn_linear_attn.GatedDeltaNetAttention (0.20-0.21)",
+        "gdn target",
+        "vllm.model_executor.layers.mamba.gdn_linear_attn",
+        "attr",
+        "GatedDeltaNetAttention",
+        None,
+    ),
+    (
+        "deepseek_v2.Indexer",
+        "site_layers, legacy target",
+        "vllm.model_executor.models.deepseek_v2",
+        "attr",
+        "Indexer",
+        None,
+    ),
+    (
+        "deepseek_v2.DeepseekV2MLAAttention",
+        "site_layers",
+        "vllm.model_executor.models.deepseek_v2",
+        "attr",
+        "DeepseekV2MLAAttention",
+        None,
+    ),
+    (
+        "mla.MultiHeadLatentAttentionWrapper",
+        "legacy target",
+        "vllm.model_executor.layers.mla",
+        "attr",
+        "MultiHeadLatentAttentionWrapper",
+        None,
+    ),
+    (
+        "deepseek_v32.attention.DeepseekV32Attention",
+        "site_layers, v32 target",
+        "vllm.models.deepseek_v32.attention",
+        "attr",
+        "DeepseekV32Attention",
+        None,
+    ),
+    (
+        "  __init__(vllm_config, config, prefix, topk_indices_buffer, attn_backend)",
+        "site_layers",
+        "vllm.models.deepseek_v32.attention",
+        "params",
+        "DeepseekV32Attention.__init__",
+        ("topk_indices_buffer", "attn_backend"),
+    ),
+    (
+        "deepseek_v32.nvidia.attention.DeepseekV32Attention (0.25-0.26)",
+        "v32 target",
+        "vllm.models.deepseek_v32.nvidia.attention",
+        "attr",
+        "DeepseekV32Attention",
+        None,
+    ),
+    (
+        "deepseek_v32.amd.rocm.DeepseekV32MLAAttention",
+        "v32 ROCm target",
+        "vllm.models.deepseek_v32.amd.rocm",
+        "attr",
+        "DeepseekV32MLAAttention",
+        None,
+    ),
+    (
+        "cpu_mla.CPUMLABackend",
+        "site_layers (CPU)",
+        "vllm.v1.attention.backends.mla.cpu_mla",
+        "attr",
+        "CPUMLABackend",
+        None,
+    ),
     ("vllm.LLM / SamplingParams", "llm_runner", "vllm", "attr", "LLM,SamplingParams", None),
-    ("models.registry.ModelRegistry", "cli doctor --model", "vllm.model_executor.models.registry", "attr", "ModelRegistry", None),
-    ("UnquantizedLinearMethod._gemm_impl", "stream_safety", "vllm.model_executor.layers.linear", "member", "UnquantizedLinearMethod._gemm_impl", None),
+    (
+        "models.registry.ModelRegistry",
+        "cli doctor --model",
+        "vllm.model_executor.models.registry",
+        "attr",
+        "ModelRegistry",
+        None,
+    ),
+    (
+        "UnquantizedLinearMethod._gemm_impl",
+        "stream_safety",
+        "vllm.model_executor.layers.linear",
+        "member",
+        "UnquantizedLinearMethod._gemm_impl",
+        None,
+    ),
 ]
 
 
@@ -567,8 +869,11 @@ def _defined(src: "WheelSource", module: str, name: str, depth: int = 0) -> str 
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
             for alias in node.names:
                 if alias.name == "*" and isinstance(node, ast.ImportFrom):
-                    stars.append(_resolve_relative(module, src.is_package(module), node.level, node.module)
-                                 if node.level else node.module)
+                    stars.append(
+                        _resolve_relative(module, src.is_package(module), node.level, node.module)
+                        if node.level
+                        else node.module
+                    )
                 elif (alias.asname or alias.name.split(".")[0]) == name:
                     src_mod = node.module if isinstance(node, ast.ImportFrom) else alias.name
                     return f"import from {'.' * getattr(node, 'level', 0)}{src_mod}"
@@ -626,7 +931,11 @@ def check_name(src: WheelSource, module: str, kind: str, name: str, extra) -> st
         found = [(_defined(src, module, n) or "") for n in name.split(",")]
         if all(found):
             return "lazy" if "lazy" in found else "present"
-        return "absent" if not any(found) else "partly: " + ",".join(n for n, f in zip(name.split(","), found) if not f) + " absent"
+        return (
+            "absent"
+            if not any(found)
+            else "partly: " + ",".join(n for n, f in zip(name.split(","), found) if not f) + " absent"
+        )
     if kind == "member":
         missing = []
         for item in name.split(","):
@@ -681,9 +990,13 @@ def plugin_class_names(plugin_root: str) -> dict[str, list[str]]:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             target = node.targets[0].id
             if target in ("SAFE_METHODS", "SAFE_KERNELS", "UNSAFE"):
-                names = [c.value for c in ast.walk(node.value)
-                         if isinstance(c, ast.Constant) and isinstance(c.value, str)
-                         and re.fullmatch(r"[A-Z][A-Za-z0-9_]+", c.value)]
+                names = [
+                    c.value
+                    for c in ast.walk(node.value)
+                    if isinstance(c, ast.Constant)
+                    and isinstance(c.value, str)
+                    and re.fullmatch(r"[A-Z][A-Za-z0-9_]+", c.value)
+                ]
                 out[target] = list(dict.fromkeys(names))
             elif target == "FLASHINFER_BF16" and isinstance(node.value, ast.Constant):
                 out["FLASHINFER_BF16 (function)"] = [node.value.value]
@@ -707,36 +1020,58 @@ def class_name_table(releases: list[str], wheel_dir: str, plugin_root: str) -> t
     rows = []
     for group, names in groups.items():
         for name in names:
-            rows.append({"name": name, "used_by": f"stream_safety.{group}",
-                         "cells": {r: "present" if name in defined[r] else "absent" for r in releases}})
+            rows.append(
+                {
+                    "name": name,
+                    "used_by": f"stream_safety.{group}",
+                    "cells": {r: "present" if name in defined[r] else "absent" for r in releases},
+                }
+            )
     return releases, rows
 
 
 def _abbrev(cell: str) -> str:
     if cell.startswith("missing: "):
-        return "-arg " + cell[len("missing: "):]
+        return "-arg " + cell[len("missing: ") :]
     if cell.startswith("absent: "):
         return "-"
     if cell.startswith("no class "):
         return "-cls"
-    return {"present": "+", "absent": "-", "no module": "-mod", "no class": "-cls", "yes": "+",
-            "no": "-", "lazy": "+lazy", "binds": "+", "no function": "-fn"}.get(cell, cell)
+    return {
+        "present": "+",
+        "absent": "-",
+        "no module": "-mod",
+        "no class": "-cls",
+        "yes": "+",
+        "no": "-",
+        "lazy": "+lazy",
+        "binds": "+",
+        "no function": "-fn",
+    }.get(cell, cell)
 
 
 def name_table_text(releases, rows, markdown: bool = False) -> str:
     short = lambda r: r  # noqa: E731
     if markdown:
-        lines = ["| name | used by | " + " | ".join(short(r) for r in releases) + " |",
-                 "|---|---|" + "---|" * len(releases)]
+        lines = [
+            "| name | used by | " + " | ".join(short(r) for r in releases) + " |",
+            "|---|---|" + "---|" * len(releases),
+        ]
         for row in rows:
-            lines.append(f"| `{row['name'].strip()}`{' (sub-check)' if row['name'].startswith('  ') else ''} | {row['used_by']} | "
-                         + " | ".join(_abbrev(row["cells"][r]) for r in releases) + " |")
+            lines.append(
+                f"| `{row['name'].strip()}`{' (sub-check)' if row['name'].startswith('  ') else ''} "
+                f"| {row['used_by']} | "
+                + " | ".join(_abbrev(row["cells"][r]) for r in releases)
+                + " |"
+            )
         return "\n".join(lines)
     width = max(len(r["name"]) for r in rows)
     cols = [max(len(r), *(len(_abbrev(row["cells"][r])) for row in rows)) for r in releases]
     out = [f"{'name':<{width}}  " + "  ".join(f"{r:<{c}}" for r, c in zip(releases, cols))]
     for row in rows:
-        out.append(f"{row['name']:<{width}}  " + "  ".join(f"{_abbrev(row['cells'][r]):<{c}}" for r, c in zip(releases, cols)))
+        out.append(
+            f"{row['name']:<{width}}  " + "  ".join(f"{_abbrev(row['cells'][r]):<{c}}" for r, c in zip(releases, cols))
+        )
     return "\n".join(out)
 
 
@@ -789,13 +1124,18 @@ def report_text(info: dict, probe: dict, markdown: bool = False) -> str:
     reg = probe["register"]
     out.append(f"  register(): {'ok' if reg['ok'] else reg['error']}")
     for m, r in probe["targets"].items():
-        out.append(f"  import {m}: " + ("ok" if r["ok"] else r["error"])
-                   + (f" (imported again: {r['retry']})" if r.get("retry") else ""))
+        out.append(
+            f"  import {m}: "
+            + ("ok" if r["ok"] else r["error"])
+            + (f" (imported again: {r['retry']})" if r.get("retry") else "")
+        )
         if not r["ok"] and "No module named" not in r["error"]:
             out += _indent(r["tail"])
             if "_OpNamespace" in r["error"]:
-                out.append("      (no-GPU artefact: vLLM reads torch.ops._C.* at import time; those ops are "
-                           "registered by vllm._C_stable_libtorch, which needs libcuda.so.1)")
+                out.append(
+                    "      (no-GPU artefact: vLLM reads torch.ops._C.* at import time; those ops are "
+                    "registered by vllm._C_stable_libtorch, which needs libcuda.so.1)"
+                )
     for k, v in probe["hooks"].items():
         out.append(f"  {k}: {v if not isinstance(v, dict) else (v.get('value') if v.get('ok') else v.get('error'))}")
     for op, schema in probe["ops"].items():
@@ -807,9 +1147,18 @@ def report_text(info: dict, probe: dict, markdown: bool = False) -> str:
     line = probe.get("summary_line", {})
     summary = f"summary: {line['value']}" if line.get("ok") else ""
     if markdown:
-        md = ["```text", *out, "```", "", "| feature | target | outcome here | static (wheel source) |", "|---|---|---|---|"]
-        md += [f"| {o['feature']} | `{o['target']}` | {live(o).replace('|', '/')} | {o['static'].replace('|', '/')} |"
-               for o in probe["outcomes"]]
+        md = [
+            "```text",
+            *out,
+            "```",
+            "",
+            "| feature | target | outcome here | static (wheel source) |",
+            "|---|---|---|---|",
+        ]
+        md += [
+            f"| {o['feature']} | `{o['target']}` | {live(o).replace('|', '/')} | {o['static'].replace('|', '/')} |"
+            for o in probe["outcomes"]
+        ]
         if summary:
             md += ["", f"`{summary}`"]
         return "\n".join(md)
@@ -823,21 +1172,27 @@ def report_text(info: dict, probe: dict, markdown: bool = False) -> str:
 
 def plugin_revision(plugin_root: str) -> str:
     try:
-        head = subprocess.run(["git", "-C", plugin_root, "log", "-1", "--format=%h %s"],
-                              capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", plugin_root, "status", "--porcelain", "--", "vllm_overlap"],
-                               capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", plugin_root, "log", "-1", "--format=%h %s"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", plugin_root, "status", "--porcelain", "--", "vllm_overlap"], capture_output=True, text=True
+        ).stdout.strip()
         return f"{plugin_root} at {head[:100]}" + (" (vllm_overlap/ has uncommitted changes)" if dirty else "")
     except Exception:
         return plugin_root
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("releases", nargs="*", help="vLLM releases, e.g. 0.26.0 0.33.0")
     ap.add_argument("--wheel-dir", default=default_wheel_dir(), help="cached vLLM wheels (default %(default)s)")
     ap.add_argument("--venv-root", default=default_venv_root(), help="where venv-<release> go (default %(default)s)")
-    ap.add_argument("--plugin-root", default=default_plugin_root(), help="the checkout holding vllm_overlap (default %(default)s)")
+    ap.add_argument(
+        "--plugin-root", default=default_plugin_root(), help="the checkout holding vllm_overlap (default %(default)s)"
+    )
     ap.add_argument("--rebuild", action="store_true", help="remake the venvs even if complete")
     ap.add_argument("--names-only", action="store_true", help="only the name table (no venv)")
     ap.add_argument("--names-releases", nargs="*", help="releases of the name table (default: every cached wheel)")
@@ -877,20 +1232,41 @@ def main(argv=None) -> int:
         print(name_table_text(releases, class_rows))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"plugin": plugin_revision(args.plugin_root), "releases": results,
-                       "names": {"releases": releases, "rows": rows, "classes": class_rows}}, fh, indent=1, default=str)
+            json.dump(
+                {
+                    "plugin": plugin_revision(args.plugin_root),
+                    "releases": results,
+                    "names": {"releases": releases, "rows": rows, "classes": class_rows},
+                },
+                fh,
+                indent=1,
+                default=str,
+            )
     if args.markdown:
-        md = [f"# vllm-overlap release check ({time.strftime('%Y-%m-%d')})", "",
-              f"Plugin: {plugin_revision(args.plugin_root)}", ""]
+        md = [
+            f"# vllm-overlap release check ({time.strftime('%Y-%m-%d')})",
+            "",
+            f"Plugin: {plugin_revision(args.plugin_root)}",
+            "",
+        ]
         for release, res in results.items():
             md += [f"## vLLM {release}", "", report_text(res["install"], res["probe"], markdown=True), ""]
-        md += ["## (c) vLLM names the plugin uses x release", "",
-               "`+` present, `-` absent, `-mod` no such module, `-cls` no such class, `+lazy` via a module `__getattr__`, "
-               "`-arg x` the callable lacks parameter x.", "",
-               name_table_text(releases, rows, markdown=True), ""]
+        md += [
+            "## (c) vLLM names the plugin uses x release",
+            "",
+            "`+` present, `-` absent, `-mod` no such module, `-cls` no such class, `+lazy` via a module `__getattr__`, "
+            "`-arg x` the callable lacks parameter x.",
+            "",
+            name_table_text(releases, rows, markdown=True),
+            "",
+        ]
         if class_rows:
-            md += ["### (c2) vLLM classes the runtime matches by name (stream_safety; defined anywhere in the wheel)", "",
-                   name_table_text(releases, class_rows, markdown=True), ""]
+            md += [
+                "### (c2) vLLM classes the runtime matches by name (stream_safety; defined anywhere in the wheel)",
+                "",
+                name_table_text(releases, class_rows, markdown=True),
+                "",
+            ]
         with open(args.markdown, "w") as fh:
             fh.write("\n".join(md))
     return 0 if ok else 1

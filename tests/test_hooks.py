@@ -7,11 +7,10 @@ from __future__ import annotations
 import ast
 import json
 import os
-import textwrap
 
 import pytest
-
 from test_plugin import run_py
+
 from vllm_overlap.runtime import hooks
 from vllm_overlap.sites import vllm_names
 
@@ -155,9 +154,9 @@ def test_an_unkeyed_vllm_skips_every_site_whose_traced_code_differs(monkeypatch)
     """With no method to key the compile cache by, an op site (and any mode other than
     dual_stream) is skipped with that reason before anything is rewritten: a stale graph would
     be silent wrong code. A plain site's traced code is upstream's statements: it needs no key."""
+    from vllm_overlap import outcomes
     from vllm_overlap.config import active as active_config
     from vllm_overlap.runtime import cache_key, plugin
-    from vllm_overlap import outcomes
     from vllm_overlap.sites import FEATURES, SITES
 
     monkeypatch.setattr(active_config, "_loaded", None)  # the built-in defaults: every feature on

@@ -8,13 +8,13 @@ import textwrap
 import zipfile
 
 import pytest
-
 from conftest import GDN_MODULE
-from vllm_overlap.engine import rewrite
+
 from vllm_overlap.cli.compat import matrix, matrix_table
 from vllm_overlap.cli.patch_diffs import installed_vllm, render
-from vllm_overlap.sites import FEATURES
+from vllm_overlap.engine import rewrite
 from vllm_overlap.engine.sources import find_function, read_installed, rewrite_module_text
+from vllm_overlap.sites import FEATURES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,7 +33,6 @@ def test_patches_dir_matches_the_installed_vllm(name):
 
 def test_diff_shows_exactly_the_code_that_runs(overlay_applied):
     import ast
-
     import importlib.util
 
     feature = FEATURES["gdn_in_proj"]
@@ -49,7 +48,7 @@ def test_diff_shows_exactly_the_code_that_runs(overlay_applied):
             from_diff = textwrap.dedent("".join(lines[node.lineno - 1 : node.end_lineno]))
             running = rewrite.installed_rewrites(rw.target)[-1].source
             assert from_diff == running
-            assert running in inspect.getsource(getattr(getattr(__import__(module, fromlist=["x"]), "QwenGatedDeltaNetAttention"), rw.target.qualname.split(".")[1]))
+            assert running in inspect.getsource(getattr(__import__(module, fromlist=["x"]).QwenGatedDeltaNetAttention, rw.target.qualname.split(".")[1]))
 
 
 def _fake_wheel(tmp_path, release, body):

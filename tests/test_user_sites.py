@@ -13,12 +13,12 @@ import textwrap
 
 import pytest
 
-from vllm_overlap.engine import user_sites
 from vllm_overlap.config.loader import ConfigError, parse_config
-from vllm_overlap.sites import SITES
-from vllm_overlap.engine.sources import rewrite_module_text
-from vllm_overlap.engine.site import Feature
+from vllm_overlap.engine import user_sites
 from vllm_overlap.engine.settings import FeatureConfig, UserSiteConfig
+from vllm_overlap.engine.site import Feature
+from vllm_overlap.engine.sources import rewrite_module_text
+from vllm_overlap.sites import SITES
 
 MINICPM3 = "vllm.model_executor.models.minicpm3"
 OLMO = "vllm.model_executor.layers.mamba.gdn.olmo_gdn_linear_attn"
@@ -636,6 +636,7 @@ def test_the_documented_example_proves_as_the_page_shows(tmp_path, capsys):
     import re
 
     from conftest import ROOT, on_pinned_vllm
+
     from vllm_overlap.cli.dispatch import main
 
     if not on_pinned_vllm():
@@ -673,7 +674,7 @@ REFUSED = GOOD.split("sites:\n", 1)[1].replace("id: minicpm3_q_kv", "id: bad_pai
 )
 
 
-def _python(code: str, config_text: str, tmp_path) -> "subprocess.CompletedProcess":
+def _python(code: str, config_text: str, tmp_path):
     import os
     import subprocess
     import sys

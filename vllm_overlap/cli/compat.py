@@ -14,10 +14,10 @@ import subprocess
 import sys
 import zipfile
 
-from vllm_overlap.sites import FEATURES
-from vllm_overlap.engine.sources import ABSENT, APPLIES, UPSTREAM, feature_diff
 from vllm_overlap.cli.command import Command
 from vllm_overlap.cli.tables import format_table
+from vllm_overlap.engine.sources import ABSENT, APPLIES, UPSTREAM, feature_diff
+from vllm_overlap.sites import FEATURES
 
 
 def cache_base() -> str:
@@ -142,8 +142,22 @@ def matrix_table(rows: list[dict], markdown: bool = False, by_site: bool = False
 
 # The releases the support matrix covers (one per minor, its newest patch; 0.20.0 too).
 SUPPORTED_RELEASES = (
-    "0.20.0", "0.20.2", "0.21.0", "0.22.1", "0.23.0", "0.24.0", "0.25.1", "0.26.0", "0.27.1",
-    "0.28.0", "0.29.0", "0.30.0", "0.31.0", "0.32.0", "0.33.0", "0.34.0",
+    "0.20.0",
+    "0.20.2",
+    "0.21.0",
+    "0.22.1",
+    "0.23.0",
+    "0.24.0",
+    "0.25.1",
+    "0.26.0",
+    "0.27.1",
+    "0.28.0",
+    "0.29.0",
+    "0.30.0",
+    "0.31.0",
+    "0.32.0",
+    "0.33.0",
+    "0.34.0",
 )
 
 

@@ -128,7 +128,9 @@ def open_private(directory: str, create: bool = True) -> int:
                 if last:
                     raise Unsafe(f"{where} is a symbolic link, not a directory")
                 if info.st_uid not in (0, uid):
-                    raise Unsafe(f"{where} is a symbolic link owned by uid {info.st_uid}, not root or this user ({uid})")
+                    raise Unsafe(
+                        f"{where} is a symbolic link owned by uid {info.st_uid}, not root or this user ({uid})"
+                    )
                 links += 1
                 if links > MAX_LINKS:
                     raise Unsafe(f"{where}: more than {MAX_LINKS} symbolic links")
@@ -218,13 +220,11 @@ def _write_at(dir_fd: int, name: str, data: bytes) -> None:
     if _holds_exactly(dir_fd, name, data):
         return
     tmp = f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(
-        tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd
-    )
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
     try:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
     except BaseException:
         os.close(fd)
         os.unlink(tmp, dir_fd=dir_fd)

@@ -127,20 +127,16 @@ def rewrite_source(source: str, anchors: list[Anchor] | tuple[Anchor, ...]) -> s
         matches = find_anchor(func, anchor)
         if len(matches) != anchor.count:
             what = "not found" if not matches else f"found {len(matches)} times"
-            raise RewriteSkipped(
-                f"anchor `{anchor.first_line()}` {what}, expected {anchor.count}"
-            )
+            raise RewriteSkipped(f"anchor `{anchor.first_line()}` {what}, expected {anchor.count}")
         for m in matches:
             first, last = m.stmts[0], m.stmts[-1]
             head = lines[first.lineno - 1]
             indent = head[: len(head) - len(head.lstrip())]
             tail = lines[last.end_lineno - 1][last.end_col_offset :].strip()
             if first.col_offset != len(indent) or (tail and not tail.startswith("#")):
-                raise RewriteSkipped(
-                    f"anchor `{anchor.first_line()}` shares a line with other code"
-                )
+                raise RewriteSkipped(f"anchor `{anchor.first_line()}` shares a line with other code")
             text = CAPTURE_RE.sub(
-                lambda c: _capture(c.group(1), m.captures, anchor),
+                lambda c, m=m, anchor=anchor: _capture(c.group(1), m.captures, anchor),
                 textwrap.dedent(anchor.replace).strip("\n"),
             )
             new = "".join(indent + ln if ln.strip() else "\n" for ln in text.splitlines(True))

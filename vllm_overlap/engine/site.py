@@ -217,13 +217,14 @@ class Site:
             calls = [c for a in form.anchors for c in _CALL_RE.findall(a.replace)]
             if calls != [self.entry]:
                 out.append(
-                    f"{self.id} form {i}: replacements call {calls}, expected one call of "
-                    f"{SITE_NAME}.{self.entry}"
+                    f"{self.id} form {i}: replacements call {calls}, expected one call of " f"{SITE_NAME}.{self.entry}"
                 )
             if any("_vllm_overlap_" + self.feature in a.replace for a in form.anchors):
                 out.append(f"{self.id} form {i}: names the injected global by hand")
             if list(form.branches) != list(self.forms[0].branches):
-                out.append(f"{self.id} form {i}: branches {list(form.branches)}, form 0 has {list(self.forms[0].branches)}")
+                out.append(
+                    f"{self.id} form {i}: branches {list(form.branches)}, form 0 has {list(self.forms[0].branches)}"
+                )
         if self.dynamo == "op":
             arity = sum(b.arity for b in self.forms[0].branches.values())
             if len(self.outputs) != arity:
@@ -308,10 +309,7 @@ class Feature:
     def with_anchors(self, *anchors: Anchor) -> "Feature":
         """This feature with every form of every site matching ``anchors`` instead (tests:
         a declaration that no longer fits the code)."""
-        sites = tuple(
-            replace(s, forms=tuple(replace(f, anchors=anchors) for f in s.forms))
-            for s in self.sites
-        )
+        sites = tuple(replace(s, forms=tuple(replace(f, anchors=anchors) for f in s.forms)) for s in self.sites)
         return replace(self, sites=sites)
 
 

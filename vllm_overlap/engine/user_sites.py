@@ -99,10 +99,27 @@ NORMS = frozenset(
 # Pure tensor functions a group may call, by what their name resolves to: the index of a
 # positional ``inplace`` flag, or None.
 PURE_FUNCTIONS = {
-    **{f"torch.{n}": None for n in (
-        "cat", "stack", "split", "chunk", "narrow", "reshape", "flatten", "transpose", "permute",
-        "unsqueeze", "squeeze", "sigmoid", "tanh", "exp", "matmul", "bmm",
-    )},
+    **{
+        f"torch.{n}": None
+        for n in (
+            "cat",
+            "stack",
+            "split",
+            "chunk",
+            "narrow",
+            "reshape",
+            "flatten",
+            "transpose",
+            "permute",
+            "unsqueeze",
+            "squeeze",
+            "sigmoid",
+            "tanh",
+            "exp",
+            "matmul",
+            "bmm",
+        )
+    },
     **{f"torch.nn.functional.{n}": None for n in ("linear", "gelu", "softplus", "rms_norm", "layer_norm")},
     "torch.nn.functional.silu": 1,
     "torch.nn.functional.relu": 1,
@@ -113,17 +130,53 @@ PURE_FUNCTIONS = {
 }
 PURE_METHODS = frozenset(
     {
-        "view", "reshape", "split", "chunk", "narrow", "flatten", "unflatten", "transpose",
-        "permute", "unsqueeze", "squeeze", "contiguous", "float", "half", "bfloat16", "to", "t",
-        "sigmoid", "tanh", "exp", "size", "dim", "clone", "unbind", "softmax", "sum", "mean",
-        "matmul", "view_as", "reshape_as", "type_as",
+        "view",
+        "reshape",
+        "split",
+        "chunk",
+        "narrow",
+        "flatten",
+        "unflatten",
+        "transpose",
+        "permute",
+        "unsqueeze",
+        "squeeze",
+        "contiguous",
+        "float",
+        "half",
+        "bfloat16",
+        "to",
+        "t",
+        "sigmoid",
+        "tanh",
+        "exp",
+        "size",
+        "dim",
+        "clone",
+        "unbind",
+        "softmax",
+        "sum",
+        "mean",
+        "matmul",
+        "view_as",
+        "reshape_as",
+        "type_as",
     }
 )
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "barrier")
 # The methods vLLM calls each forward step (CustomOp dispatches to one of the forward_*).
 FORWARD_NAMES = frozenset(
-    {"forward", "forward_native", "forward_cuda", "forward_hip", "forward_xpu", "forward_cpu",
-     "forward_tpu", "forward_oot", "__call__"}
+    {
+        "forward",
+        "forward_native",
+        "forward_cuda",
+        "forward_hip",
+        "forward_xpu",
+        "forward_cpu",
+        "forward_tpu",
+        "forward_oot",
+        "__call__",
+    }
 )
 # Bases whose source is not read: torch's modules and Python's own (they build no vLLM layer).
 OPAQUE_BASES = ("torch.", "typing.", "abc.", "builtins.", "collections.", "enum.")
@@ -225,7 +278,10 @@ def module_info(module: str, text: str | None = None) -> ModuleInfo:
         elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
             assigned |= names_of(node, ast.Store)
     info = ModuleInfo(
-        module, text, tree, imports,
+        module,
+        text,
+        tree,
+        imports,
         {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)},
         {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))},
         assigned,
@@ -368,7 +424,11 @@ def _assigned_values(view: ClassView, attr: str) -> list[tuple[ModuleInfo, ast.A
     out: list[tuple[ModuleInfo, ast.AST | None]] = []
     for info, cls in view.classes:
         for item in cls.body:
-            if isinstance(item, (ast.Assign, ast.AnnAssign)) and attr in names_of(item, ast.Store) and getattr(item, "value", None) is not None:
+            if (
+                isinstance(item, (ast.Assign, ast.AnnAssign))
+                and attr in names_of(item, ast.Store)
+                and getattr(item, "value", None) is not None
+            ):
                 out.append((info, None))  # a class attribute: not built by a constructor
         for node in ast.walk(cls):
             if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
@@ -386,8 +446,10 @@ def _assigned_values(view: ClassView, attr: str) -> list[tuple[ModuleInfo, ast.A
 
 def _is_self_attr(node: ast.AST, attr: str) -> bool:
     return (
-        isinstance(node, ast.Attribute) and node.attr == attr
-        and isinstance(node.value, ast.Name) and node.value.id == "self"
+        isinstance(node, ast.Attribute)
+        and node.attr == attr
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "self"
     )
 
 
@@ -441,12 +503,16 @@ def built(info: ModuleInfo, call: ast.Call | None) -> Built:
         return Built("other", text)
     bound = bind_constructor(dotted, call)
     if bound is None:
-        return Built("gather", f"{dotted.rsplit('.', 1)[1]} built with arguments the proof cannot bind (*args, **kwargs)")
+        return Built(
+            "gather", f"{dotted.rsplit('.', 1)[1]} built with arguments the proof cannot bind (*args, **kwargs)"
+        )
     gather = bound.get("gather_output")
     if gather is not None and not (isinstance(gather, ast.Constant) and gather.value is False):
         return Built("gather", f"{dotted.rsplit('.', 1)[1]} built with gather_output={ast.unparse(gather)}")
     ret = bound.get("return_bias")
-    returns_tuple = True if ret is None else (ret.value if isinstance(ret, ast.Constant) and isinstance(ret.value, bool) else None)
+    returns_tuple = (
+        True if ret is None else (ret.value if isinstance(ret, ast.Constant) and isinstance(ret.value, bool) else None)
+    )
     return Built("linear", dotted.rsplit(".", 1)[1], returns_tuple)
 
 
@@ -471,7 +537,9 @@ def submodule(view: ClassView, attr: str, call: ast.Call) -> Built:
     """What ``self.<attr>`` is, from every constructor that may build it; Refused where one
     is a collective or something the proof cannot see into."""
     if view.unread:
-        raise Refused("call", f"{view.name} derives from {', '.join(view.unread)}, whose source the proof cannot read", call)
+        raise Refused(
+            "call", f"{view.name} derives from {', '.join(view.unread)}, whose source the proof cannot read", call
+        )
     if attr in view.methods():
         raise Refused("call", f"self.{attr} is a method: the proof does not look into it", call)
     ctors = constructors(view, attr)
@@ -487,7 +555,11 @@ def submodule(view: ClassView, attr: str, call: ast.Call) -> Built:
     if other:
         raise Refused("call", f"self.{attr} is a {other[0].what}: the proof cannot see into it", call)
     if len({b.kind for b in kinds}) > 1:
-        raise Refused("call", f"self.{attr} is built as {' or '.join(sorted({b.what for b in kinds}))}: not one kind of layer", call)
+        raise Refused(
+            "call",
+            f"self.{attr} is built as {' or '.join(sorted({b.what for b in kinds}))}: not one kind of layer",
+            call,
+        )
     tuples = {b.returns_tuple for b in kinds}
     return Built(kinds[0].kind, kinds[0].what, tuples.pop() if len(tuples) == 1 else None)
 
@@ -609,7 +681,9 @@ def check_statement(stmt: ast.stmt, scope: Scope) -> Effects:
             if isinstance(node, (ast.Attribute, ast.Subscript)):
                 raise Refused("assignment", "attribute or item assignment changes shared state", stmt)
         if isinstance(target, (ast.Tuple, ast.List)) and _opaque_value(stmt.value, scope):
-            raise Refused("call", f"unpacking {ast.unparse(stmt.value)} runs its __iter__: the proof cannot see into it", stmt)
+            raise Refused(
+                "call", f"unpacking {ast.unparse(stmt.value)} runs its __iter__: the proof cannot see into it", stmt
+            )
     effects = Effects()
     callees = {id(n.func) for n in ast.walk(stmt.value) if isinstance(n, ast.Call)}
     for node in ast.walk(stmt.value):
@@ -618,10 +692,16 @@ def check_statement(stmt: ast.stmt, scope: Scope) -> Effects:
         elif isinstance(node, (ast.Lambda, ast.NamedExpr, ast.Await, ast.Yield, ast.YieldFrom)):
             raise Refused("statement", f"a {type(node).__name__} inside a group", stmt)
         elif isinstance(node, ast.Subscript) and _opaque_value(node.value, scope):
-            raise Refused("call", f"subscripting {ast.unparse(node.value)} runs its __getitem__: the proof cannot see into it", node)
+            raise Refused(
+                "call",
+                f"subscripting {ast.unparse(node.value)} runs its __getitem__: the proof cannot see into it",
+                node,
+            )
         elif isinstance(node, ast.Attribute) and id(node) not in callees and _is_self_attr(node, node.attr):
             if is_property(scope.view, node.attr):
-                raise Refused("call", f"self.{node.attr} is a property: reading it runs code the proof cannot see", node)
+                raise Refused(
+                    "call", f"self.{node.attr} is a property: reading it runs code the proof cannot see", node
+                )
     return effects
 
 
@@ -691,10 +771,18 @@ def _check_module_call(call: ast.Call, attr: str, scope: Scope, effects: Effects
         effects.gemms.append(f"self.{attr}")
         return
     # a norm: its input alone is pure; anything more (a residual) is written in place
-    extra = call.args[1:] + [k.value for k in call.keywords if not (isinstance(k.value, ast.Constant) and k.value.value is None)]
+    extra = call.args[1:] + [
+        k.value for k in call.keywords if not (isinstance(k.value, ast.Constant) and k.value.value is None)
+    ]
     if extra or any(isinstance(a, ast.Starred) for a in call.args):
         for arg in call.args + [k.value for k in call.keywords]:
-            _write_in_place(arg, f"self.{attr} is a {what.what} given a residual: it writes its arguments in place", call, scope, effects)
+            _write_in_place(
+                arg,
+                f"self.{attr} is a {what.what} given a residual: it writes its arguments in place",
+                call,
+                scope,
+                effects,
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -734,8 +822,7 @@ def _used_after(func: ast.AST, body: list[ast.stmt], end: int) -> set[str]:
     every enclosing block: a conservative superset of what the groups must return)."""
     last_line = body[end].end_lineno
     return {
-        n.id for n in ast.walk(func)
-        if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and n.lineno > last_line
+        n.id for n in ast.walk(func) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and n.lineno > last_line
     }
 
 
@@ -838,7 +925,9 @@ def _function_alone(func_text: str, func: ast.AST) -> ast.FunctionDef:
     try:
         return ast.parse(func_text).body[0]
     except SyntaxError as exc:
-        def_line = func_text.splitlines()[func.lineno - (func.decorator_list[0].lineno if func.decorator_list else func.lineno)]
+        def_line = func_text.splitlines()[
+            func.lineno - (func.decorator_list[0].lineno if func.decorator_list else func.lineno)
+        ]
         indent = len(def_line) - len(def_line.lstrip())
         short = next(
             (i for i, ln in enumerate(func_text.splitlines(), 1) if ln.strip() and len(ln) - len(ln.lstrip()) < indent),
@@ -846,7 +935,8 @@ def _function_alone(func_text: str, func: ast.AST) -> ast.FunctionDef:
         )
         where = (
             f"line {short} of it is less indented than its def (a string literal continued at column 0), "
-            if short is not None else ""
+            if short is not None
+            else ""
         )
         raise Refused(
             "runtime",
@@ -995,14 +1085,20 @@ def _rule_names(work: _Work) -> None:
                 if name not in work.params:
                     work.params.append(name)
             elif name not in known:
-                raise Refused("name", f"the {w} group reads {name}, which is neither bound in the function nor a module global")
+                raise Refused(
+                    "name", f"the {w} group reads {name}, which is neither bound in the function nor a module global"
+                )
     bound = set().union(*work.writes.values())
     for i in work.moved:
         for name in _reads([work.body[i]]):
             if name in local and name not in bound and name not in work.params:
                 work.params.append(name)
             elif name not in local and name not in known:
-                raise Refused("name", f"a moved statement reads {name}, which is neither bound in the function nor a module global", work.body[i])
+                raise Refused(
+                    "name",
+                    f"a moved statement reads {name}, which is neither bound in the function nor a module global",
+                    work.body[i],
+                )
         bound |= _writes([work.body[i]])
 
 
@@ -1015,7 +1111,7 @@ def _tensors(work: _Work) -> set[str]:
     for a in [*args.posonlyargs, *args.args, *args.kwonlyargs]:
         if a.annotation is not None and resolve(work.info, a.annotation) in TENSOR and a.arg not in rebound:
             out.add(a.arg)
-    for w, idx in work.found.items():
+    for idx in work.found.values():
         defined: set[str] = set()
         for i in idx:
             out |= work.effects[i].inputs - defined
@@ -1104,7 +1200,13 @@ def _like(work: _Work, idx: list[int], upto: int, name: str) -> str | None:
             return _like(work, idx, i, linear[1])
         value = stmt.value
         single = isinstance(stmt.targets[0], ast.Name)
-        if single and isinstance(value, ast.Call) and _is_self_call(value) and len(value.args) == 1 and not value.keywords:
+        if (
+            single
+            and isinstance(value, ast.Call)
+            and _is_self_call(value)
+            and len(value.args) == 1
+            and not value.keywords
+        ):
             if submodule(work.view, value.func.attr, value).kind == "norm" and isinstance(value.args[0], ast.Name):
                 return _like(work, idx, i, value.args[0].id)
         return None
@@ -1209,7 +1311,10 @@ def _rule_runtime(work: _Work, proof: Proof) -> None:
     except RewriteSkipped as exc:
         raise Refused("runtime", f"the runtime would skip it: {exc}") from None
     except SyntaxError as exc:  # the runtime's rewrite raises it too: the site would not apply
-        raise Refused("runtime", f"the runtime would skip it: the rewritten function does not parse: {type(exc).__name__}: {exc.msg}") from None
+        raise Refused(
+            "runtime",
+            f"the runtime would skip it: the rewritten function does not parse: {type(exc).__name__}: {exc.msg}",
+        ) from None
 
 
 def _ordered_writes(stmts: list[ast.stmt]) -> list[str]:
