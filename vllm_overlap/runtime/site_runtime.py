@@ -27,6 +27,7 @@ the outputs spec.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -75,7 +76,9 @@ def output_shape(like: torch.Tensor, width: int, heads: int | None) -> tuple:
     return (*like.shape[:-1], *((width,) if heads is None else (width // heads, heads)))
 
 
-def check_output(out: torch.Tensor, like: torch.Tensor, width: int, what: str, heads: int | None = None) -> torch.Tensor:
+def check_output(
+    out: torch.Tensor, like: torch.Tensor, width: int, what: str, heads: int | None = None
+) -> torch.Tensor:
     """The real op must return exactly what the fake kernel promised."""
     expected = output_shape(like, width, heads)
     uneven = heads is not None and width % heads != 0
@@ -116,6 +119,15 @@ class SiteRuntime:
         self._seen: set = set()
         self.off_reason = ""
         self._no_lora = _expression(site, list(site.no_lora), "no_lora") if site.no_lora else None
+        # Per call, the ladder reads these instead of recomputing them (host time in eager
+        # steps): upstream's statements as one function, the refusal mark's attribute name,
+        # and each op output's input index and name.
+        self._serial = _serial_function(compiled)
+        self._refused = refusals.attribute(site.id)
+        params = site.params[1:]
+        self._outputs = tuple(
+            (params.index(spec.like), f"{site.id} {spec.name}", bool(spec.heads)) for spec in site.outputs
+        )
 
     # -- the ladder ---------------------------------------------------------------------------
 
@@ -124,24 +136,35 @@ class SiteRuntime:
         site = self.site
         if c.active is not None and not c.active(args[0]):
             return site.result(*c.serial(*args, skip=c.gated))
+        if not gates.overlap_possible():  # first: the projections are not needed to know it
+            return site.result(*self._serial(c.branches, args))
         projections = c.projections(*args)
         if self._no_lora is not None:
             projections = (*projections, *self._no_lora(args[0]))
-        if not gates.overlap_possible() or gates.any_lora(projections):
-            return site.result(*c.serial(*args))
+        if gates.any_lora(projections):
+            return site.result(*self._serial(c.branches, args))
         if stream_safety.first_unsafe(projections):  # a kernel with a per-device workspace
-            return site.result(*c.serial(*args))
-        if refusals.reason(args[0], site.id):  # reached from code the site was not proven in
-            return site.result(*c.serial(*args))
+            return site.result(*self._serial(c.branches, args))
+        if self._refused_here(args[0]):  # reached from code the site was not proven in
+            return site.result(*self._serial(c.branches, args))
         if torch.compiler.is_compiling():
             if self._op is not None and self._findable(args[0]):  # one opaque op, not streams
                 return site.result(*self._unflatten(self._op(*self.op_args(*args))))
             return site.result(*c.serial(*args))
         if self._untrusted is not None and self._untrusted(args[0]):
-            return site.result(*c.serial(*args))  # another model's module: not proven
+            return site.result(*self._serial(c.branches, args))  # another model's module: not proven
         # Eager: the op's body without the dispatcher round trip and without the output
         # check, which guards the fake kernel's promise to compiled graphs.
         return site.result(*self.overlapped(*args))
+
+    def _refused_here(self, layer) -> str:
+        """``refusals.reason(layer, site id)`` as one dict read in eager steps: the mark lives
+        in the layer's ``__dict__``, and a missing attribute on an nn.Module costs an
+        AttributeError (microseconds). Under Dynamo, ``refusals.reason`` as it is."""
+        marks = None if torch.compiler.is_compiling() else getattr(layer, "__dict__", None)
+        if marks is None:
+            return refusals.reason(layer, self.site.id)
+        return marks.get(self._refused, "")
 
     def untrusted_callee(self, layer) -> str:
         """Why a module the branches call on ``layer`` is not the one the site declares
@@ -169,14 +192,14 @@ class SiteRuntime:
         before any eager run records the serial statements)."""
         c = self.compiled
         if self.off_reason:
-            return c.serial(*args)
+            return self._serial(c.branches, args)
         if self._check_each:  # never fork unchecked: serial during a capture, checked outside
             from vllm_overlap.runtime.hazards import combination
 
             key = combination(args)
             if key not in self._seen:
                 return c.serial(*args) if _capturing() else self._first_run(key, *args)
-        fns = [lambda fn=fn: fn(*args) for fn in c.branches.values()]
+        fns = [partial(fn, *args) for fn in c.branches.values()]
         tokens = args[self.tokens_index].shape[0]
         feature = active_config.site_config(self.site)
         if len(fns) == 2:
@@ -204,7 +227,9 @@ class SiteRuntime:
             self.off_reason = f"hazard check: {finding}"
             logger().warning("vllm-overlap site %s: off for this process: %s", self.site.id, self.off_reason)
         elif first:
-            logger().info("vllm-overlap site %s: first run checked: no shared memory written, no collective", self.site.id)
+            logger().info(
+                "vllm-overlap site %s: first run checked: no shared memory written, no collective", self.site.id
+            )
         return tuple(results[n] for n in c.branches)
 
     # -- the op's pieces ------------------------------------------------------------------------
@@ -245,11 +270,13 @@ class SiteRuntime:
     def op_outputs(self, layer, tensors: tuple, widths: tuple[int, ...], head_sizes: tuple[int, ...]) -> tuple:
         """The real op: overlapped on ``layer``, each output checked against the promise."""
         results = self.overlapped(layer, *tensors)
-        outs = sum((_flat(r, n) for r, n in zip(results, self.arities)), ())
-        params = self.site.params[1:]
+        outs = []
+        for result, n in zip(results, self.arities):
+            outs.extend(_flat(result, n))
+        sizes = iter(head_sizes)
         return tuple(
-            check_output(out, tensors[params.index(spec.like)], width, f"{self.site.id} {spec.name}", heads)
-            for out, spec, width, heads in zip(outs, self.site.outputs, widths, self._per_output(head_sizes))
+            check_output(out, tensors[like], width, what, next(sizes) if heads else None)
+            for out, (like, what, heads), width in zip(outs, self._outputs, widths)
         )
 
     def fake_outputs(self, tensors: tuple, widths: tuple[int, ...], head_sizes: tuple[int, ...]) -> tuple:
@@ -264,6 +291,18 @@ class SiteRuntime:
 # op name -> the runtime its kernels use (registration is once per process; a site applied
 # again, after a revert, serves the same op with its new runtime).
 _op_runtimes: dict[str, SiteRuntime] = {}
+
+
+def _serial_function(compiled: CompiledForm) -> Callable[[dict, tuple], tuple]:
+    """``compiled.serial(*args)`` without its per-call dict: ``f(branches, args)`` calls each
+    branch (looked up in ``branches`` at each call) in upstream's order and returns their
+    results in the form's order."""
+    names = list(compiled.branches)
+    slots = {name: f"r{i}" for i, name in enumerate(names)}
+    text = "def serial(branches, args):\n"
+    text += "".join(f"    {slots[n]} = branches[{n!r}](*args)\n" for n in compiled.order)
+    text += f"    return ({''.join(slots[n] + ', ' for n in names)})\n"
+    return compile_function(text, "serial", {}, f"<vllm-overlap {compiled.site.id} serial>", 1)
 
 
 def _expression(site: Site, exprs: list[str], what: str) -> Callable:
