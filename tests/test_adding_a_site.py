@@ -4,7 +4,8 @@ Every file of the repository that names a declared site's id or its feature (the
 name, which is also its module's, ``vllm_overlap/sites/<feature>.py``) must be one the page's
 two file tables list, by its path or by a pattern (``<name>`` stands for one path component,
 ``*`` for part of one). Left out of the search: prose (``*.md``), the generated diffs
-(``patches/``) and the tests other than the harness (``tests/test_site_harness.py``, which holds
+(``patches/``), measured results (``benchmarks/results/``, which name the sites they measured)
+and the tests other than the harness (``tests/test_site_harness.py``, which holds
 each site's case, is searched). Every entry of the tables must also name a file that exists.
 """
 
@@ -50,7 +51,7 @@ def pattern(entry: str, values: dict[str, list[str]]) -> re.Pattern:
 
 def searched(path: str) -> bool:
     """Whether a file's naming of a site must be accounted for by the page."""
-    if path.endswith(".md") or path.startswith("patches/"):
+    if path.endswith(".md") or path.startswith(("patches/", "benchmarks/results/")):
         return False
     return path == HARNESS or not path.startswith("tests/")
 
@@ -162,11 +163,12 @@ def test_the_feature_pattern_stands_for_the_features_modules_only():
     assert unlisted(files, NAMES, entries, ["foo"]) == {"vllm_overlap/sites/architectures.py": ["foo_site"]}
 
 
-def test_prose_generated_diffs_and_other_tests_are_not_searched():
+def test_prose_generated_diffs_results_and_other_tests_are_not_searched():
     files = {
         "README.md": "foo_site",
         "docs/sites.md": "foo_site",
         "patches/foo.diff": "+ __site__.foo_site(",
+        "benchmarks/results/host_overhead/after/host_overhead.json": '{"site": "foo_site"}',
         "tests/test_foo_layer.py": "foo_site",
     }
     assert unlisted(files, NAMES, [], ["foo"]) == {}

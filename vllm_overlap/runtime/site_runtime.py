@@ -33,10 +33,10 @@ from typing import Any
 import torch
 
 from vllm_overlap.config import active as active_config
-from vllm_overlap.runtime import streams
 from vllm_overlap.engine.branches import CompiledForm, compile_function
 from vllm_overlap.engine.site import Site
-from vllm_overlap.runtime import gates, layer_registry as layers, refusals, stream_safety
+from vllm_overlap.runtime import gates, refusals, stream_safety, streams
+from vllm_overlap.runtime import layer_registry as layers
 
 LIBRARY_NAME = "vllm_overlap"
 _library: torch.library.Library | None = None
