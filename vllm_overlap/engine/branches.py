@@ -24,7 +24,7 @@ import ast
 import builtins
 import textwrap
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from vllm_overlap.engine.rewrite import Anchor, RewriteSkipped, find_anchor, function_node
@@ -50,6 +50,7 @@ class CompiledForm:
     # rewrite moves nothing or a moved statement reads what the site is not passed.
     region: Callable[..., None] | None = None
     region_pairs: tuple[tuple[str, str], ...] = ()  # (moved statement, branch it moves after)
+    _in_order: Callable[[dict, tuple], tuple] | None = field(default=None, init=False, repr=False)
 
     @property
     def current(self) -> Callable[..., Any]:
@@ -62,8 +63,22 @@ class CompiledForm:
     def serial(self, *args, skip: str | None = None) -> tuple:
         """Every branch's result (in the form's order), computed in upstream's order on one
         stream; the ``skip`` branch (an inactive layer's gated one) does not run: None."""
+        if skip is None:  # the per-call path of every eager step: no dict built per call
+            if self._in_order is None:
+                self._in_order = _in_upstream_order(self)
+            return self._in_order(self.branches, args)
         results = {name: None if name == skip else self.branches[name](*args) for name in self.order}
         return tuple(results[name] for name in self.branches)
+
+
+def _in_upstream_order(compiled: CompiledForm) -> Callable[[dict, tuple], tuple]:
+    """``f(branches, args)``: each branch (looked up in ``branches`` at each call, so a branch
+    swapped in later runs) called in upstream's order, the results in the form's order."""
+    slots = {name: f"r{i}" for i, name in enumerate(compiled.branches)}
+    text = "def in_order(branches, args):\n"
+    text += "".join(f"    {slots[name]} = branches[{name!r}](*args)\n" for name in compiled.order)
+    text += f"    return ({''.join(slot + ', ' for slot in slots.values())})\n"
+    return compile_function(text, "in_order", {}, f"<vllm-overlap {compiled.site.id} serial>", 1)
 
 
 def _free_names(stmts: list[ast.stmt], defined: set[str]) -> set[str]:

@@ -120,9 +120,7 @@ class SiteRuntime:
         self.off_reason = ""
         self._no_lora = _expression(site, list(site.no_lora), "no_lora") if site.no_lora else None
         # Per call, the ladder reads these instead of recomputing them (host time in eager
-        # steps): upstream's statements as one function, the refusal mark's attribute name,
-        # and each op output's input index and name.
-        self._serial = _serial_function(compiled)
+        # steps): the refusal mark's attribute name, and each op output's input index and name.
         self._refused = refusals.attribute(site.id)
         params = site.params[1:]
         self._outputs = tuple(
@@ -137,22 +135,22 @@ class SiteRuntime:
         if c.active is not None and not c.active(args[0]):
             return site.result(*c.serial(*args, skip=c.gated))
         if not gates.overlap_possible():  # first: the projections are not needed to know it
-            return site.result(*self._serial(c.branches, args))
+            return site.result(*c.serial(*args))
         projections = c.projections(*args)
         if self._no_lora is not None:
             projections = (*projections, *self._no_lora(args[0]))
         if gates.any_lora(projections):
-            return site.result(*self._serial(c.branches, args))
+            return site.result(*c.serial(*args))
         if stream_safety.first_unsafe(projections):  # a kernel with a per-device workspace
-            return site.result(*self._serial(c.branches, args))
+            return site.result(*c.serial(*args))
         if self._refused_here(args[0]):  # reached from code the site was not proven in
-            return site.result(*self._serial(c.branches, args))
+            return site.result(*c.serial(*args))
         if torch.compiler.is_compiling():
             if self._op is not None and self._findable(args[0]):  # one opaque op, not streams
                 return site.result(*self._unflatten(self._op(*self.op_args(*args))))
             return site.result(*c.serial(*args))
         if self._untrusted is not None and self._untrusted(args[0]):
-            return site.result(*self._serial(c.branches, args))  # another model's module: not proven
+            return site.result(*c.serial(*args))  # another model's module: not proven
         # Eager: the op's body without the dispatcher round trip and without the output
         # check, which guards the fake kernel's promise to compiled graphs.
         return site.result(*self.overlapped(*args))
@@ -192,7 +190,7 @@ class SiteRuntime:
         before any eager run records the serial statements)."""
         c = self.compiled
         if self.off_reason:
-            return self._serial(c.branches, args)
+            return c.serial(*args)
         if self._check_each:  # never fork unchecked: serial during a capture, checked outside
             from vllm_overlap.runtime.hazards import combination
 
@@ -291,18 +289,6 @@ class SiteRuntime:
 # op name -> the runtime its kernels use (registration is once per process; a site applied
 # again, after a revert, serves the same op with its new runtime).
 _op_runtimes: dict[str, SiteRuntime] = {}
-
-
-def _serial_function(compiled: CompiledForm) -> Callable[[dict, tuple], tuple]:
-    """``compiled.serial(*args)`` without its per-call dict: ``f(branches, args)`` calls each
-    branch (looked up in ``branches`` at each call) in upstream's order and returns their
-    results in the form's order."""
-    names = list(compiled.branches)
-    slots = {name: f"r{i}" for i, name in enumerate(names)}
-    text = "def serial(branches, args):\n"
-    text += "".join(f"    {slots[n]} = branches[{n!r}](*args)\n" for n in compiled.order)
-    text += f"    return ({''.join(slots[n] + ', ' for n in names)})\n"
-    return compile_function(text, "serial", {}, f"<vllm-overlap {compiled.site.id} serial>", 1)
 
 
 def _expression(site: Site, exprs: list[str], what: str) -> Callable:
