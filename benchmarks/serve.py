@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -32,40 +33,56 @@ def free_port() -> int:
     return port
 
 
-def start_server(model: str, port: int, overlay: bool, tp: int, smoke: bool, log_path: str):
-    env = dict(os.environ, VLLM_OVERLAP="1" if overlay else "0")
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", model, "--host", "127.0.0.1", "--port", str(port),
-        "--tensor-parallel-size", str(tp), "--seed", "0",
-    ]
-    if smoke:  # the CPU backend: small memory, no compile (start-up in seconds)
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        cmd += ["--dtype", "bfloat16", "--max-model-len", "256", "--max-num-seqs", "8",
-                "--gpu-memory-utilization", "0.2", "--enforce-eager"]
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}; log: {log_path}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(1)
-    proc.kill()
-    raise SystemExit(f"server did not become healthy in 600 s; log: {log_path}")
+def launch_server(args: list[str], env: dict, port: int, log_path: str, timeout: float = 600) -> subprocess.Popen:
+    """``python -m vllm.entrypoints.openai.api_server --host 127.0.0.1 --port PORT ARGS`` (loopback
+    only) in a process group of its own, its output to ``log_path``; returns once ``/health``
+    answers 200. Stops the whole group and raises SystemExit if it exits or is not healthy
+    within ``timeout`` seconds. Stop it with ``stop_server``."""
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += args
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise SystemExit(f"server exited with {proc.returncode}; log: {log_path}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return proc
+            except OSError:
+                time.sleep(1)
+        raise SystemExit(f"server did not become healthy in {timeout:.0f} s; log: {log_path}")
+    except BaseException:
+        stop_server(proc)
+        raise
 
 
-def stop_server(proc) -> None:
+def stop_server(proc: subprocess.Popen, grace: float = 60) -> None:
+    """Stop a ``launch_server`` server and every process in its group (engine core, workers):
+    SIGTERM to the server (it shuts its engine down), then SIGKILL to whatever of the group is
+    left once it has exited or after ``grace`` seconds."""
     proc.terminate()
     try:
-        proc.wait(timeout=60)
+        proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+def start_server(model: str, port: int, overlay: bool, tp: int, smoke: bool, log_path: str):
+    env = dict(os.environ, VLLM_OVERLAP="1" if overlay else "0")
+    args = ["--model", model, "--tensor-parallel-size", str(tp), "--seed", "0"]
+    if smoke:  # the CPU backend: small memory, no compile (start-up in seconds)
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        args += ["--dtype", "bfloat16", "--max-model-len", "256", "--max-num-seqs", "8",
+                 "--gpu-memory-utilization", "0.2", "--enforce-eager"]
+    return launch_server(args, env, port, log_path)
 
 
 def run_benchmark(model: str, port: int, concurrency: int, prompts: int, in_len: int, out_len: int) -> dict:
