@@ -226,9 +226,9 @@ def measure_site(site_id: str, rt, args, calls: int, warmup: int) -> list[dict]:
 
 def measurable(site_ids) -> tuple[list[str], dict[str, str]]:
     """The sites to time, and why each other one is not timed here."""
+    from vllm_overlap.sites import SITES
     from vllm_overlap.testing.layer_bench import _has_module
     from vllm_overlap.testing.layer_builders import SITE_LAYERS
-    from vllm_overlap.sites import SITES
 
     timed, why_not = [], {}
     for site_id in site_ids:
