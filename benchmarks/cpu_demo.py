@@ -29,7 +29,7 @@ import tempfile
 from vllm_overlap.testing.tiny_models import build
 
 # The user-site row's config: MiniCPM3's q path beside kv_a_proj_with_mqa, declared by hand
-# (the README's example).
+# (the example of docs/user-sites.md).
 USER_SITE_CONFIG = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "user-site-minicpm3.yaml"
 )

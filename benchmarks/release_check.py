@@ -530,7 +530,7 @@ NAMES = [
     ),
     (
         "torch_utils.set_default_torch_dtype",
-        "site_layers",
+        "layer_builders",
         "vllm.utils.torch_utils",
         "attr",
         "set_default_torch_dtype",
@@ -610,7 +610,7 @@ NAMES = [
     ),
     (
         "  (model, model_config, target_device)",
-        "site_layers",
+        "layer_builders",
         "vllm.model_executor.model_loader.utils",
         "params",
         "process_weights_after_loading",
@@ -642,7 +642,7 @@ NAMES = [
     ),
     (
         "config.set_current_vllm_config",
-        "site_layers, layer_bench",
+        "layer_builders, layer_bench",
         "vllm.config",
         "attr",
         "set_current_vllm_config",
@@ -675,7 +675,7 @@ NAMES = [
     ),
     (
         "rotary_embedding.get_rope",
-        "site_layers",
+        "layer_builders",
         "vllm.model_executor.layers.rotary_embedding",
         "attr",
         "get_rope",
@@ -683,7 +683,7 @@ NAMES = [
     ),
     (
         "  (head_size, max_position, rope_parameters, is_neox_style)",
-        "site_layers",
+        "layer_builders",
         "vllm.model_executor.layers.rotary_embedding",
         "params",
         "get_rope",
@@ -699,7 +699,7 @@ NAMES = [
     ),
     (
         "  __init__(config, vllm_config, prefix, gqa_interleaved_layout)",
-        "site_layers",
+        "layer_builders",
         "vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn",
         "params",
         "QwenGatedDeltaNetAttention.__init__",
@@ -723,7 +723,7 @@ NAMES = [
     ),
     (
         "deepseek_v2.DeepseekV2MLAAttention",
-        "site_layers",
+        "layer_builders",
         "vllm.model_executor.models.deepseek_v2",
         "attr",
         "DeepseekV2MLAAttention",
@@ -747,7 +747,7 @@ NAMES = [
     ),
     (
         "  __init__(vllm_config, config, prefix, topk_indices_buffer, attn_backend)",
-        "site_layers",
+        "layer_builders",
         "vllm.models.deepseek_v32.attention",
         "params",
         "DeepseekV32Attention.__init__",

@@ -484,7 +484,7 @@ def fake_gpu(monkeypatch):
 
 
 def minicpm3_user_site_yaml(site_id: str) -> str:
-    """``configs/user-site-minicpm3.yaml`` (the README's example: MiniCPM3's q path beside
+    """``configs/user-site-minicpm3.yaml`` (the example of docs/user-sites.md: MiniCPM3's q path beside
     kv_a_proj_with_mqa as a user site, the built-in kv_a_proj off) with the site named
     ``site_id``."""
     with open(os.path.join(ROOT, "configs", "user-site-minicpm3.yaml"), encoding="utf-8") as fh:

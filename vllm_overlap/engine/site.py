@@ -4,8 +4,8 @@ A *site* is one place in upstream functions where two (or more) statement groups
 independent and can run on as many streams. Everything else is built from its declaration: the rewrite
 (``Form.anchors``), the serial path and the two branches (compiled from the upstream
 statements the anchors matched, ``vllm_overlap.engine.branches``), the decision ladder, the custom
-op and its fake kernel (``vllm_overlap.runtime``), the config, doctor's rows, the README's
-table and facts, ``patches/*.diff`` and ``compat``. A *feature* (the config key) groups sites.
+op and its fake kernel (``vllm_overlap.runtime``), the config, doctor's rows, the site
+table and facts of docs/sites.md, ``patches/*.diff`` and ``compat``. A *feature* (the config key) groups sites.
 
 ``register()`` reads these in every vLLM process, the API server included, where nothing heavy
 may be imported: this module and the declarations import no torch and no vLLM.

@@ -1,5 +1,5 @@
 """After loading a DeepSeek model: say per feature how many of the model's MLA layers have an
-indexer to overlap with (the per-site rows are ``site_census``'s, for every site; the legacy
+indexer to overlap with (the per-site rows are ``census``'s, for every site; the legacy
 indexers register themselves as they are built, ``layers.register_instances``).
 
 Runs once per model, from the post-load hook, for ``deepseek_indexer`` and ``mla_q_b_proj``:

@@ -6,7 +6,7 @@ MXFP8 and FP8 GEMMs, its bf16 cuBLASLt runner; b12x's per-shape plans) would rac
 or another layer's GEMM on the other stream. The allowlist below is default-deny: a method or
 kernel not named on it runs upstream's statements serially, and the census says which layers
 and why. Each entry names why it is safe (read from vLLM 0.33.0's source and its kernels';
-see the README's stream-safety table). Nothing here imports a quantisation module: classes are
+see docs/stream-safety.md). Nothing here imports a quantisation module: classes are
 told apart by name, so an entry of a release that lacks the class costs nothing.
 
 The verdict of a module a branch calls is kept on it (``VERDICT``) the first time it is asked

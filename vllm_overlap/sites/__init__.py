@@ -7,7 +7,7 @@ declaration names its runtime steps (post-load, mode factories, upstream switch)
 ``"module:function"`` strings that the runtime resolves when it runs them; the runtime passes
 each step its feature, so nothing below looks the registry up by name.
 
-Order here is the order of doctor's rows, the config's keys and the README's table; the order
+Order here is the order of doctor's rows, the config's keys and the site table in docs/sites.md; the order
 in which sites stack on a shared target is each site's ``stack``, not this.
 """
 

@@ -1,4 +1,4 @@
-"""Time each site's region on its real vLLM layer (``site_layers``), overlay on vs off.
+"""Time each site's region on its real vLLM layer (``layer_builders``), overlay on vs off.
 
 Used by ``benchmarks/site_regions.py``, ``vllm-overlap calibrate`` and the tests. On a GPU each
 region is captured in a CUDA graph and timed with device events over replays; on the CPU it
