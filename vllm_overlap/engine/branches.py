@@ -50,7 +50,12 @@ class CompiledForm:
     # rewrite moves nothing or a moved statement reads what the site is not passed.
     region: Callable[..., None] | None = None
     region_pairs: tuple[tuple[str, str], ...] = ()  # (moved statement, branch it moves after)
-    _in_order: Callable[[dict, tuple], tuple] | None = field(default=None, init=False, repr=False)
+    _in_order: Callable[[dict, tuple], tuple] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # made here, never on a first call: that call may be inside torch.compile's tracing,
+        # which cannot trace compiling code
+        self._in_order = _in_upstream_order(self)
 
     @property
     def current(self) -> Callable[..., Any]:
@@ -64,8 +69,6 @@ class CompiledForm:
         """Every branch's result (in the form's order), computed in upstream's order on one
         stream; the ``skip`` branch (an inactive layer's gated one) does not run: None."""
         if skip is None:  # the per-call path of every eager step: no dict built per call
-            if self._in_order is None:
-                self._in_order = _in_upstream_order(self)
             return self._in_order(self.branches, args)
         results = {name: None if name == skip else self.branches[name](*args) for name in self.order}
         return tuple(results[name] for name in self.branches)
