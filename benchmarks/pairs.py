@@ -341,54 +341,16 @@ def plan(args, device: torch.device) -> tuple[list, list[str]]:
 
 def smoke_shapes() -> list[PairShapes]:
     """Tiny versions of every site's shapes (the CPU smoke pass)."""
+    gdn = dict(hidden_size=64, linear_num_key_heads=2, linear_key_head_dim=16,
+               linear_num_value_heads=4, linear_value_head_dim=16)
+    mla = dict(hidden_size=64, num_attention_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8)
     tiny = {
-        "gdn": dict(
-            family="gdn",
-            hidden_size=64,
-            linear_num_key_heads=2,
-            linear_key_head_dim=16,
-            linear_num_value_heads=4,
-            linear_value_head_dim=16,
-        ),
-        "dsa": dict(
-            family="dsa",
-            hidden_size=64,
-            num_attention_heads=4,
-            q_lora_rank=32,
-            kv_lora_rank=16,
-            qk_nope_head_dim=8,
-            qk_rope_head_dim=8,
-            index_n_heads=4,
-            index_head_dim=16,
-        ),
-        "minicpm3": dict(
-            family="minicpm3",
-            hidden_size=64,
-            num_attention_heads=4,
-            q_lora_rank=32,
-            kv_lora_rank=16,
-            qk_nope_head_dim=8,
-            qk_rope_head_dim=8,
-        ),
-        "olmo_hybrid": dict(
-            family="olmo_hybrid",
-            hidden_size=64,
-            linear_num_key_heads=2,
-            linear_key_head_dim=16,
-            linear_num_value_heads=4,
-            linear_value_head_dim=16,
-        ),
+        "gdn": dict(gdn, family="gdn"),
+        "dsa": dict(mla, family="dsa", q_lora_rank=32, index_n_heads=4, index_head_dim=16),
+        "minicpm3": dict(mla, family="minicpm3", q_lora_rank=32),
+        "olmo_hybrid": dict(gdn, family="olmo_hybrid"),
         "bailing_moe_v3": dict(family="bailing_moe_v3", hidden_size=64, num_attention_heads=4, head_dim=16),
-        "kimi_linear": dict(
-            family="kimi_linear",
-            hidden_size=64,
-            num_attention_heads=4,
-            kv_lora_rank=16,
-            qk_nope_head_dim=8,
-            qk_rope_head_dim=8,
-            kda_num_heads=4,
-            kda_head_dim=16,
-        ),
+        "kimi_linear": dict(mla, family="kimi_linear", kda_num_heads=4, kda_head_dim=16),
     }
     return [PairShapes(site, f"tiny-{family}", 1, *build(tiny[family], 1)) for site, (family, build) in SITES.items()]
 
