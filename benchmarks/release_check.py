@@ -55,7 +55,7 @@ import zipfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vllm_overlap.cli.compat import cache_base, cached_wheels, find_wheel
 from vllm_overlap.cli.compat import wheel_dir as default_wheel_dir
-from vllm_overlap.sites import vllm_names
+from vllm_overlap.runtime import vllm_names
 
 # --------------------------------------------------------------------------------------------
 # paths and wheels

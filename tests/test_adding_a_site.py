@@ -158,9 +158,9 @@ def test_a_file_naming_a_site_that_the_page_does_not_list_is_reported():
 
 def test_the_feature_pattern_stands_for_the_features_modules_only():
     """``vllm_overlap/sites/<feature>.py`` does not cover another module of that folder."""
-    files = {"vllm_overlap/sites/foo.py": "foo_site", "vllm_overlap/sites/architectures.py": "('foo',)"}
+    files = {"vllm_overlap/sites/foo.py": "foo_site", "vllm_overlap/engine/architectures.py": "('foo',)"}
     entries = ["vllm_overlap/sites/<feature>.py"]
-    assert unlisted(files, NAMES, entries, ["foo"]) == {"vllm_overlap/sites/architectures.py": ["foo_site"]}
+    assert unlisted(files, NAMES, entries, ["foo"]) == {"vllm_overlap/engine/architectures.py": ["foo_site"]}
 
 
 def test_prose_generated_diffs_results_and_other_tests_are_not_searched():

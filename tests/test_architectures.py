@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from vllm_overlap.cli.doctor import model_features
-from vllm_overlap.sites.architectures import ARCHITECTURES, in_model_registry
+from vllm_overlap.engine.architectures import ARCHITECTURES, in_model_registry
 
 GDN_LAYERS = {"layer_types": ["linear_attention", "full_attention"]}
 MLA = {"kv_lora_rank": 512}

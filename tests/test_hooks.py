@@ -11,8 +11,7 @@ import os
 import pytest
 from test_plugin import run_py
 
-from vllm_overlap.runtime import hooks
-from vllm_overlap.sites import vllm_names
+from vllm_overlap.runtime import hooks, vllm_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "vllm_overlap")

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from vllm_overlap.sites import vllm_names
+from vllm_overlap.runtime import vllm_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The modules that run inside vLLM's processes at serving time (not the CLI, benchmarks or the

@@ -63,8 +63,8 @@ def _anchor_counts(rewrite) -> str:
 def model_features(hf_config) -> list[dict]:
     """Per feature, whether a model with this Hugging Face config runs its sites: by the
     architecture vLLM builds (``architectures``), then the feature's own config check."""
+    from vllm_overlap.engine.architectures import model_reason
     from vllm_overlap.sites import FEATURES
-    from vllm_overlap.sites.architectures import model_reason
 
     rows = []
     for feature in FEATURES.values():
@@ -78,7 +78,7 @@ def model_rows(model: str) -> dict:
     the layers it overlaps, read from its Hugging Face config."""
     from transformers import AutoConfig
 
-    from vllm_overlap.sites.architectures import architectures_of
+    from vllm_overlap.engine.architectures import architectures_of
 
     hf_config = AutoConfig.from_pretrained(model)
     return {
@@ -90,7 +90,7 @@ def model_rows(model: str) -> dict:
 
 
 def _vllm_names() -> list[dict]:
-    from vllm_overlap.sites.vllm_names import report
+    from vllm_overlap.runtime.vllm_names import report
 
     return report()
 

@@ -242,7 +242,7 @@ def mark_refusals(model: torch.nn.Module) -> None:
 def post_load(model: torch.nn.Module) -> dict[str, dict]:
     """Mark declared refusals, then report, log and return the census (and, once per process,
     the vLLM names this release lacks with the fallback taken for each)."""
-    from vllm_overlap.sites.vllm_names import log_absent_once
+    from vllm_overlap.runtime.vllm_names import log_absent_once
 
     log_absent_once()
     mark_refusals(model)

@@ -1,6 +1,7 @@
 """Stage 2, the site declarations: every feature and the sites it groups, one module per
-feature (this file is the registry), which vLLM names the runtime reads (``vllm_names``) and
-which architectures run which feature (``architectures``).
+feature (this file is the registry). Only declarations live here, each with its four facts;
+which architectures run which feature and which vLLM names the runtime reads are the
+engine's and the runtime's (``engine.architectures``, ``runtime.vllm_names``).
 
 May import: the engine (stage 1) and the shared leaves. No torch, no vLLM at import time. A
 declaration names its runtime steps (post-load, mode factories, upstream switch) as

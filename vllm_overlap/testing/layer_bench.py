@@ -182,8 +182,8 @@ def measured_sites(hf_config) -> list[tuple[str, str]]:
     """(site id, "" or why it is not measured) for every site this model's layers run: per
     feature the model uses, its sites whose target module this vLLM has, newest first; only
     the first measurable one is timed (older forms of the same region say so)."""
+    from vllm_overlap.engine.architectures import model_reason
     from vllm_overlap.sites import FEATURES
-    from vllm_overlap.sites.architectures import model_reason
     from vllm_overlap.testing.layer_builders import SITE_LAYERS
 
     out = []
